@@ -1,0 +1,1 @@
+"""cch: Responses-API-over-WebSocket gateway on Twisted + Autobahn."""

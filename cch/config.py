@@ -1,0 +1,690 @@
+"""The gateway's configuration: a TOML file plus ``CCH_*`` environment overrides.
+
+Config is data made once at start-up (DESIGN "Safe defaults", STYLE "Config is data"): every
+problem is found here and reported as one line naming where it came from (the file, the
+environment variable or the command line), the key and what is wrong, so a mistake never
+surfaces later as a traceback deep inside the running service.
+
+Validation is table-driven: each TOML table is checked against the fields of its dataclass
+(type by annotation, numbers positive), plus a few per-key rules in ``_RULES``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from ipaddress import ip_address
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.logger import Logger
+
+from cch.secret import RESERVED_PREFIX, SECRET_ENV, new_secret
+
+__all__ = [
+    "BreakerConfig",
+    "ClientKey",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "ProviderConfig",
+    "ServerConfig",
+    "TunnelConfig",
+    "UpstreamWebSocketConfig",
+    "config_schema",
+    "demo_config",
+    "is_loopback_endpoint",
+    "load_config",
+]
+
+log = Logger()
+
+
+class ConfigError(Exception):
+    """A configuration problem a person can act on. str(exc) is one line naming the source
+    (file path or 'environment' or '<demo>'), the key path (e.g. providers[1].base_url, indexes
+    counted from 0, or CCH_LIMITS_MAX_PENDING_FRAMES) and the problem."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "tcp:8080:interface=127.0.0.1"  # Twisted server endpoint string
+    websocket: bool = True  # client WebSocket edge on; off -> upgrades answered 426
+    drain_timeout: float = 30.0  # seconds in-flight turns may finish on stop
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    name: str
+    key: str
+    websocket: bool = True  # this key may use the WebSocket edge
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    base_url: str  # http(s) URL, e.g. https://api.openai.com/v1
+    api_key: str | None = None  # resolved: from api_key, or from env var named by api_key_env
+    priority: int = 0  # lower tried first
+    weight: int = 1  # >= 1, weighted random among equal priority
+    models: tuple[str, ...] = ()  # empty = serves every model
+    # static extra headers (never authorization / x-cch-*)
+    headers: tuple[tuple[str, str], ...] = ()
+    websocket: str = "auto"  # auto | on | off
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 60.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = 32 * 1024 * 1024
+    max_pending_frames: int = 64
+    max_pending_bytes: int = 64 * 1024 * 1024
+    outbound_send_timeout: float = 30.0
+    max_request_body_bytes: int = 100 * 1024 * 1024  # HTTP POST /v1/responses body cap
+    max_json_response_bytes: int = 64 * 1024 * 1024  # non-SSE upstream body cap
+    auto_ping_interval: float = 25.0
+    auto_ping_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failure_threshold: int = 5  # consecutive failures that open a provider's breaker
+    cooldown: float = 30.0  # seconds open before a half-open trial
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    mode: str = "in-process"  # in-process | http
+    url: str | None = None  # http mode: the /v1/responses URL to POST turns to; None = this
+    # gateway's own listener (resolved by the service at start)
+    secret: str = ""  # internal secret; resolved (see _resolve_secret), never empty after load
+
+
+@dataclass(frozen=True)
+class UpstreamWebSocketConfig:
+    enabled: bool = True  # global toggle for upstream WS attempts
+    handshake_timeout: float = 10.0
+    first_event_timeout: float = 20.0
+    pool_max_entries: int = 512
+    idle_timeout: float = 3900.0
+    unsupported_ttl: float = 300.0
+    max_buffer_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    keys: tuple[ClientKey, ...] = ()
+    providers: tuple[ProviderConfig, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    upstream_websocket: UpstreamWebSocketConfig = field(default_factory=UpstreamWebSocketConfig)
+    source: str = "<defaults>"  # where it came from, for messages
+
+    @property
+    def auth_required(self) -> bool:
+        """Client keys are checked only when some are configured."""
+        return bool(self.keys)
+
+
+# --- public entry points ---------------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    listen: str | None = None,
+) -> Config:
+    """Read TOML at path (None = no file, defaults only), apply CCH_* env overrides,
+    then the explicit `listen` override (from the command line), validate, return Config.
+    env defaults to os.environ. Raises ConfigError."""
+    if path is None:
+        return _build({}, "<defaults>", env, listen)
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return _build(raw, source, env, listen)
+
+
+def demo_config(
+    fake_upstream_base_url: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    listen: str | None = None,
+) -> Config:
+    """Config for `twistd -n cch --demo`: no client keys, one provider named "demo" at the given
+    base URL (no api key, websocket "auto"), listen default tcp:8080:interface=127.0.0.1,
+    env overrides and the listen override applied as in load_config, source "<demo>"."""
+    raw = {"providers": [{"name": "demo", "base_url": fake_upstream_base_url}]}
+    return _build(raw, "<demo>", env, listen)
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """True when a Twisted server endpoint string listens only on loopback: tcp/ssl with
+    interface= 127.x.x.x, ::1 or localhost; unix: endpoints count as loopback. tcp without
+    interface (all interfaces) or 0.0.0.0 / :: -> False. Unparseable strings -> False."""
+    try:
+        kind, params = _parse_endpoint(description)
+    except ValueError:
+        return False
+    if kind == "unix":
+        return True
+    interface = params.get("interface", "")
+    if interface.lower() == "localhost":
+        return True
+    try:
+        address = ip_address(interface)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def config_schema() -> list[tuple[str, str, Any, str | None]]:
+    """Every option as (dotted_key, type_name, default, env_var_or_None), for generating and
+    checking the docs. Array entries are spelled ``keys[].name``; a required key's default is
+    ``dataclasses.MISSING``. Aliases not listed: CCH_LISTEN (= CCH_SERVER_LISTEN) and the
+    tri-state CCH_UPSTREAM_WEBSOCKET (= upstream_websocket.enabled); tunnel.secret also falls
+    back to CCH_RESPONSES_WS_INTERNAL_SECRET."""
+    rows: list[tuple[str, str, Any, str | None]] = []
+    for section, cls in _SECTIONS.items():
+        for key, (kind, default) in _keys_of(cls).items():
+            rows.append((f"{section}.{key}", _KINDS[kind].name, default, _env_var(section, key)))
+    for section, cls in _ARRAYS.items():
+        for key, (kind, default) in _keys_of(cls).items():
+            rows.append((f"{section}[].{key}", _KINDS[kind].name, default, None))
+    return rows
+
+
+# --- value kinds (by field annotation) -------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
+
+
+def _env_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("true", "1"):
+        return True
+    if word in ("false", "0"):
+        return False
+    raise ValueError(text)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str  # shown in messages ("must be a <name>") and config_schema()
+    accepts: Callable[[Any], bool]  # is this TOML value of the right type?
+    convert: Callable[[Any], Any]  # TOML value -> field value
+    from_env: Callable[[str], Any] | None = None  # env text -> field value (None = no env)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _string_table(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+# Keyed by the annotation text (this module uses postponed annotations, so Field.type is a str).
+_KINDS: dict[str, _Kind] = {
+    "bool": _Kind("boolean", lambda v: isinstance(v, bool), _same, _env_bool),
+    "int": _Kind("integer", _is_int, _same, lambda s: int(s.strip())),
+    "float": _Kind(
+        "number", lambda v: _is_int(v) or isinstance(v, float), float, lambda s: float(s.strip())
+    ),
+    "str": _Kind("string", lambda v: isinstance(v, str), _same, _same),
+    # An empty environment value unsets an optional string.
+    "str | None": _Kind("string", lambda v: isinstance(v, str), _same, lambda s: s or None),
+    "tuple[str, ...]": _Kind("array of strings", _strings, tuple),
+    "tuple[tuple[str, str], ...]": _Kind(
+        "table of strings", _string_table, lambda v: tuple(v.items())
+    ),
+}
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "breaker": BreakerConfig,
+    "tunnel": TunnelConfig,
+    "upstream_websocket": UpstreamWebSocketConfig,
+}
+_ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig}
+
+# TOML keys that are not dataclass fields: they name where a secret comes from.
+_EXTRA_KEYS: dict[type, dict[str, tuple[str, Any]]] = {
+    ProviderConfig: {"api_key_env": ("str | None", None)},
+    TunnelConfig: {"secret_env": ("str | None", None)},
+}
+
+
+def _keys_of(cls: type) -> dict[str, tuple[str, Any]]:
+    """The TOML keys a table for ``cls`` may hold: key -> (annotation, default or MISSING)."""
+    keys = {f.name: (str(f.type), f.default) for f in fields(cls)}
+    keys.update(_EXTRA_KEYS.get(cls, {}))
+    return keys
+
+
+# --- per-key rules -----------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_GATEWAY_HEADERS = ("authorization", "host", "content-length", "connection", "transfer-encoding")
+_ENDPOINT_PARAMS: dict[str, tuple[str, ...]] = {  # positional order, as twisted parses them
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": (
+        "port",
+        "privateKey",
+        "certKey",
+        "sslmethod",
+        "interface",
+        "backlog",
+        "extraCertChain",
+        "dhParameters",
+    ),
+    "unix": ("address", "mode", "backlog", "lockfile"),
+}
+_LISTEN_EXAMPLE = "tcp:8080:interface=127.0.0.1"
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if value not in choices:
+            return f"must be one of {', '.join(choices)} (got {value!r})"
+        return None
+
+    return check
+
+
+def _not_empty(value: str) -> str | None:
+    return "must not be empty" if not value else None
+
+
+def _client_key(value: str) -> str | None:
+    # The length only, never the key itself: messages end up in logs.
+    return f"must be at least 8 characters (got {len(value)})" if len(value) < 8 else None
+
+
+def _http_url(value: str) -> str | None:
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        ok = False
+    return None if ok else f"must be an http:// or https:// URL with a host (got {value!r})"
+
+
+def _extra_headers(headers: tuple[tuple[str, str], ...]) -> str | None:
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _GATEWAY_HEADERS or lowered.startswith(RESERVED_PREFIX):
+            return (
+                f"{name!r} may not be set here: the gateway sets {', '.join(_GATEWAY_HEADERS)} "
+                f"and {RESERVED_PREFIX}* itself (use api_key or api_key_env for the key)"
+            )
+        if not _TOKEN.fullmatch(name):
+            return f"{name!r} is not a valid header name"
+        if any(c in value for c in "\r\n\0"):
+            return f"the value of {name!r} contains a line break or NUL"
+    return None
+
+
+def _listen(description: str) -> str | None:
+    try:
+        kind, params = _parse_endpoint(description)
+    except ValueError as exc:
+        return f"not a Twisted server endpoint: {exc} (got {description!r})"
+    if kind == "unix":
+        if not params.get("address"):
+            return f"a unix endpoint needs a path, e.g. unix:/run/cch.sock (got {description!r})"
+        return None
+    port = params.get("port", "")
+    if not (port.isdecimal() and port.isascii() and int(port) <= 65535):
+        return (
+            f"{kind} endpoint needs a port 0..65535, e.g. {_LISTEN_EXAMPLE} (got {description!r})"
+        )
+    backlog = params.get("backlog", "50")
+    if not (backlog.isdecimal() and backlog.isascii()):
+        return f"backlog must be a whole number (got {description!r})"
+    return None
+
+
+_RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
+    (ServerConfig, "listen"): _listen,
+    (ClientKey, "name"): _not_empty,
+    (ClientKey, "key"): _client_key,
+    (ProviderConfig, "name"): _not_empty,
+    (ProviderConfig, "base_url"): _http_url,
+    (ProviderConfig, "api_key"): _not_empty,
+    (ProviderConfig, "api_key_env"): _not_empty,
+    (ProviderConfig, "headers"): _extra_headers,
+    (ProviderConfig, "websocket"): _one_of("auto", "on", "off"),
+    (TunnelConfig, "mode"): _one_of("in-process", "http"),
+    (TunnelConfig, "url"): _http_url,
+    (TunnelConfig, "secret_env"): _not_empty,
+}
+# Numbers must be positive (integers >= 1, durations > 0) except these.
+_ANY_INT = frozenset({(ProviderConfig, "priority")})
+
+
+def _problem(cls: type, key: str, kind: str, value: Any) -> str | None:
+    if kind == "int" and (cls, key) not in _ANY_INT and value < 1:
+        return f"must be >= 1 (got {value})"
+    if kind == "float" and not (math.isfinite(value) and value > 0):
+        return f"must be a number > 0 (got {value})"
+    rule = _RULES.get((cls, key))
+    return rule(value) if rule else None
+
+
+def _parse_endpoint(description: str) -> tuple[str, dict[str, str]]:
+    """Split a server endpoint string the way twisted.internet.endpoints.serverFromString does
+    (':' separates, the first '=' names a parameter, '\\' escapes) and bind positional parts to
+    parameter names; ValueError says why Twisted would refuse it. Creates nothing."""
+    parts: list[list[str]] = [[""]]  # each part is [value] or [name, value]
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError("it ends with a lone '\\'")
+            parts[-1][-1] += escaped
+        elif char == ":":
+            parts.append([""])
+        elif char == "=" and len(parts[-1]) == 1:
+            parts[-1].append("")
+        else:
+            parts[-1][-1] += char
+    head, *rest = parts
+    if len(head) != 1 or head[0] not in _ENDPOINT_PARAMS:
+        raise ValueError(
+            f"the type must be one of {', '.join(_ENDPOINT_PARAMS)}, e.g. {_LISTEN_EXAMPLE}"
+        )
+    kind, names = head[0], _ENDPOINT_PARAMS[head[0]]
+    escape_hint = "write a ':' inside a value as '\\:', e.g. interface=\\:\\:1"
+    positional = [part[0] for part in rest if len(part) == 1]
+    if len(positional) > len(names):
+        raise ValueError(f"too many ':'-separated parts ({escape_hint})")
+    params = dict(zip(names, positional, strict=False))
+    for part in rest:
+        if len(part) == 2:
+            name, value = part
+            if name not in names:
+                raise ValueError(f"unknown {kind} parameter {name!r} (allowed: {', '.join(names)})")
+            if name in params:
+                raise ValueError(f"{name} is given twice ({escape_hint})")
+            params[name] = value
+    return kind, params
+
+
+# --- building ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Where one table's values came from, so an error names the file key or the env var."""
+
+    source: str
+    path: str  # "server", "providers[1]"
+    origins: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # key -> (source, name)
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        source, name = self.origins.get(key, (self.source, f"{self.path}.{key}"))
+        return ConfigError(f"{source}: {name}: {problem}")
+
+
+def _article(name: str) -> str:
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string"}
+    for python_type, name in names.items():
+        if isinstance(value, python_type):
+            return name
+    if isinstance(value, list):
+        odd = next((v for v in value if not isinstance(v, str)), None)
+        return f"array with {_article(_toml_type(odd))} item" if odd is not None else "array"
+    if isinstance(value, dict):
+        odd = next((v for v in value.values() if not isinstance(v, str)), None)
+        return f"table with {_article(_toml_type(odd))} value" if odd is not None else "table"
+    return "date/time" if value is not None else "nothing"
+
+
+def _check_table(cls: type, table: Mapping[str, Any], scope: _Scope) -> dict[str, Any]:
+    """Type-check and rule-check one table against ``cls``; return the converted values."""
+    keys = _keys_of(cls)
+    for key in table:
+        if key not in keys:
+            raise scope.error(key, f"unknown key (allowed: {', '.join(sorted(keys))})")
+    values: dict[str, Any] = {}
+    for key, (kind_name, default) in keys.items():
+        if key not in table:
+            if default is MISSING:
+                raise scope.error(key, "is required")
+            continue
+        kind, raw = _KINDS[kind_name], table[key]
+        if not kind.accepts(raw):
+            raise scope.error(key, f"must be {_article(kind.name)} (got {_toml_type(raw)})")
+        value = kind.convert(raw)
+        problem = _problem(cls, key, kind_name, value)
+        if problem:
+            raise scope.error(key, problem)
+        values[key] = value
+    return values
+
+
+def _make(cls: type, values: Mapping[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _env_var(section: str, key: str) -> str | None:
+    kind = _KINDS[_keys_of(_SECTIONS[section])[key][0]]
+    return f"CCH_{section}_{key}".upper() if kind.from_env else None
+
+
+def _apply_env(
+    tables: dict[str, dict[str, Any]],
+    origins: dict[str, dict[str, tuple[str, str]]],
+    env: Mapping[str, str],
+) -> None:
+    """Overlay CCH_<SECTION>_<KEY> variables onto the file's tables, remembering which variable
+    set each key so a later validation error names it. Other CCH_* names belong to other tools
+    and are ignored, but one under a section prefix is a typo and refused."""
+    known: dict[str, tuple[str, str]] = {}
+    for section, cls in _SECTIONS.items():
+        for key in _keys_of(cls):
+            if variable := _env_var(section, key):
+                known[variable] = (section, key)
+    if "CCH_LISTEN" in env and "CCH_SERVER_LISTEN" not in env:
+        known["CCH_LISTEN"] = ("server", "listen")  # alias; the full name wins
+    prefixes = tuple(f"CCH_{section.upper()}_" for section in _SECTIONS)
+    for name in sorted(env):
+        if name not in known:
+            if name.startswith(prefixes):  # a typo, not some other tool's CCH_* variable
+                prefix = next(p for p in prefixes if name.startswith(p))
+                siblings = sorted(n for n in known if n.startswith(prefix))
+                suffixes = [n.removeprefix(prefix) for n in siblings]
+                guess = difflib.get_close_matches(name.removeprefix(prefix), suffixes, n=1)
+                hint = f"did you mean {prefix}{guess[0]}? " if guess else ""
+                raise ConfigError(
+                    f"environment: {name}: not a cch setting; {hint}(known: {', '.join(siblings)})"
+                )
+            continue
+        section, key = known[name]
+        kind = _KINDS[_keys_of(_SECTIONS[section])[key][0]]
+        assert kind.from_env is not None
+        try:
+            value = kind.from_env(env[name])
+        except ValueError:
+            expected = "true, false, 1 or 0" if kind.name == "boolean" else _article(kind.name)
+            raise ConfigError(
+                f"environment: {name}: must be {expected} (got {env[name]!r})"
+            ) from None
+        if value is None:
+            tables[section].pop(key, None)
+        else:
+            tables[section][key] = value
+        origins[section][key] = ("environment", name)
+    _apply_upstream_websocket_toggle(tables, origins, env)
+
+
+def _apply_upstream_websocket_toggle(
+    tables: dict[str, dict[str, Any]],
+    origins: dict[str, dict[str, tuple[str, str]]],
+    env: Mapping[str, str],
+) -> None:
+    """The reference's tri-state CCH_UPSTREAM_WEBSOCKET: exactly true/1 or false/0, anything
+    else is ignored with a warning (it must not stop a running deployment from starting)."""
+    value = env.get("CCH_UPSTREAM_WEBSOCKET")
+    if value is None:
+        return
+    if value not in ("true", "1", "false", "0"):
+        log.warn("config_invalid_env", name="CCH_UPSTREAM_WEBSOCKET")
+        return
+    if "CCH_UPSTREAM_WEBSOCKET_ENABLED" in env:
+        return  # the full name wins, as CCH_SERVER_LISTEN does over CCH_LISTEN
+    tables["upstream_websocket"]["enabled"] = value in ("true", "1")
+    origins["upstream_websocket"]["enabled"] = ("environment", "CCH_UPSTREAM_WEBSOCKET")
+
+
+def _sections_of(raw: Mapping[str, Any], source: str) -> None:
+    """Refuse unknown top-level names and tables of the wrong shape."""
+    allowed = ", ".join(sorted([*_SECTIONS, *_ARRAYS]))
+    for name, value in raw.items():
+        if name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {name}: must be a table, written [{name}]")
+        elif name in _ARRAYS:
+            if not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                raise ConfigError(
+                    f"{source}: {name}: must be an array of tables, written [[{name}]]"
+                )
+        else:
+            what = "table" if isinstance(value, dict | list) else "top-level key"
+            raise ConfigError(f"{source}: {name}: unknown {what} (allowed tables: {allowed})")
+
+
+def _from_env(scope: _Scope, key: str, variable: str, env: Mapping[str, str]) -> str:
+    value = env.get(variable)
+    if not value:
+        raise scope.error(key, f"environment variable {variable} is not set")
+    return value
+
+
+def _build(
+    raw: Mapping[str, Any], source: str, env: Mapping[str, str] | None, listen: str | None
+) -> Config:
+    env = os.environ if env is None else env
+    _sections_of(raw, source)
+    tables = {name: dict(raw.get(name, {})) for name in _SECTIONS}
+    origins: dict[str, dict[str, tuple[str, str]]] = {name: {} for name in _SECTIONS}
+    _apply_env(tables, origins, env)
+    if listen is not None:
+        tables["server"]["listen"] = listen
+        origins["server"]["listen"] = ("command line", "--listen")
+
+    scopes = {name: _Scope(source, name, origins[name]) for name in _SECTIONS}
+    values = {
+        name: _check_table(cls, tables[name], scopes[name]) for name, cls in _SECTIONS.items()
+    }
+    keys = _client_keys(raw.get("keys", []), source)
+    providers = _providers(raw.get("providers", []), source, env)
+    tunnel = values["tunnel"]
+    tunnel["secret"] = _resolve_secret(tunnel, scopes["tunnel"], env)
+
+    server = _make(ServerConfig, values["server"])
+    if not keys and not is_loopback_endpoint(server.listen):
+        port = _parse_endpoint(server.listen)[1].get("port", "8080")
+        raise scopes["server"].error(
+            "listen",
+            f"binding {server.listen!r} (not loopback only) without [[keys]] is refused, since "
+            f"anyone who can reach it could use your providers; add [[keys]] entries with a name "
+            f"and key, or bind loopback only, e.g. tcp:{port}:interface=127.0.0.1",
+        )
+    return Config(
+        server=server,
+        keys=keys,
+        providers=providers,
+        limits=_make(LimitsConfig, values["limits"]),
+        breaker=_make(BreakerConfig, values["breaker"]),
+        tunnel=_make(TunnelConfig, tunnel),
+        upstream_websocket=_make(UpstreamWebSocketConfig, values["upstream_websocket"]),
+        source=source,
+    )
+
+
+def _refuse_duplicate(
+    items: list[Any], attribute: str, section: str, source: str, show: bool = True
+) -> None:
+    seen: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        value = getattr(item, attribute)
+        if value in seen:
+            shown = f" ({value!r})" if show else ""  # client keys are never shown
+            raise ConfigError(
+                f"{source}: {section}[{index}].{attribute}: same {attribute} as "
+                f"{section}[{seen[value]}]{shown}; each must be unique"
+            )
+        seen[value] = index
+
+
+def _client_keys(tables: list[dict[str, Any]], source: str) -> tuple[ClientKey, ...]:
+    keys = [
+        _make(ClientKey, _check_table(ClientKey, table, _Scope(source, f"keys[{i}]")))
+        for i, table in enumerate(tables)
+    ]
+    _refuse_duplicate(keys, "name", "keys", source)
+    _refuse_duplicate(keys, "key", "keys", source, show=False)
+    return tuple(keys)
+
+
+def _providers(
+    tables: list[dict[str, Any]], source: str, env: Mapping[str, str]
+) -> tuple[ProviderConfig, ...]:
+    providers = []
+    for index, table in enumerate(tables):
+        scope = _Scope(source, f"providers[{index}]")
+        values = _check_table(ProviderConfig, table, scope)
+        variable = values.get("api_key_env")
+        if variable is not None:
+            if "api_key" in values:
+                raise scope.error("api_key_env", "set either api_key or api_key_env, not both")
+            values["api_key"] = _from_env(scope, "api_key_env", variable, env)
+        providers.append(_make(ProviderConfig, values))
+    _refuse_duplicate(providers, "name", "providers", source)
+    return tuple(providers)
+
+
+def _resolve_secret(values: Mapping[str, Any], scope: _Scope, env: Mapping[str, str]) -> str:
+    """tunnel.secret, else the variable named by tunnel.secret_env (which must be set), else
+    CCH_RESPONSES_WS_INTERNAL_SECRET, else a fresh random secret for this process."""
+    if values.get("secret"):
+        return str(values["secret"])
+    variable = values.get("secret_env")
+    if variable is not None:
+        return _from_env(scope, "secret_env", variable, env)
+    return env.get(SECRET_ENV) or new_secret()

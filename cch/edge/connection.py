@@ -1,0 +1,353 @@
+"""One client WebSocket connection's rules: the inbound queue, one turn at a time, closes.
+
+The Autobahn protocol only turns bytes into calls on :class:`EdgeConnection`; everything the
+reference specifies for a connection (§2.3-§2.12) lives here, testable without a transport.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cch.config import LimitsConfig
+from cch.edge.frames import (
+    DONE_FRAME,
+    FrameRejected,
+    OutFrame,
+    error_frame,
+    parse_client_frame,
+    translate_json_response,
+    translate_sse_data,
+)
+from cch.turn import TurnRequest, TurnTransportError, Tunnel
+
+log = Logger()
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
+
+
+class EdgeChannel(Protocol):
+    """What a connection needs from its transport."""
+
+    def send_text(self, text: str) -> None: ...
+
+    def send_close(self, code: int, reason: str) -> None: ...
+
+
+class _Turn:
+    """One in-flight ``response.create``: the sink its response is reported to."""
+
+    def __init__(self, conn: EdgeConnection, turn_id: int) -> None:
+        self.conn = conn
+        self.turn_id = turn_id
+        self.deferred: Deferred[Any] | None = None
+        self.terminal_seen = False
+        self.terminal_type: str | None = None
+        self.producer: IPushProducer | None = None
+        self.dead = False
+
+    # ResponseSink
+    def sse_started(self, status: int, headers: dict[str, str]) -> None:
+        pass
+
+    def sse_event(self, data: str) -> None:
+        if self.dead:
+            return
+        if data == "[DONE]":
+            if self.terminal_seen:
+                return
+            self._send(DONE_FRAME, "sse", synthesized=True)
+            return
+        self._send(translate_sse_data(data), "sse")
+
+    def json_body(self, status: int, body: bytes, content_type: str) -> None:
+        if self.dead:
+            return
+        self._send(translate_json_response(status, body), "json", status=status)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self.producer = producer
+        if self.conn.paused and not self.dead:
+            producer.pauseProducing()
+
+    def unregister_producer(self) -> None:
+        self.producer = None
+
+    def _send(
+        self, frame: OutFrame, source: str, *, status: int | None = None, synthesized: bool = False
+    ) -> None:
+        self.conn.channel.send_text(frame.text)
+        if frame.terminal is not None and not self.terminal_seen:
+            self.terminal_seen = True
+            self.terminal_type = None if synthesized else frame.terminal
+            if status is not None and frame.terminal == "error":
+                log.info("ws_terminal_event_sent", type=frame.terminal, source=source, status=status)
+            else:
+                log.info("ws_terminal_event_sent", type=frame.terminal, source=source)
+
+    def cancel(self) -> None:
+        """Stop the turn: nothing more is sent, and the upstream request is aborted."""
+        if self.dead:
+            return
+        self.dead = True
+        self.producer = None
+        if self.deferred is not None:
+            self.deferred.cancel()
+
+
+@implementer(IPushProducer)
+class EdgeConnection:
+    """The state of one client connection (reference §2.3).
+
+    It is also the push producer registered on the client transport: when the client stops
+    reading, the transport pauses it and it pauses the producer of the turn in flight, so TCP
+    backpressure reaches the upstream instead of piling frames up in memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        channel: EdgeChannel,
+        tunnel: Tunnel,
+        limits: LimitsConfig,
+        clock: IReactorTime,
+        headers: dict[str, str],
+        query_model: str | None = None,
+        session_id: str | None = None,
+        on_close_decided: Callable[[EdgeConnection], None] | None = None,
+    ) -> None:
+        self.channel = channel
+        self.tunnel = tunnel
+        self.limits = limits
+        self.clock = clock
+        self.headers = headers
+        self.query_model = query_model
+        self.session_id = session_id or str(uuid.uuid4())
+        self._on_close_decided = on_close_decided
+        self.pending: deque[tuple[str, int]] = deque()
+        self.pending_bytes = 0
+        self.in_flight: _Turn | None = None
+        self.closed = False
+        self.paused = False
+        self.turns_started = 0
+        self._draining = False
+        self._send_deadline: IDelayedCall | None = None
+
+    # -- inbound --------------------------------------------------------------------------
+
+    def text_received(self, text: str, size: int) -> None:
+        """A text message arrived: queue it behind the turn in flight (§2.4)."""
+        if self.closed:
+            return
+        limits = self.limits
+        if (
+            len(self.pending) >= limits.max_pending_frames
+            or self.pending_bytes + size > limits.max_pending_bytes
+        ):
+            log.warn(
+                "ws_pending_overflow",
+                pendingFrames=len(self.pending),
+                pendingBytes=self.pending_bytes,
+                attemptedFrameSize=size,
+            )
+            self.close(
+                CLOSE_POLICY_VIOLATION,
+                "too_many_requests",
+                error=("too_many_requests", "Pending frame limit exceeded"),
+            )
+            return
+        self.pending.append((text, size))
+        self.pending_bytes += size
+        self._drain()
+
+    def binary_received(self) -> None:
+        """Binary frames are refused at once, even while a turn streams (§2.4 step 2)."""
+        if self.closed:
+            return
+        self.close(
+            CLOSE_UNSUPPORTED_DATA,
+            "binary_not_supported",
+            error=("invalid_frame_type", "Only text WebSocket frames are supported"),
+        )
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while not self.closed and self.in_flight is None and self.pending:
+                text, size = self.pending.popleft()
+                self.pending_bytes = max(0, self.pending_bytes - size)
+                self._start_turn(text, size)
+        except Exception:
+            log.failure("ws_drain_failed")
+            first = self.turns_started <= 1
+            self.close(
+                CLOSE_INTERNAL_ERROR,
+                "internal_error",
+                error=(
+                    "internal_error",
+                    "Failed to process request" if first else "Failed to process queued request",
+                ),
+            )
+        finally:
+            self._draining = False
+
+    def _start_turn(self, text: str, size: int) -> None:
+        self.turns_started += 1
+        try:
+            body = parse_client_frame(text, self.query_model)
+        except FrameRejected as rejected:
+            self.channel.send_text(error_frame(rejected.code, rejected.message))
+            return
+        model = body.get("model")
+        log.info(
+            "ws_request_started",
+            model=model if isinstance(model, str) else None,
+            payloadBytes=size,
+            hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
+        )
+        turn = _Turn(self, self.turns_started)
+        self.in_flight = turn
+        request = TurnRequest(
+            session_id=self.session_id,
+            headers=self.headers,
+            body=body,
+            request_id=uuid.uuid4().hex,
+        )
+        d = self.tunnel.run_turn(request, turn)
+        turn.deferred = d
+        d.addCallbacks(self._turn_succeeded, self._turn_failed, (turn,), None, (turn,), None)
+
+    def _turn_succeeded(self, _: object, turn: _Turn) -> None:
+        if turn.dead:
+            return
+        if not turn.terminal_seen:
+            self._turn_fatal(
+                turn,
+                "stream_ended_without_terminal",
+                "Upstream stream ended before emitting a terminal response event",
+            )
+            return
+        log.info("ws_turn_completed", terminalEventType=turn.terminal_type)
+        self._release(turn)
+        self._drain()
+
+    def _turn_failed(self, failure: Failure, turn: _Turn) -> None:
+        if turn.dead or failure.check(CancelledError):
+            return
+        if turn.terminal_seen:
+            # The body broke after the terminal event: the turn is complete (§2.8.2).
+            self._release(turn)
+            self._drain()
+            return
+        if failure.check(TurnTransportError):
+            err: TurnTransportError = failure.value  # type: ignore[assignment]
+            self._turn_fatal(turn, err.code, err.message)
+        else:
+            log.failure("ws_turn_crashed", failure)
+            self._turn_fatal(turn, "internal_response_error", str(failure.value) or "error")
+
+    def _turn_fatal(self, turn: _Turn, code: str, message: str) -> None:
+        self._release(turn)
+        self.close(CLOSE_INTERNAL_ERROR, code, error=(code, message))
+
+    def _release(self, turn: _Turn) -> None:
+        turn.dead = True
+        turn.producer = None
+        if self.in_flight is turn:
+            self.in_flight = None
+        log.debug("ws_turn_resources_released", turnId=turn.turn_id)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str, error: tuple[str, str] | None = None) -> None:
+        """Server-initiated close: stop everything first, then flush the error frame and the
+        close frame, in that order (§2.12 "initiate close")."""
+        if self.closed:
+            return
+        self._stop_everything()
+        log.info("ws_client_close_initiated", code=code, reason=reason)
+        if error is not None:
+            self.channel.send_text(error_frame(*error))
+        self.channel.send_close(code, reason)
+
+    def connection_lost(self) -> None:
+        """The socket is gone (client close, TCP drop, 1009, ...): finalize (§2.12)."""
+        if self.closed:
+            return
+        self._stop_everything()
+
+    def _stop_everything(self) -> None:
+        # Synchronous on purpose: after this returns no pipelined frame can reach an upstream.
+        self.closed = True
+        turn, self.in_flight = self.in_flight, None
+        if turn is not None:
+            turn.cancel()
+        if self.pending:
+            log.warn(
+                "ws_pending_dropped_on_close",
+                droppedFrames=len(self.pending),
+                droppedBytes=self.pending_bytes,
+            )
+            self.pending.clear()
+            self.pending_bytes = 0
+        self._cancel_send_deadline()
+        if self._on_close_decided is not None:
+            hook, self._on_close_decided = self._on_close_decided, None
+            try:
+                hook(self)
+            except Exception:
+                log.failure("ws_upstream_session_cleanup_failed")
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight is None and not self.pending
+
+    # -- flow control (IPushProducer, registered on the client transport) ------------------
+
+    def pauseProducing(self) -> None:
+        if self.paused or self.closed:
+            return
+        self.paused = True
+        turn = self.in_flight
+        if turn is not None and turn.producer is not None:
+            turn.producer.pauseProducing()
+        self._send_deadline = self.clock.callLater(
+            self.limits.outbound_send_timeout, self._send_timed_out
+        )
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        self._cancel_send_deadline()
+        turn = self.in_flight
+        if turn is not None and turn.producer is not None:
+            turn.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.connection_lost()
+
+    def _cancel_send_deadline(self) -> None:
+        call, self._send_deadline = self._send_deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _send_timed_out(self) -> None:
+        self._send_deadline = None
+        log.warn("ws_send_failed", reason="outbound_send_timeout")
+        self.close(CLOSE_INTERNAL_ERROR, "outbound_send_timeout")

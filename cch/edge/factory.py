@@ -1,0 +1,85 @@
+"""The client edge's factory: protocol options, the live-connection registry, close hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from cch.config import LimitsConfig
+from cch.edge.connection import CLOSE_GOING_AWAY, EdgeConnection
+from cch.edge.protocol import EdgeProtocol
+from cch.turn import Tunnel
+
+log = Logger()
+
+
+class EdgeFactory(WebSocketServerFactory):
+    """Builds one :class:`EdgeProtocol` per client connection and knows every live one."""
+
+    protocol = EdgeProtocol
+
+    def __init__(
+        self,
+        *,
+        tunnel: Tunnel,
+        limits: LimitsConfig,
+        clock: IReactorTime,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(reactor=reactor)
+        self.tunnel = tunnel
+        self.limits = limits
+        self.clock = clock
+        self.live: set[EdgeProtocol] = set()
+        self._empty_waiters: list[Deferred[None]] = []
+        self.session_closed_hooks: list[Callable[[str], None]] = []
+        self.setProtocolOptions(
+            maxMessagePayloadSize=limits.max_message_bytes,
+            maxFramePayloadSize=limits.max_message_bytes,
+            # Send 1009 with a close frame instead of dropping the TCP connection.
+            failByDrop=False,
+            autoPingInterval=limits.auto_ping_interval,
+            autoPingTimeout=limits.auto_ping_timeout,
+            closeHandshakeTimeout=5,
+            openHandshakeTimeout=30,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def connection_opened(self, proto: EdgeProtocol) -> None:
+        self.live.add(proto)
+
+    def connection_closed(self, proto: EdgeProtocol) -> None:
+        self.live.discard(proto)
+        if not self.live:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def wait_empty(self) -> Deferred[None]:
+        """Fires once no client connection is left (immediately if none is)."""
+        if not self.live:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._empty_waiters.append(d)
+        return d
+
+    def close_decided(self, edge: EdgeConnection) -> None:
+        """A connection is closing: release what it holds upstream (pool entries)."""
+        for hook in self.session_closed_hooks:
+            hook(edge.session_id)
+
+    def go_away(self, only_idle: bool) -> int:
+        """Close connections 1001 (idle ones only, or all); returns how many were closed."""
+        count = 0
+        for proto in list(self.live):
+            edge = proto.edge
+            if edge is None or edge.closed or (only_idle and not edge.idle):
+                continue
+            edge.close(CLOSE_GOING_AWAY, "going_away")
+            count += 1
+        return count

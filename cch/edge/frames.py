@@ -1,0 +1,128 @@
+"""Client frames in, WebSocket frames out: validation, error frames and SSE translation.
+
+Pure functions (no transport, no state) so every rule of reference §2.5, §2.8 and §2.11 can be
+tested directly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cch.turn import TERMINAL_EVENT_TYPES
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON, non-ASCII kept: the bytes a JS ``JSON.stringify`` would produce."""
+    return _dumps(obj)
+
+
+def error_frame(code: str, message: str, status: int | None = None) -> str:
+    """``{"type":"error","error":{"code":..,"message":..}}`` (``status`` first when given)."""
+    frame: dict[str, Any] = {"type": "error"}
+    if status is not None:
+        frame["status"] = status
+    frame["error"] = {"code": code, "message": message}
+    return dumps(frame)
+
+
+class FrameRejected(Exception):
+    """A text frame that is not a usable ``response.create``; the connection stays open."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _js_string(value: Any) -> str:
+    """How JavaScript's ``String(value)`` prints a parsed JSON value (for the error text)."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, dict):
+        return "[object Object]"
+    if isinstance(value, list):
+        return ",".join("" if v is None else _js_string(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def parse_client_frame(text: str, query_model: str | None) -> dict[str, Any]:
+    """Turn a client text frame into the body of the internal request.
+
+    Raises :class:`FrameRejected` with ``invalid_json``, ``invalid_frame`` or
+    ``unsupported_event_type``. The body is the frame minus ``type``, with the ``?model=``
+    fallback applied, ``stream`` forced true and ``background`` removed.
+    """
+    try:
+        frame = json.loads(text)
+    except ValueError as exc:
+        detail = getattr(exc, "msg", None) or "parse error"
+        raise FrameRejected("invalid_json", f"Invalid JSON frame: {detail}") from None
+    if frame is None or isinstance(frame, (bool, int, float, str)):
+        raise FrameRejected("invalid_frame", "Frame must be a JSON object")
+    event_type = frame.get("type") if isinstance(frame, dict) else None
+    if event_type != "response.create":
+        shown = "(missing)" if event_type is None else _js_string(event_type)
+        raise FrameRejected(
+            "unsupported_event_type",
+            f"Only type=response.create is supported; received: {shown}",
+        )
+    body = {k: v for k, v in frame.items() if k != "type" and k != "background"}
+    if query_model and body.get("model") in (None, ""):
+        body["model"] = query_model
+    body["stream"] = True
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class OutFrame:
+    """One frame for the client and, when it ends the turn, the terminal event type."""
+
+    text: str
+    terminal: str | None = None
+
+
+DONE_FRAME = OutFrame('{"type":"response.completed","response":null}', "response.completed")
+
+
+def translate_sse_data(data: str) -> OutFrame:
+    """Map one SSE event's data text to the client frame (reference §2.8.2).
+
+    JSON objects and arrays are forwarded byte for byte as the upstream wrote them (the
+    reference re-serialises; same JSON value, fewer surprises); a JSON string is sent as its
+    raw value; other JSON scalars as their text; non-JSON data becomes an
+    ``output_text.delta``. ``[DONE]`` is handled by the caller.
+    """
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return OutFrame(dumps({"type": "response.output_text.delta", "delta": data}))
+    if isinstance(value, dict):
+        event_type = value.get("type")
+        terminal = event_type if event_type in TERMINAL_EVENT_TYPES else None
+        return OutFrame(data, terminal)
+    if isinstance(value, str):
+        return OutFrame(value)
+    return OutFrame(data)
+
+
+def translate_json_response(status: int, body: bytes) -> OutFrame:
+    """Map a complete non-SSE internal response to one terminal frame (reference §2.8.1)."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        parsed: Any = json.loads(text)
+    except ValueError:
+        parsed = {"raw": text}
+    if status >= 400:
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if not error:
+            error = {"code": f"http_{status}", "message": text[:512]}
+        return OutFrame(dumps({"type": "error", "status": status, "error": error}), "error")
+    return OutFrame(dumps({"type": "response.completed", "response": parsed}), "response.completed")

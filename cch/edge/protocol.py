@@ -1,0 +1,99 @@
+"""The Autobahn protocol of the client edge: frames in, calls on EdgeConnection out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionRequest
+from twisted.logger import Logger
+
+from cch.edge.connection import EdgeConnection
+from cch.logs import mask_query
+
+if TYPE_CHECKING:
+    from cch.edge.factory import EdgeFactory
+
+log = Logger()
+
+# Upgrade-request headers that describe the hop, not the client; never forwarded (§2.6).
+_HOP_HEADERS = frozenset(
+    {
+        "host",
+        "connection",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "content-length",
+        "transfer-encoding",
+    }
+)
+
+
+def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The handshake headers a turn carries inward: hop headers and ``x-cch-*`` removed."""
+    return {
+        name: value
+        for name, value in headers.items()
+        if name not in _HOP_HEADERS and not name.startswith("x-cch-")
+    }
+
+
+class EdgeProtocol(WebSocketServerProtocol):
+    """One client WebSocket on ``/v1/responses``; stays thin on purpose."""
+
+    factory: EdgeFactory
+    edge: EdgeConnection | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        self._request = request
+        # Like the reference's `ws` server: pick the first offered subprotocol, if any.
+        return request.protocols[0] if request.protocols else None
+
+    def onOpen(self) -> None:
+        transport = self.transport
+        # twisted.web registered its HTTPChannel as the transport's producer; the connection
+        # is ours now, and so is its flow control.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        request = self._request
+        model = request.params.get("model")
+        self.edge = EdgeConnection(
+            channel=self,
+            tunnel=self.factory.tunnel,
+            limits=self.factory.limits,
+            clock=self.factory.clock,
+            headers=forwardable_headers(request.headers),
+            query_model=model[0] if model else None,
+            on_close_decided=self.factory.close_decided,
+        )
+        transport.registerProducer(self.edge, True)
+        self.factory.connection_opened(self)
+        log.info("ws_client_connected", path=mask_query(self.http_request_uri))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        edge = self.edge
+        if edge is None:
+            return
+        if isBinary:
+            edge.binary_received()
+        else:
+            edge.text_received(payload.decode("utf-8"), len(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        edge = self.edge
+        if edge is not None:
+            edge.connection_lost()
+            self.factory.connection_closed(self)
+
+    # EdgeChannel
+    def send_text(self, text: str) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def send_close(self, code: int, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            # sendClose() only allows 1000/3000-4999; the edge's codes are protocol codes.
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)

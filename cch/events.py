@@ -1,0 +1,40 @@
+"""Cheap facts about Responses events without decoding them whole."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from cch.turn import TERMINAL_EVENT_TYPES
+
+# Upstreams write "type" first; when they do, the type is read without parsing the event.
+_LEADING_TYPE = re.compile(r'\{\s*"type"\s*:\s*"([A-Za-z0-9_.]+)"\s*[,}]')
+
+
+def event_type(data: str) -> str | None:
+    """The top-level ``type`` of a JSON event, or None (not JSON, not an object, no type)."""
+    match = _LEADING_TYPE.match(data)
+    if match is not None:
+        return match.group(1)
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        found = value.get("type")
+        return found if isinstance(found, str) else None
+    return None
+
+
+def is_terminal(data: str) -> bool:
+    """True for ``response.completed|failed|incomplete`` and ``error`` events."""
+    return event_type(data) in TERMINAL_EVENT_TYPES
+
+
+def error_event(code: str, message: str) -> str:
+    """A terminal ``error`` event the gateway itself emits into a stream."""
+    return json.dumps(
+        {"type": "error", "error": {"code": code, "message": message}},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )

@@ -1,0 +1,38 @@
+"""OpenAI-shaped JSON errors: ``{"error":{"message","type","code"}}``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def error_body(message: str, type_: str, code: str | None, **extra: Any) -> bytes:
+    """The bytes of an OpenAI-style error object."""
+    error: dict[str, Any] = {"message": message, "type": type_, "code": code}
+    error.update(extra)
+    return json.dumps({"error": error}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def unauthorized() -> tuple[int, bytes]:
+    return 401, error_body(
+        "Invalid or missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+        "authentication_error",
+        "invalid_api_key",
+    )
+
+
+def no_provider(model: str | None) -> tuple[int, bytes]:
+    what = f"model '{model}'" if model else "this request"
+    return 503, error_body(
+        f"No upstream provider is available for {what}.",
+        "service_unavailable_error",
+        "no_provider",
+    )
+
+
+def bad_gateway(message: str) -> tuple[int, bytes]:
+    return 502, error_body(message, "bad_gateway_error", "upstream_unavailable")
+
+
+def invalid_request(message: str, code: str = "invalid_request") -> tuple[int, bytes]:
+    return 400, error_body(message, "invalid_request_error", code)

@@ -1,0 +1,140 @@
+"""The responses pipeline: auth, provider selection, the attempt loop with failover.
+
+One code path serves plain HTTP ``POST /v1/responses`` and every WebSocket turn.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from cch.config import LimitsConfig
+from cch.handler import errors
+from cch.handler.auth import KeyRing
+from cch.handler.outbound import upstream_headers, upstream_url
+from cch.handler.routing import Provider, ProviderRouter
+from cch.turn import RequestContext, ResponseSink
+from cch.upstream.http import HttpUpstream, collect_body, read_body
+
+log = Logger()
+
+JSON = "application/json"
+
+
+def _retryable(status: int) -> bool:
+    """Statuses that say "this provider, not this request": try the next provider."""
+    return status == 429 or status >= 500
+
+
+class ResponsesHandler:
+    """Serves one Responses request into a sink."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyRing,
+        router: ProviderRouter,
+        upstream: HttpUpstream,
+        clock: IReactorTime,
+        limits: LimitsConfig,
+    ) -> None:
+        self.keys = keys
+        self.router = router
+        self.upstream = upstream
+        self.clock = clock
+        self.limits = limits
+
+    def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
+        """Fires when the whole response went to ``sink``; cancel it to abort upstream."""
+        return Deferred.fromCoroutine(self._handle(ctx, body, sink))
+
+    async def _handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> None:
+        allowed, key = self.keys.authenticate(ctx.headers)
+        if not allowed:
+            sink.json_body(*errors.unauthorized(), JSON)
+            return
+        ctx.key_name = key.name if key else None
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        stream = body.get("stream") is True
+        candidates = self.router.candidates(model)
+        if not candidates:
+            sink.json_body(*errors.no_provider(model), JSON)
+            return
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        last: tuple[int, bytes, str] | None = None
+        for attempt, provider in enumerate(candidates, start=1):
+            outcome = await self._attempt(ctx, provider, payload, stream, sink, attempt)
+            if outcome is None:
+                return
+            last = outcome
+        assert last is not None
+        sink.json_body(*last)
+
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        provider: Provider,
+        payload: bytes,
+        stream: bool,
+        sink: ResponseSink,
+        attempt: int,
+    ) -> tuple[int, bytes, str] | None:
+        """Try one provider. None when the response went to the sink; otherwise the error to
+        report if no later provider does better."""
+        config = provider.config
+        breaker = provider.breaker
+        breaker.attempt_started()
+        try:
+            response = await self.upstream.post(
+                upstream_url(provider.base_url),
+                upstream_headers(ctx.headers, provider, stream=stream),
+                payload,
+                connect_timeout=config.connect_timeout,
+                first_byte_timeout=config.first_byte_timeout,
+            )
+        except CancelledError:
+            breaker.attempt_abandoned()
+            raise
+        except Exception as exc:
+            breaker.record_failure()
+            log.warn(
+                "upstream_attempt_failed",
+                provider=provider.name,
+                attempt=attempt,
+                error=str(exc) or type(exc).__name__,
+                request_id=ctx.request_id,
+            )
+            status, body = errors.bad_gateway(f"Upstream provider '{provider.name}' is unreachable.")
+            return status, body, JSON
+        if _retryable(response.code):
+            breaker.record_failure()
+            log.warn(
+                "upstream_attempt_failed",
+                provider=provider.name,
+                attempt=attempt,
+                status=response.code,
+                request_id=ctx.request_id,
+            )
+            content_type = (response.headers.getRawHeaders("content-type") or [JSON])[0]
+            return response.code, await collect_body(response), content_type
+        breaker.record_success()
+        log.info(
+            "upstream_attempt_started",
+            provider=provider.name,
+            attempt=attempt,
+            status=response.code,
+            transport="http",
+            request_id=ctx.request_id,
+        )
+        await read_body(
+            response,
+            sink,
+            self.clock,
+            idle_timeout=config.idle_timeout,
+            max_json_bytes=self.limits.max_json_response_bytes,
+        )
+        return None

@@ -1,0 +1,122 @@
+"""Which provider serves a request: priority, weighted random, and a breaker per provider."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from cch.config import BreakerConfig, ProviderConfig
+
+log = Logger()
+
+CLOSED = "closed"
+OPEN = "open"
+HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Opens after ``failure_threshold`` consecutive failures; after ``cooldown`` seconds one
+    trial request is let through (half-open); its outcome closes or re-opens the breaker."""
+
+    def __init__(self, name: str, config: BreakerConfig, clock: IReactorTime) -> None:
+        self.name = name
+        self.config = config
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self.trial_in_flight = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return CLOSED
+        if self.clock.seconds() - self.opened_at >= self.config.cooldown:
+            return HALF_OPEN
+        return OPEN
+
+    def allows(self) -> bool:
+        state = self.state
+        if state == CLOSED:
+            return True
+        return state == HALF_OPEN and not self.trial_in_flight
+
+    def attempt_started(self) -> None:
+        if self.state == HALF_OPEN:
+            self.trial_in_flight = True
+
+    def record_success(self) -> None:
+        if self.opened_at is not None:
+            log.info("provider_breaker_closed", provider=self.name)
+        self.failures = 0
+        self.opened_at = None
+        self.trial_in_flight = False
+
+    def record_failure(self) -> None:
+        self.trial_in_flight = False
+        if self.opened_at is not None:
+            # A failed half-open trial (or a late failure while open) restarts the cool-down.
+            self.opened_at = self.clock.seconds()
+            return
+        self.failures += 1
+        if self.failures >= self.config.failure_threshold:
+            self.opened_at = self.clock.seconds()
+            log.warn("provider_breaker_opened", provider=self.name, failures=self.failures)
+
+    def attempt_abandoned(self) -> None:
+        """The attempt ended without a verdict (client went away): free the trial slot."""
+        self.trial_in_flight = False
+
+
+class Provider:
+    """A configured upstream plus its runtime state."""
+
+    def __init__(self, config: ProviderConfig, breaker: CircuitBreaker) -> None:
+        self.config = config
+        self.name = config.name
+        self.base_url = config.base_url
+        self.breaker = breaker
+
+    def serves(self, model: str | None) -> bool:
+        return not self.config.models or model in self.config.models
+
+
+class ProviderRouter:
+    """Orders the providers to try for one request."""
+
+    def __init__(
+        self,
+        providers: Iterable[ProviderConfig],
+        breaker: BreakerConfig,
+        clock: IReactorTime,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.providers = [Provider(p, CircuitBreaker(p.name, breaker, clock)) for p in providers]
+        self._rng = rng or random.Random()
+
+    def get(self, name: str) -> Provider:
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        raise KeyError(name)
+
+    def candidates(self, model: str | None) -> list[Provider]:
+        """Healthy providers for ``model``: by priority, weighted-random within a priority."""
+        usable = [p for p in self.providers if p.serves(model) and p.breaker.allows()]
+        ordered: list[Provider] = []
+        for priority in sorted({p.config.priority for p in usable}):
+            group = [p for p in usable if p.config.priority == priority]
+            while group:
+                pick = self._rng.choices(group, weights=[p.config.weight for p in group])[0]
+                group.remove(pick)
+                ordered.append(pick)
+        return ordered
+
+    def models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for provider in self.providers:
+            for model in provider.config.models:
+                seen.setdefault(model, None)
+        return list(seen)

@@ -1,0 +1,257 @@
+"""Structured log output: one JSON object per line (reference §2.14, §2.15).
+
+Our events use a stable event name as the ``twisted.logger`` format string and
+carry their data as fields, e.g. ``log.info("ws_client_connected", path=masked)``.
+Events from Twisted and other libraries use real format strings; those are
+rendered to text instead of dumping their (often unserialisable) fields.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
+
+from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, LogLevel, formatEvent
+from zope.interface import implementer
+
+__all__ = [
+    "JsonLinesObserver",
+    "TextLinesObserver",
+    "json_line",
+    "make_observer",
+    "mask_query",
+    "text_line",
+]
+
+_MASK = "***"
+_DUMMY_ORIGIN = "http://localhost/"
+# Path characters left alone; the rest are percent-encoded like a WHATWG URL path.
+_PATH_SAFE = "/%!$&'()*+,;=:@[]\\^|-._~"
+# Field names whose lower-cased, punctuation-free form ends like this are masked
+# (authorization, api_key, apiKey, x-api-key, key, secret, internalSecret, token, ...).
+_SENSITIVE_SUFFIXES = ("authorization", "key", "secret", "token", "password", "cookie")
+# Keys of the JSON line itself; event fields with these names are prefixed with "_".
+_HEAD_KEYS = frozenset({"ts", "level", "msg", "ns"})
+_LEVEL_NAMES = frozenset(level.name for level in LogLevel.iterconstants())
+_JSON_OPTS: dict[str, Any] = {"separators": (",", ":"), "ensure_ascii": False, "allow_nan": False}
+
+
+def mask_query(url: str | bytes | None) -> str:
+    """Return the URL path with every query value except ``model`` replaced by ``***``.
+
+    Query strings can carry credentials (``?api_key=...``), so a logged URL keeps
+    the keys (useful for debugging) but not their values.
+    """
+    if isinstance(url, bytes):
+        url = url.decode("utf-8", "replace")
+    if not isinstance(url, str) or not url:
+        return "/"
+    try:
+        parts = urlsplit(urljoin(_DUMMY_ORIGIN, url))
+        path = quote(parts.path, safe=_PATH_SAFE) or "/"
+        pairs = [
+            (key, value if key.lower() == "model" else _MASK)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        query = urlencode(pairs, safe="*")
+    except Exception:
+        return "/"
+    return f"{path}?{query}" if query else path
+
+
+def _is_sensitive(name: str) -> bool:
+    normal = "".join(c for c in name.lower() if c.isalnum())
+    return normal.endswith(_SENSITIVE_SUFFIXES)
+
+
+def _iso_utc(t: float) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``, like JavaScript's ``toISOString``."""
+    seconds = int(t // 1)
+    millis = min(int((t - seconds) * 1000), 999)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _level_name(event: LogEvent) -> str:
+    name = getattr(event.get("log_level"), "name", None)
+    return name if name in _LEVEL_NAMES else "info"
+
+
+def _failure_text(event: LogEvent) -> str | None:
+    failure = event.get("log_failure")
+    if failure is None:
+        return None
+    value = getattr(failure, "value", failure)
+    try:
+        text = str(value)
+    except Exception:
+        text = ""
+    return text or type(value).__name__
+
+
+def _message_and_fields(event: LogEvent) -> tuple[str, dict[str, Any]]:
+    """Return the message and the (masked) fields to show for ``event``."""
+    fmt = event.get("log_format")
+    if fmt is not None and not isinstance(fmt, str):
+        fmt = str(fmt)
+    if fmt is not None and "{" in fmt:
+        return formatEvent(event), {}
+    fields: dict[str, Any] = {}
+    for key, value in event.items():
+        if not isinstance(key, str) or key.startswith("log_"):
+            continue
+        if _is_sensitive(key):
+            value = _MASK
+        fields["_" + key if key in _HEAD_KEYS else key] = value
+    return fmt or "", fields
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__name__}>"
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    try:
+        return json.dumps(record, default=_safe_repr, **_JSON_OPTS)
+    except (TypeError, ValueError, RecursionError):
+        pass
+    # Some field is not serialisable even with repr (NaN, a cycle, non-str keys):
+    # fall back field by field.
+    clean: dict[str, Any] = {}
+    for key, value in record.items():
+        try:
+            json.dumps(value, default=_safe_repr, **_JSON_OPTS)
+        except (TypeError, ValueError, RecursionError):
+            value = _safe_repr(value)
+        clean[key] = value
+    return json.dumps(clean, default=_safe_repr, **_JSON_OPTS)
+
+
+def json_line(event: LogEvent) -> str | None:
+    """Render one ``twisted.logger`` event as one compact JSON line (no newline).
+
+    Returns None for an event with nothing to say (no message, fields or failure).
+    Never raises: a rendering error yields a ``log_render_failed`` line instead.
+    """
+    try:
+        msg, fields = _message_and_fields(event)
+        error = _failure_text(event)
+        if not msg and error is None and not fields:
+            return None
+        record: dict[str, Any] = {
+            "ts": _iso_utc(event.get("log_time") or time.time()),
+            "level": _level_name(event),
+            "msg": msg,
+            "ns": event.get("log_namespace"),
+        }
+        record.update(fields)
+        if error is not None:
+            record["error"] = error
+        return _dumps(record)
+    except Exception as e:
+        return json.dumps(
+            {
+                "ts": _iso_utc(time.time()),
+                "level": "error",
+                "msg": "log_render_failed",
+                "error": _safe_repr(e),
+            },
+            **_JSON_OPTS,
+        )
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c.isspace() or c in "\"'=" for c in value):
+        return value
+    try:
+        return json.dumps(value, default=_safe_repr, **_JSON_OPTS)
+    except (TypeError, ValueError, RecursionError):
+        return _safe_repr(value)
+
+
+def text_line(event: LogEvent) -> str:
+    """Render ``event`` for a human at a terminal: ``HH:MM:SS.mmm LEVEL msg key=value ...``.
+
+    Uses local time.  Never raises.
+    """
+    try:
+        msg, fields = _message_and_fields(event)
+        error = _failure_text(event)
+        if error is not None:
+            fields["error"] = error
+        t = event.get("log_time") or time.time()
+        millis = min(int(t % 1 * 1000), 999)
+        stamp = time.strftime("%H:%M:%S", time.localtime(t)) + f".{millis:03d}"
+        parts = [stamp, _level_name(event).upper(), msg]
+        parts.extend(f"{key}={_text_value(value)}" for key, value in fields.items())
+        return " ".join(parts)
+    except Exception as e:
+        return f"log_render_failed error={_safe_repr(e)}"
+
+
+@implementer(ILogObserver)
+class _LineObserver:
+    """Write each event at or above ``min_level`` as one line of text to ``out``."""
+
+    _render: Callable[[LogEvent], str | None]
+
+    def __init__(self, out: TextIO, min_level: LogLevel = LogLevel.info) -> None:
+        self._out = out
+        self._min_level = min_level
+
+    def __call__(self, event: LogEvent) -> None:
+        level = event.get("log_level", LogLevel.info)
+        if getattr(level, "name", None) in _LEVEL_NAMES and level < self._min_level:
+            return
+        line = self._render(event)
+        if line is None:
+            return
+        # Flush per line: stdout is block-buffered when it is a pipe (containers),
+        # and a log line that sits in a buffer is no use when the process dies.
+        self._out.write(line + "\n")
+        self._out.flush()
+
+
+class JsonLinesObserver(_LineObserver):
+    """An ``ILogObserver`` writing one JSON object per line (see :func:`json_line`)."""
+
+    _render = staticmethod(json_line)
+
+
+class TextLinesObserver(_LineObserver):
+    """An ``ILogObserver`` writing human-readable lines (see :func:`text_line`)."""
+
+    _render = staticmethod(text_line)
+
+
+def _parse_level(name: str) -> LogLevel:
+    try:
+        return LogLevel.levelWithName(name.strip().lower())
+    except InvalidLogLevelError:
+        names = ", ".join(sorted(_LEVEL_NAMES))
+        raise ValueError(f"log level must be one of {names}, not {name!r}") from None
+
+
+def make_observer(
+    out: TextIO, fmt: str = "auto", min_level: str | LogLevel = "info"
+) -> ILogObserver:
+    """Build the log observer for ``out``: ``fmt`` is ``"json"``, ``"text"`` or ``"auto"``.
+
+    ``auto`` picks text for a terminal and JSON otherwise (log collectors).
+    """
+    level = _parse_level(min_level) if isinstance(min_level, str) else min_level
+    if fmt == "auto":
+        try:
+            fmt = "text" if out.isatty() else "json"
+        except (AttributeError, ValueError):
+            fmt = "json"
+    if fmt == "json":
+        return JsonLinesObserver(out, level)
+    if fmt == "text":
+        return TextLinesObserver(out, level)
+    raise ValueError(f"log format must be 'json', 'text' or 'auto', not {fmt!r}")

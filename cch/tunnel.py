@@ -1,0 +1,147 @@
+"""The tunnel from a WebSocket turn to a responses handler: two modes, one contract.
+
+* :class:`InProcessTunnel` calls the handler directly with a trusted context (no socket hop).
+* :class:`HttpTunnel` POSTs the turn to a ``/v1/responses`` URL (this gateway's own listener or a
+  remote one) carrying the reserved ``x-cch-*`` markers and the internal secret, and reads the
+  SSE or JSON response back into the same sink.
+
+Either way the returned Deferred fires when the response is complete, fails with
+:class:`~cch.turn.TurnTransportError` when the internal request or response broke, and
+cancelling it aborts the turn all the way upstream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from cch import secret as markers
+from cch.handler.pipeline import ResponsesHandler
+from cch.sse import SSEDecoder
+from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
+
+
+class InProcessTunnel:
+    """Hands the turn to the handler in this process."""
+
+    def __init__(self, handler: ResponsesHandler) -> None:
+        self.handler = handler
+
+    def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Deferred[None]:
+        ctx = RequestContext(
+            headers=turn.headers,
+            via_websocket=True,
+            ws_session=turn.session_id,
+            request_id=turn.request_id,
+        )
+        return self.handler.handle(ctx, turn.body, sink)
+
+
+class HttpTunnel:
+    """POSTs each turn to ``url`` with the internal markers (reference §2.6)."""
+
+    def __init__(self, reactor: Any, url: str, secret: str) -> None:
+        self.url = url
+        self.secret = secret
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self._client = HTTPClient(Agent(reactor, pool=self.pool))
+
+    def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Deferred[None]:
+        body = dict(turn.body)
+        body["stream"] = True
+        body.pop("background", None)
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        headers = {k: v for k, v in turn.headers.items() if not markers.is_reserved(k)}
+        headers["accept"] = "text/event-stream"
+        headers["content-type"] = "application/json"
+        headers.update(markers.marker_headers(turn.session_id, self.secret))
+        if turn.request_id:
+            headers["x-request-id"] = turn.request_id
+        return Deferred.fromCoroutine(self._run(headers, payload, sink))
+
+    async def _run(self, headers: dict[str, str], payload: bytes, sink: ResponseSink) -> None:
+        try:
+            response = await self._client.request(
+                "POST",
+                self.url,
+                headers=Headers({k: [v] for k, v in headers.items()}),
+                data=payload,
+                unbuffered=True,
+            )
+        except CancelledError:
+            raise
+        except Exception as exc:
+            raise TurnTransportError("internal_request_error", _message(exc)) from None
+        reader = _InternalResponseReader(response, sink)
+        response.deliverBody(reader)
+        await reader.finished
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+class _InternalResponseReader(Protocol):
+    """Reads the internal response into the sink (reference §2.8)."""
+
+    def __init__(self, response: IResponse, sink: ResponseSink) -> None:
+        self.response = response
+        self.sink = sink
+        raw = response.headers.getRawHeaders(b"content-type") or [b""]
+        self.content_type = raw[0].decode("latin-1")
+        self.decoder = SSEDecoder() if "text/event-stream" in self.content_type.lower() else None
+        self.chunks: list[bytes] = []
+        self.finished: Deferred[None] = Deferred(self._cancel)
+        self._cancelled = False
+
+    def connectionMade(self) -> None:
+        if self.decoder is not None:
+            self.sink.sse_started(self.response.code, {"content-type": self.content_type})
+        self.sink.register_producer(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._cancelled:
+            return
+        if self.decoder is None:
+            self.chunks.append(data)
+            return
+        for event in self.decoder.feed(data):
+            self.sink.sse_event(event)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._cancelled:
+            return
+        self.sink.unregister_producer()
+        if reason.check(ResponseDone):
+            if self.decoder is None:
+                self.sink.json_body(self.response.code, b"".join(self.chunks), self.content_type)
+            else:
+                for event in self.decoder.finish():
+                    self.sink.sse_event(event)
+            self.finished.callback(None)
+            return
+        what = (
+            "Internal response closed before a complete JSON body was received"
+            if self.decoder is None
+            else "Internal response closed before emitting a terminal response event"
+        )
+        self.finished.errback(TurnTransportError("internal_response_closed", what))
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        self._cancelled = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def _message(exc: BaseException) -> str:
+    inner = getattr(exc, "reasons", None)
+    if inner:
+        exc = inner[0].value
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,261 @@
+"""Upstream over HTTP: one POST per attempt, the body streamed to the turn's sink.
+
+Built on treq with a persistent connection pool. Every timer runs on the injected clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from cch.events import error_event, is_terminal
+from cch.handler.errors import error_body
+from cch.sse import SSEDecoder
+from cch.turn import ResponseSink
+
+
+class UpstreamTimeout(Exception):
+    """No response headers within the provider's first-byte timeout."""
+
+
+class HttpUpstream:
+    """Sends attempts to upstream providers; one agent per connect timeout."""
+
+    def __init__(self, reactor: Any, clock: IReactorTime) -> None:
+        self._reactor = reactor
+        self.clock = clock
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 16
+        self._clients: dict[float, HTTPClient] = {}
+
+    def _client(self, connect_timeout: float) -> HTTPClient:
+        client = self._clients.get(connect_timeout)
+        if client is None:
+            agent = Agent(self._reactor, connectTimeout=connect_timeout, pool=self.pool)
+            client = self._clients[connect_timeout] = HTTPClient(agent)
+        return client
+
+    def post(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        connect_timeout: float,
+        first_byte_timeout: float,
+    ) -> Deferred[IResponse]:
+        """POST and fire with the response once its headers arrived (body not read yet)."""
+        d = self._client(connect_timeout).request(
+            "POST",
+            url,
+            headers=Headers({k: [v] for k, v in headers.items()}),
+            data=body,
+            unbuffered=True,
+        )
+        timed_out: list[bool] = []
+
+        def _timeout() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self.clock.callLater(first_byte_timeout, _timeout)
+
+        def _done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(result, Failure) and result.check(CancelledError):
+                return Failure(UpstreamTimeout(f"no response within {first_byte_timeout:g}s"))
+            return result
+
+        return d.addBoth(_done)
+
+    def close(self) -> Deferred[None]:
+        return self.pool.closeCachedConnections()
+
+
+class _BodyReader(Protocol):
+    """Reads one upstream body into the sink; pauses when the sink asks (flow control)."""
+
+    def __init__(
+        self,
+        response: IResponse,
+        sink: ResponseSink,
+        clock: IReactorTime,
+        idle_timeout: float,
+        max_json_bytes: int,
+    ) -> None:
+        self.response = response
+        self.sink = sink
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.max_json_bytes = max_json_bytes
+        content_type = _content_type(response)
+        self.content_type = content_type
+        self.sse = "text/event-stream" in content_type.lower()
+        self.decoder = SSEDecoder() if self.sse else None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.terminal_seen = False
+        self.finished: Deferred[None] = Deferred(self._cancel)
+        self._idle: IDelayedCall | None = None
+        self._done = False
+        self._stopped_reason: tuple[str, str] | None = None
+
+    # Protocol
+    def connectionMade(self) -> None:
+        if self.sse:
+            self.sink.sse_started(self.response.code, {"content-type": self.content_type})
+        self.sink.register_producer(self.transport)
+        self._arm_idle()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._arm_idle()
+        if self.decoder is not None:
+            for event in self.decoder.feed(data):
+                self._event(event)
+            return
+        self.size += len(data)
+        if self.size > self.max_json_bytes:
+            self._stop(("upstream_response_too_large", "upstream response body too large"))
+            return
+        self.chunks.append(data)
+
+    def _event(self, data: str) -> None:
+        if not self.terminal_seen and is_terminal(data):
+            self.terminal_seen = True
+        self.sink.sse_event(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_idle()
+        if self._done:
+            return
+        self._done = True
+        self.sink.unregister_producer()
+        clean = reason.check(ResponseDone) is not None
+        if self.decoder is not None:
+            if clean:
+                for event in self.decoder.finish():
+                    self._event(event)
+            if not clean and not self.terminal_seen:
+                code, message = self._stopped_reason or (
+                    "upstream_stream_error",
+                    _describe(reason),
+                )
+                self.sink.sse_event(error_event(code, message))
+            self.finished.callback(None)
+            return
+        if clean or (reason.check(PotentialDataLoss) and self._stopped_reason is None):
+            body = b"".join(self.chunks)
+            self.sink.json_body(self.response.code, body, self.content_type)
+        else:
+            code, message = self._stopped_reason or ("upstream_stream_error", _describe(reason))
+            self.sink.json_body(502, error_body(message, "bad_gateway_error", code), "application/json")
+        self.finished.callback(None)
+
+    # timers and cancellation
+    def _arm_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.clock.callLater(self.idle_timeout, self._idle_fired)
+
+    def _cancel_idle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
+
+    def _idle_fired(self) -> None:
+        self._idle = None
+        self._stop(
+            (
+                "upstream_idle_timeout",
+                f"upstream sent nothing for {self.idle_timeout:g}s",
+            )
+        )
+
+    def _stop(self, reason: tuple[str, str]) -> None:
+        self._stopped_reason = reason
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        """The turn was cancelled: abort the upstream body, report nothing more."""
+        self._done = True
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def read_body(
+    response: IResponse,
+    sink: ResponseSink,
+    clock: IReactorTime,
+    *,
+    idle_timeout: float,
+    max_json_bytes: int,
+) -> Deferred[None]:
+    """Stream ``response`` into ``sink``; the Deferred fires when the sink has it all.
+
+    A body that breaks or stalls after events were sent ends with a terminal ``error`` event
+    (``upstream_stream_error`` / ``upstream_idle_timeout``) so the client's connection can carry
+    on; cancelling the Deferred aborts the upstream body.
+    """
+    reader = _BodyReader(response, sink, clock, idle_timeout, max_json_bytes)
+    response.deliverBody(reader)
+    return reader.finished
+
+
+class _Collector(Protocol):
+    """Collects a small body we will not stream (a failover candidate's error)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.finished: Deferred[bytes] = Deferred(self._cancel)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.size < self.max_bytes:
+            self.chunks.append(data[: self.max_bytes - self.size])
+        self.size += len(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if not self.finished.called:
+            self.finished.callback(b"".join(self.chunks))
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def collect_body(response: IResponse, max_bytes: int = 64 * 1024) -> Deferred[bytes]:
+    """The first ``max_bytes`` of a body (whatever arrived if it broke); cancellable."""
+    collector = _Collector(max_bytes)
+    response.deliverBody(collector)
+    return collector.finished
+
+
+def _content_type(response: IResponse) -> str:
+    values = response.headers.getRawHeaders(b"content-type") or [b""]
+    value = values[0]
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+def _describe(reason: Failure) -> str:
+    value = reason.value
+    inner = getattr(value, "reasons", None)
+    if inner:
+        value = inner[0].value
+    text = str(value) or type(value).__name__
+    return f"upstream stream failed: {text}"

@@ -1,0 +1,268 @@
+"""The HTTP surface on one port: ``/v1/responses`` (POST and WebSocket upgrade),
+``/v1/models``, ``/healthz``, ``/readyz``. Every error is OpenAI-shaped JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from cch import secret as markers
+from cch.edge.factory import EdgeFactory
+from cch.handler import errors
+from cch.handler.auth import KeyRing
+from cch.handler.pipeline import ResponsesHandler
+from cch.handler.routing import ProviderRouter
+from cch.sse import encode_event
+from cch.turn import RequestContext
+
+log = Logger()
+
+
+def _lower_headers(request: Request) -> dict[str, str]:
+    return {
+        name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
+        for name, values in request.requestHeaders.getAllRawHeaders()
+    }
+
+
+def _json(request: Request, status: int, body: bytes | dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    if isinstance(body, dict):
+        body = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return body
+
+
+class HttpResponseSink:
+    """Writes a handler's response to a plain HTTP request: SSE events or one JSON body."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.started = False
+        self.producer: IPushProducer | None = None
+
+    def sse_started(self, status: int, headers: dict[str, str]) -> None:
+        self.started = True
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache, no-transform")
+        request.setHeader(b"x-accel-buffering", b"no")
+
+    def sse_event(self, data: str) -> None:
+        self.request.write(encode_event(data))
+
+    def json_body(self, status: int, body: bytes, content_type: str) -> None:
+        self.started = True
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", content_type.encode("latin-1") or b"application/json")
+        request.write(body)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        if self.producer is None and not self.request.finished:
+            self.producer = producer
+            self.request.registerProducer(producer, True)
+
+    def unregister_producer(self) -> None:
+        if self.producer is not None:
+            self.producer = None
+            if not self.request.finished:
+                self.request.unregisterProducer()
+
+
+class ResponsesResource(Resource):
+    """``/v1/responses``: POST runs the pipeline; a WebSocket upgrade goes to the edge."""
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.ws_resource = WebSocketResource(gateway.edge_factory)
+
+    def render(self, request: Request) -> Any:
+        if request.postpath:
+            return _json(request, 404, errors.error_body("Not found.", "invalid_request_error", "not_found"))
+        return super().render(request)
+
+    def render_GET(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setHeader(b"allow", b"POST")
+            return _json(
+                request,
+                405,
+                errors.error_body(
+                    "Use POST, or a WebSocket upgrade, on /v1/responses.",
+                    "invalid_request_error",
+                    "method_not_allowed",
+                ),
+            )
+        return self._upgrade(request)
+
+    def _upgrade(self, request: Request) -> Any:
+        gateway = self.gateway
+        if gateway.draining:
+            return _json(
+                request, 503, errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
+            )
+        headers = _lower_headers(request)
+        allowed, key = gateway.keys.authenticate(headers)
+        if not allowed:
+            request.setHeader(b"www-authenticate", b'Bearer realm="cch"')
+            return _json(request, *errors.unauthorized())
+        if not gateway.websocket_enabled or (key is not None and not key.websocket):
+            request.setHeader(b"upgrade", b"websocket")
+            return _json(
+                request,
+                426,
+                errors.error_body(
+                    "WebSocket mode is disabled here; use HTTP POST /v1/responses.",
+                    "invalid_request_error",
+                    "websocket_disabled",
+                ),
+            )
+        return self.ws_resource.render(request)
+
+    def render_POST(self, request: Request) -> Any:
+        gateway = self.gateway
+        if gateway.draining:
+            return _json(
+                request, 503, errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
+            )
+        content = request.content
+        content.seek(0, 2)
+        if content.tell() > gateway.limits.max_request_body_bytes:
+            return _json(request, 413, errors.error_body("Request body too large.", "invalid_request_error", "request_too_large"))
+        content.seek(0)
+        try:
+            body = json.loads(content.read())
+        except ValueError as exc:
+            return _json(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
+        if not isinstance(body, dict):
+            return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
+        headers = _lower_headers(request)
+        ctx = RequestContext(headers={k: v for k, v in headers.items() if not markers.is_reserved(k)})
+        if markers.is_websocket_client(headers, gateway.secret):
+            ctx.via_websocket = True
+            ctx.ws_session = markers.session_id_from(headers)
+        ctx.request_id = headers.get("x-request-id", "") if ctx.via_websocket else ""
+        sink = HttpResponseSink(request)
+        d = gateway.handler.handle(ctx, body, sink)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallbacks(lambda _: self._finished(request), lambda f: self._failed(request, sink, f))
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _finished(request: Request) -> None:
+        if not request.finished and not request._disconnected:
+            request.finish()
+
+    @staticmethod
+    def _failed(request: Request, sink: HttpResponseSink, failure: Failure) -> None:
+        if failure.check(CancelledError) or request._disconnected:
+            return
+        log.failure("http_handler_error", failure)
+        if not sink.started:
+            request.write(_json(request, 500, errors.error_body("Internal error.", "server_error", "internal_error")))
+            request.finish()
+        else:
+            # Half a response was sent: break the connection so the client sees it as broken.
+            request.channel.transport.abortConnection()
+
+
+class ModelsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    def render_GET(self, request: Request) -> bytes:
+        allowed, _ = self.gateway.keys.authenticate(_lower_headers(request))
+        if not allowed:
+            return _json(request, *errors.unauthorized())
+        data = [{"id": m, "object": "model", "owned_by": "cch"} for m in self.gateway.router.models()]
+        return _json(request, 200, {"object": "list", "data": data})
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+
+class ReadyResource(Resource):
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    def render_GET(self, request: Request) -> bytes:
+        if self.gateway.draining:
+            return _json(request, 503, {"status": "draining"})
+        return _json(request, 200, {"status": "ready"})
+
+
+class NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return _json(request, 404, errors.error_body("Not found.", "invalid_request_error", "not_found"))
+
+
+class _Dir(Resource):
+    """A path segment whose unknown children answer JSON 404."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return NotFound().render(request)
+
+
+class Gateway:
+    """What the web resources need from the running service."""
+
+    def __init__(
+        self,
+        *,
+        keys: KeyRing,
+        router: ProviderRouter,
+        handler: ResponsesHandler,
+        edge_factory: EdgeFactory,
+        limits: Any,
+        secret: str,
+        websocket_enabled: bool,
+    ) -> None:
+        self.keys = keys
+        self.router = router
+        self.handler = handler
+        self.edge_factory = edge_factory
+        self.limits = limits
+        self.secret = secret
+        self.websocket_enabled = websocket_enabled
+        self.draining = False
+
+
+def build_root(gateway: Gateway) -> Resource:
+    root = _Dir()
+    v1 = _Dir()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"responses", ResponsesResource(gateway))
+    v1.putChild(b"models", ModelsResource(gateway))
+    root.putChild(b"healthz", HealthResource())
+    root.putChild(b"readyz", ReadyResource(gateway))
+    return root
+

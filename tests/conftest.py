@@ -1,0 +1,111 @@
+"""Shared fixtures: a real gateway on 127.0.0.1:0 in front of a real fake upstream, and a
+check that every test leaves the reactor clean (no DelayedCall, no open connection)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor as global_reactor
+from twisted.internet.task import deferLater
+
+from cch.config import Config, LimitsConfig, ProviderConfig, ServerConfig, TunnelConfig
+from cch.service import GatewayService, makeService
+from cch.testing import FakeUpstream
+from cch.testing.client import ResponsesWSClient
+
+SECRET = "0b7c5f1e-9a7d-4c55-8a43-2f8d6c1e9b10"
+
+
+async def settle(reactor: Any = global_reactor, turns: int = 500) -> None:
+    """Let the reactor process pending I/O (FINs, close frames) until no DelayedCall is left
+    that a test created; bounded in reactor turns, never in seconds."""
+    for _ in range(turns):
+        if not reactor.getDelayedCalls():
+            return
+        await deferLater(reactor, 0, lambda: None)
+
+
+@pytest.fixture
+def reactor() -> Any:
+    return global_reactor
+
+
+@pytest_twisted.async_yield_fixture
+async def fake() -> Any:
+    upstream = FakeUpstream(global_reactor)
+    await upstream.listen(global_reactor)
+    yield upstream
+    await upstream.stop()
+
+
+def gateway_config(fake: FakeUpstream, *, tunnel: str = "in-process", **overrides: Any) -> Config:
+    config = Config(
+        server=ServerConfig(listen="tcp:0:interface=127.0.0.1"),
+        providers=(ProviderConfig(name="primary", base_url=fake.base_url),),
+        tunnel=TunnelConfig(mode=tunnel, secret=SECRET),
+        limits=LimitsConfig(),
+        source="<test>",
+    )
+    return replace(config, **overrides)
+
+
+class RunningGateway:
+    """A started gateway plus helpers to reach it."""
+
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+        self.clients: list[ResponsesWSClient] = []
+
+    @property
+    def http_url(self) -> str:
+        return self.service.base_url
+
+    @property
+    def ws_url(self) -> str:
+        return self.service.base_url.replace("http://", "ws://") + "/v1/responses"
+
+    async def connect(self, query: str = "", headers: dict[str, str] | None = None) -> ResponsesWSClient:
+        client = await ResponsesWSClient.connect(global_reactor, self.ws_url + query, headers)
+        self.clients.append(client)
+        return client
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            if client.close_info is None:
+                await client.close()
+        await self.service.stopService()
+
+
+async def start_gateway(config: Config) -> RunningGateway:
+    service = makeService(config, global_reactor)
+    service.startService()
+    await service.when_listening()
+    return RunningGateway(service)
+
+
+@pytest.fixture(params=["in-process", "http"])
+def tunnel_mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest_twisted.async_yield_fixture
+async def gateway(fake: FakeUpstream, tunnel_mode: str) -> Any:
+    running = await start_gateway(gateway_config(fake, tunnel=tunnel_mode))
+    yield running
+    await running.stop()
+
+
+@pytest_twisted.async_yield_fixture(autouse=True)
+async def no_leaks() -> Any:
+    """Fail a test that leaves a DelayedCall behind once its connections have closed."""
+    before = set(global_reactor.getDelayedCalls())
+    yield
+    for _ in range(500):
+        leftover = [c for c in global_reactor.getDelayedCalls() if c not in before and c.active()]
+        if not leftover:
+            return
+        await deferLater(global_reactor, 0, lambda: None)
+    pytest.fail(f"DelayedCalls left behind: {leftover!r}")

@@ -1,0 +1,1019 @@
+"""Tests for cch.config: TOML loading, CCH_* overrides, validation messages, helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import capturedLogs
+
+from cch.config import (
+    BreakerConfig,
+    ClientKey,
+    Config,
+    ConfigError,
+    LimitsConfig,
+    ProviderConfig,
+    ServerConfig,
+    TunnelConfig,
+    UpstreamWebSocketConfig,
+    config_schema,
+    demo_config,
+    is_loopback_endpoint,
+    load_config,
+)
+
+PROVIDER = '[[providers]]\nname = "p"\nbase_url = "https://api.example.com/v1"\n'
+KEY = '[[keys]]\nname = "alice"\nkey = "sk-cch-alice-0123456789"\n'
+
+FULL_EXAMPLE = """
+[server]
+listen = "tcp:9090:interface=127.0.0.1"
+websocket = false
+drain_timeout = 12
+
+[[keys]]
+name = "alice"
+key = "sk-cch-alice-0123456789"
+websocket = false
+
+[[keys]]
+name = "bob"
+key = "sk-cch-bob-0123456789"
+
+[[providers]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+priority = 0
+weight = 3
+websocket = "on"
+models = ["gpt-5.5", "gpt-5.5-mini"]
+headers = { "x-team" = "a", "OpenAI-Beta" = "responses=v1" }
+connect_timeout = 5
+first_byte_timeout = 45.5
+idle_timeout = 120
+
+[[providers]]
+name = "backup"
+base_url = "http://10.0.0.2:8000/v1"
+api_key = "sk-backup"
+priority = -1
+
+[limits]
+max_message_bytes = 1000
+max_pending_frames = 2
+max_pending_bytes = 3000
+outbound_send_timeout = 4
+max_request_body_bytes = 5000
+max_json_response_bytes = 6000
+auto_ping_interval = 7
+auto_ping_timeout = 8
+
+[breaker]
+failure_threshold = 9
+cooldown = 10
+
+[tunnel]
+mode = "http"
+url = "http://127.0.0.1:9090/v1/responses"
+secret = "file-secret"
+
+[upstream_websocket]
+enabled = false
+handshake_timeout = 11
+first_event_timeout = 12
+pool_max_entries = 13
+idle_timeout = 14
+unsupported_ttl = 15
+max_buffer_bytes = 16
+"""
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load files by the relative name cch.toml so messages read as users see them."""
+    monkeypatch.chdir(tmp_path)
+
+
+def load(text: str, env: dict[str, str] | None = None, **kwargs: Any) -> Config:
+    Path("cch.toml").write_text(text, encoding="utf-8")
+    return load_config("cch.toml", {} if env is None else env, **kwargs)
+
+
+def error(text: str, env: dict[str, str] | None = None, **kwargs: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(text, env, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def env_error(env: dict[str, str], text: str = "") -> str:
+    return error(text, env)
+
+
+# --- defaults and a full file ------------------------------------------------------------------
+
+
+def test_no_file_gives_every_default() -> None:
+    config = load_config(None, {})
+    assert config.server == ServerConfig()
+    assert config.keys == () and config.providers == ()
+    assert config.limits == LimitsConfig()
+    assert config.breaker == BreakerConfig()
+    assert config.upstream_websocket == UpstreamWebSocketConfig()
+    assert (config.tunnel.mode, config.tunnel.url) == ("in-process", None)
+    assert config.source == "<defaults>"
+    assert not config.auth_required
+
+
+def test_defaults_are_the_documented_values() -> None:
+    assert ServerConfig() == ServerConfig("tcp:8080:interface=127.0.0.1", True, 30.0)
+    assert LimitsConfig() == LimitsConfig(
+        32 * 2**20, 64, 64 * 2**20, 30.0, 100 * 2**20, 64 * 2**20, 25.0, 20.0
+    )
+    assert BreakerConfig() == BreakerConfig(5, 30.0)
+    assert TunnelConfig() == TunnelConfig("in-process", None, "")
+    assert UpstreamWebSocketConfig() == UpstreamWebSocketConfig(
+        True, 10.0, 20.0, 512, 3900.0, 300.0, 8 * 2**20
+    )
+    provider = ProviderConfig(name="p", base_url="http://x")
+    assert (provider.api_key, provider.priority, provider.weight) == (None, 0, 1)
+    assert (provider.models, provider.headers, provider.websocket) == ((), (), "auto")
+    assert (provider.connect_timeout, provider.first_byte_timeout, provider.idle_timeout) == (
+        10.0,
+        60.0,
+        300.0,
+    )
+    assert ClientKey(name="a", key="k").websocket is True
+
+
+def test_empty_file_gives_defaults_with_file_as_source() -> None:
+    config = load("")
+    assert config.server == ServerConfig() and config.limits == LimitsConfig()
+    assert config.source == "cch.toml"
+
+
+def test_full_example_file_sets_every_key() -> None:
+    config = load(FULL_EXAMPLE, {"OPENAI_API_KEY": "sk-openai"})
+    assert config.server == ServerConfig("tcp:9090:interface=127.0.0.1", False, 12.0)
+    assert config.keys == (
+        ClientKey("alice", "sk-cch-alice-0123456789", websocket=False),
+        ClientKey("bob", "sk-cch-bob-0123456789", websocket=True),
+    )
+    assert config.auth_required
+    openai, backup = config.providers
+    assert openai == ProviderConfig(
+        name="openai",
+        base_url="https://api.openai.com/v1",
+        api_key="sk-openai",
+        priority=0,
+        weight=3,
+        models=("gpt-5.5", "gpt-5.5-mini"),
+        headers=(("x-team", "a"), ("OpenAI-Beta", "responses=v1")),
+        websocket="on",
+        connect_timeout=5.0,
+        first_byte_timeout=45.5,
+        idle_timeout=120.0,
+    )
+    assert (backup.api_key, backup.priority, backup.websocket) == ("sk-backup", -1, "auto")
+    assert config.limits == LimitsConfig(1000, 2, 3000, 4.0, 5000, 6000, 7.0, 8.0)
+    assert config.breaker == BreakerConfig(9, 10.0)
+    assert config.tunnel == TunnelConfig(
+        "http", "http://127.0.0.1:9090/v1/responses", "file-secret"
+    )
+    assert config.upstream_websocket == UpstreamWebSocketConfig(
+        False, 11.0, 12.0, 13, 14.0, 15.0, 16
+    )
+
+
+def test_integers_are_accepted_for_durations_and_stored_as_float() -> None:
+    config = load("[breaker]\ncooldown = 3\n")
+    assert config.breaker.cooldown == 3.0 and isinstance(config.breaker.cooldown, float)
+
+
+def test_config_is_frozen() -> None:
+    config = load_config(None, {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server = ServerConfig()  # type: ignore[misc]
+
+
+def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CCH_BREAKER_COOLDOWN", "7")
+    assert load_config(None).breaker.cooldown == 7.0
+
+
+def test_path_like_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[breaker]\ncooldown = 2\n")
+    config = load_config(tmp_path / "c.toml", {})
+    assert config.breaker.cooldown == 2.0 and config.source == str(tmp_path / "c.toml")
+
+
+# --- reading the file --------------------------------------------------------------------------
+
+
+def test_missing_file_names_the_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("nope.toml", {})
+    assert str(info.value) == "nope.toml: cannot read file: No such file or directory"
+
+
+def test_directory_instead_of_file_is_unreadable(tmp_path: Path) -> None:
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"^dir\.toml: cannot read file: "):
+        load_config("dir.toml", {})
+
+
+def test_toml_syntax_error_gives_line_and_column() -> None:
+    message = error('[server]\nlisten = "tcp:8080\n')
+    assert message.startswith("cch.toml: invalid TOML: ")
+    assert "line 2" in message and "column" in message
+
+
+def test_non_utf8_file_is_refused() -> None:
+    Path("cch.toml").write_bytes(b'[server]\nlisten = "\xff"\n')
+    with pytest.raises(ConfigError, match=r"^cch\.toml: not UTF-8 text"):
+        load_config("cch.toml", {})
+
+
+# --- shape: unknown tables and keys ------------------------------------------------------------
+
+
+def test_unknown_table_names_file_and_table_and_lists_allowed() -> None:
+    assert error("[sever]\nlisten = 'tcp:1'\n") == (
+        "cch.toml: sever: unknown table (allowed tables: breaker, keys, limits, providers, server, "
+        "tunnel, upstream_websocket)"
+    )
+
+
+def test_unknown_top_level_key_is_refused() -> None:
+    assert error('listen = "tcp:1"\n').startswith(
+        "cch.toml: listen: unknown top-level key (allowed tables: breaker, keys,"
+    )
+
+
+def test_unknown_key_names_file_and_key() -> None:
+    assert error("[limits]\nmax_pending_frame = 3\n") == (
+        "cch.toml: limits.max_pending_frame: unknown key (allowed: auto_ping_interval, "
+        "auto_ping_timeout, max_json_response_bytes, max_message_bytes, max_pending_bytes, "
+        "max_pending_frames, max_request_body_bytes, outbound_send_timeout)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("[server]\nport = 1\n", "server.port"),
+        ("[breaker]\nthreshold = 1\n", "breaker.threshold"),
+        ("[tunnel]\nsecretenv = 'X'\n", "tunnel.secretenv"),
+        ("[upstream_websocket]\nenable = true\n", "upstream_websocket.enable"),
+        (KEY + "role = 'admin'\n", "keys[0].role"),
+        (PROVIDER + PROVIDER.replace('"p"', '"q"') + "apikey = 'x'\n", "providers[1].apikey"),
+    ],
+)
+def test_unknown_key_in_any_table_is_named(text: str, path: str) -> None:
+    assert error(text).startswith(f"cch.toml: {path}: unknown key (allowed: ")
+
+
+def test_unknown_provider_key_lists_api_key_env_as_allowed() -> None:
+    assert "api_key_env" in error(PROVIDER + "key = 'x'\n")
+
+
+def test_section_must_be_a_table() -> None:
+    assert error("server = 1\n") == "cch.toml: server: must be a table, written [server]"
+
+
+def test_keys_must_be_an_array_of_tables() -> None:
+    assert error("[keys]\nname = 'a'\n") == (
+        "cch.toml: keys: must be an array of tables, written [[keys]]"
+    )
+
+
+# --- types ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[limits]\nmax_pending_frames = true", "limits.max_pending_frames: must be an integer (got boolean)"),
+        ("[limits]\nmax_message_bytes = 1.5", "limits.max_message_bytes: must be an integer (got float)"),
+        ("[limits]\nmax_message_bytes = '10'", "limits.max_message_bytes: must be an integer (got string)"),
+        ("[server]\nwebsocket = 'yes'", "server.websocket: must be a boolean (got string)"),
+        ("[server]\nwebsocket = 1", "server.websocket: must be a boolean (got integer)"),
+        ("[server]\ndrain_timeout = '30'", "server.drain_timeout: must be a number (got string)"),
+        ("[server]\ndrain_timeout = false", "server.drain_timeout: must be a number (got boolean)"),
+        ("[server]\nlisten = 8080", "server.listen: must be a string (got integer)"),
+        ("[tunnel]\nurl = 1979-05-27", "tunnel.url: must be a string (got date/time)"),
+        (KEY.replace('"alice"', "['alice']"), "keys[0].name: must be a string (got array)"),
+        (PROVIDER + "models = 'gpt'", "providers[0].models: must be an array of strings (got string)"),
+        (PROVIDER + "models = ['a', 1]", "providers[0].models: must be an array of strings (got array with an integer item)"),
+        (PROVIDER + "headers = ['a']", "providers[0].headers: must be a table of strings (got array)"),
+        (PROVIDER + "headers = { x-a = 1 }", "providers[0].headers: must be a table of strings (got table with an integer value)"),
+        (PROVIDER + "weight = 2.0", "providers[0].weight: must be an integer (got float)"),
+        (PROVIDER + "api_key = 5", "providers[0].api_key: must be a string (got integer)"),
+    ],
+)  # fmt: skip
+def test_wrong_type_names_key_expected_and_actual_type(text: str, expected: str) -> None:
+    assert error(text + "\n") == f"cch.toml: {expected}"
+
+
+def _numeric_options() -> list[tuple[str, str]]:
+    return [
+        (key, kind)
+        for key, kind, _default, _env in config_schema()
+        if kind in ("integer", "number") and key != "providers[].priority"
+    ]
+
+
+def _toml_for(dotted: str, value: str) -> str:
+    section, key = dotted.split(".")
+    if section.endswith("[]"):
+        return f"{PROVIDER}{key} = {value}\n"
+    return f"[{section}]\n{key} = {value}\n"
+
+
+def _path_of(dotted: str) -> str:
+    return dotted.replace("[]", "[0]")
+
+
+@pytest.mark.parametrize(("dotted", "kind"), _numeric_options())
+def test_every_number_must_be_positive(dotted: str, kind: str) -> None:
+    expected = "must be >= 1 (got 0)" if kind == "integer" else "must be a number > 0 (got 0.0)"
+    assert error(_toml_for(dotted, "0")) == f"cch.toml: {_path_of(dotted)}: {expected}"
+
+
+@pytest.mark.parametrize("value", ["-1.5", "nan", "inf"])
+def test_durations_must_be_finite_and_positive(value: str) -> None:
+    assert error(f"[breaker]\ncooldown = {value}\n").startswith(
+        "cch.toml: breaker.cooldown: must be a number > 0 (got "
+    )
+
+
+def test_one_is_the_smallest_integer_limit() -> None:
+    config = load("[limits]\nmax_pending_frames = 1\n[breaker]\nfailure_threshold = 1\n")
+    assert (config.limits.max_pending_frames, config.breaker.failure_threshold) == (1, 1)
+
+
+def test_provider_priority_may_be_negative_or_zero() -> None:
+    config = load(PROVIDER + "priority = -5\n")
+    assert config.providers[0].priority == -5
+
+
+def test_first_problem_wins() -> None:
+    message = error("[server]\nwebsocket = 'x'\n[limits]\nmax_pending_frames = 0\n")
+    assert message.startswith("cch.toml: server.websocket:")
+
+
+# --- [[keys]] ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["name", "key"])
+def test_key_name_and_key_are_required(missing: str) -> None:
+    text = KEY.replace(f"{missing} = ", "# ")
+    assert error(text) == f"cch.toml: keys[0].{missing}: is required"
+
+
+def test_key_name_must_not_be_empty() -> None:
+    assert error(KEY.replace('"alice"', '""')) == "cch.toml: keys[0].name: must not be empty"
+
+
+def test_short_key_is_refused_without_echoing_it() -> None:
+    message = error(KEY.replace("sk-cch-alice-0123456789", "abc1234"))
+    assert message == "cch.toml: keys[0].key: must be at least 8 characters (got 7)"
+
+
+def test_eight_character_key_is_enough() -> None:
+    assert load(KEY.replace("sk-cch-alice-0123456789", "12345678")).keys[0].key == "12345678"
+
+
+def test_duplicate_key_names_are_refused() -> None:
+    text = KEY + KEY.replace("sk-cch-alice-0123456789", "another-key-value")
+    assert error(text) == (
+        "cch.toml: keys[1].name: same name as keys[0] ('alice'); each must be unique"
+    )
+
+
+def test_duplicate_key_values_are_refused_without_echoing_them() -> None:
+    text = KEY + KEY.replace('"alice"', '"bob"')
+    message = error(text)
+    assert message == "cch.toml: keys[1].key: same key as keys[0]; each must be unique"
+
+
+def test_keys_turn_auth_on() -> None:
+    assert load(KEY).auth_required
+
+
+# --- [[providers]] ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["name", "base_url"])
+def test_provider_name_and_base_url_are_required(missing: str) -> None:
+    assert error(PROVIDER.replace(f"{missing} = ", "# ")) == (
+        f"cch.toml: providers[0].{missing}: is required"
+    )
+
+
+def test_provider_name_must_not_be_empty() -> None:
+    assert error(PROVIDER.replace('"p"', '""')) == "cch.toml: providers[0].name: must not be empty"
+
+
+def test_duplicate_provider_names_are_refused() -> None:
+    assert error(PROVIDER * 2) == (
+        "cch.toml: providers[1].name: same name as providers[0] ('p'); each must be unique"
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "api.openai.com/v1", "http://", "https:///v1", "http://x:99999/v1", ""]
+)
+def test_provider_base_url_must_be_http_with_a_host(url: str) -> None:
+    text = PROVIDER + PROVIDER.replace('"p"', '"q"').replace("https://api.example.com/v1", url)
+    assert error(text) == (
+        f"cch.toml: providers[1].base_url: must be an http:// or https:// URL with a host "
+        f"(got {url!r})"
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/v1", "https://api.openai.com/v1", "http://[::1]:8000", "HTTPS://X"]
+)
+def test_provider_base_url_accepts_http_and_https(url: str) -> None:
+    assert load(PROVIDER.replace("https://api.example.com/v1", url)).providers[0].base_url == url
+
+
+def test_provider_weight_must_be_at_least_one() -> None:
+    assert error(PROVIDER + "weight = 0\n") == "cch.toml: providers[0].weight: must be >= 1 (got 0)"
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_provider_websocket_modes(mode: str) -> None:
+    assert load(PROVIDER + f"websocket = '{mode}'\n").providers[0].websocket == mode
+
+
+@pytest.mark.parametrize("mode", ["true", "ON", ""])
+def test_provider_websocket_must_be_auto_on_or_off(mode: str) -> None:
+    assert error(PROVIDER + f"websocket = '{mode}'\n") == (
+        f"cch.toml: providers[0].websocket: must be one of auto, on, off (got {mode!r})"
+    )
+
+
+def test_provider_api_key_inline() -> None:
+    assert load(PROVIDER + "api_key = 'sk-1'\n").providers[0].api_key == "sk-1"
+
+
+def test_provider_api_key_from_named_environment_variable() -> None:
+    config = load(PROVIDER + "api_key_env = 'MY_KEY'\n", {"MY_KEY": "sk-env"})
+    assert config.providers[0].api_key == "sk-env"
+
+
+def test_provider_without_key_has_none() -> None:
+    assert load(PROVIDER).providers[0].api_key is None
+
+
+@pytest.mark.parametrize("env", [{}, {"MY_KEY": ""}])
+def test_missing_provider_secret_names_the_variable(env: dict[str, str]) -> None:
+    assert error(PROVIDER + "api_key_env = 'MY_KEY'\n", env) == (
+        "cch.toml: providers[0].api_key_env: environment variable MY_KEY is not set"
+    )
+
+
+def test_api_key_and_api_key_env_together_are_refused() -> None:
+    text = PROVIDER + "api_key = 'sk-1'\napi_key_env = 'MY_KEY'\n"
+    assert error(text, {"MY_KEY": "sk-2"}) == (
+        "cch.toml: providers[0].api_key_env: set either api_key or api_key_env, not both"
+    )
+
+
+@pytest.mark.parametrize("key", ["api_key", "api_key_env"])
+def test_empty_api_key_settings_are_refused(key: str) -> None:
+    assert error(PROVIDER + f"{key} = ''\n") == f"cch.toml: providers[0].{key}: must not be empty"
+
+
+def test_provider_headers_and_models_become_tuples() -> None:
+    config = load(PROVIDER + "models = ['a', 'b']\nheaders = { 'x-team' = 'a', X-Other = 'b' }\n")
+    assert config.providers[0].models == ("a", "b")
+    assert config.providers[0].headers == (("x-team", "a"), ("X-Other", "b"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "authorization",
+        "Authorization",
+        "HOST",
+        "content-length",
+        "Connection",
+        "transfer-encoding",
+        "x-cch-internal-secret",
+        "X-CCH-Anything",
+    ],
+)
+def test_provider_headers_may_not_set_gateway_owned_names(name: str) -> None:
+    message = error(PROVIDER + f"headers = {{ '{name}' = 'v' }}\n")
+    assert message.startswith(f"cch.toml: providers[0].headers: {name!r} may not be set here")
+    assert "api_key" in message
+
+
+def test_provider_header_name_must_be_a_token() -> None:
+    assert error(PROVIDER + "headers = { 'bad name' = 'v' }\n") == (
+        "cch.toml: providers[0].headers: 'bad name' is not a valid header name"
+    )
+
+
+def test_provider_header_value_may_not_contain_line_breaks() -> None:
+    assert error(PROVIDER + 'headers = { x-a = "v\\r\\nInjected: 1" }\n') == (
+        "cch.toml: providers[0].headers: the value of 'x-a' contains a line break or NUL"
+    )
+
+
+def test_no_providers_is_allowed() -> None:
+    assert load("").providers == ()
+
+
+# --- [tunnel] ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["in-process", "http"])
+def test_tunnel_modes(mode: str) -> None:
+    assert load(f"[tunnel]\nmode = '{mode}'\n").tunnel.mode == mode
+
+
+def test_tunnel_mode_must_be_known() -> None:
+    assert error("[tunnel]\nmode = 'loopback'\n") == (
+        "cch.toml: tunnel.mode: must be one of in-process, http (got 'loopback')"
+    )
+
+
+def test_tunnel_url_must_be_http() -> None:
+    assert error("[tunnel]\nurl = 'ws://127.0.0.1/v1/responses'\n") == (
+        "cch.toml: tunnel.url: must be an http:// or https:// URL with a host "
+        "(got 'ws://127.0.0.1/v1/responses')"
+    )
+
+
+def test_tunnel_url_defaults_to_none_meaning_own_listener() -> None:
+    assert load("[tunnel]\nmode = 'http'\n").tunnel.url is None
+
+
+SECRET_FILE = "[tunnel]\nsecret = 'from-file'\nsecret_env = 'MY_SECRET'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        (SECRET_FILE, {"MY_SECRET": "from-var", "CCH_RESPONSES_WS_INTERNAL_SECRET": "g"}, "from-file"),
+        ("[tunnel]\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": "from-var", "CCH_RESPONSES_WS_INTERNAL_SECRET": "g"}, "from-var"),
+        ("[tunnel]\nsecret = ''\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": "from-var"}, "from-var"),
+        ("", {"CCH_RESPONSES_WS_INTERNAL_SECRET": "global"}, "global"),
+        ("", {"CCH_TUNNEL_SECRET": "override", "CCH_RESPONSES_WS_INTERNAL_SECRET": "g"}, "override"),
+    ],
+)  # fmt: skip
+def test_secret_resolution_order(text: str, env: dict[str, str], expected: str) -> None:
+    assert load(text, env).tunnel.secret == expected
+
+
+def test_secret_defaults_to_a_fresh_uuid4_per_load() -> None:
+    first, second = load("").tunnel.secret, load("").tunnel.secret
+    assert uuid.UUID(first).version == 4 and first != second
+
+
+def test_empty_global_secret_variable_falls_back_to_a_fresh_secret() -> None:
+    secret = load("", {"CCH_RESPONSES_WS_INTERNAL_SECRET": ""}).tunnel.secret
+    assert uuid.UUID(secret).version == 4
+
+
+@pytest.mark.parametrize("env", [{}, {"MY_SECRET": ""}])
+def test_named_secret_variable_must_be_set(env: dict[str, str]) -> None:
+    assert error("[tunnel]\nsecret_env = 'MY_SECRET'\n", env) == (
+        "cch.toml: tunnel.secret_env: environment variable MY_SECRET is not set"
+    )
+
+
+# --- server.listen ----------------------------------------------------------------------------
+
+VALID_LISTEN = [
+    "tcp:0:interface=127.0.0.1",
+    "tcp:8080:127.0.0.1",
+    "tcp:port=65535:interface=localhost:backlog=10",
+    "tcp6:8080:interface=\\:\\:1",
+    "unix:/tmp/cch.sock",
+    "unix:address=/tmp/cch.sock:mode=600",
+]
+
+
+@pytest.mark.parametrize("listen", VALID_LISTEN)
+def test_loopback_listen_endpoints_are_accepted(listen: str) -> None:
+    assert load_config(None, {}, listen=listen).server.listen == listen
+
+
+def test_ssl_listen_endpoint_is_accepted() -> None:
+    listen = "ssl:8443:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"
+    assert load_config(None, {}, listen=listen).server.listen == listen
+
+
+@pytest.mark.parametrize("listen", VALID_LISTEN)
+def test_accepted_listen_endpoints_parse_in_twisted(listen: str) -> None:
+    serverFromString(MemoryReactor(), listen)
+
+
+@pytest.mark.parametrize(
+    ("listen", "problem"),
+    [
+        ("", "not a Twisted server endpoint: the type must be one of tcp, tcp6, ssl, unix"),
+        ("udp:53", "not a Twisted server endpoint: the type must be one of tcp, tcp6, ssl, unix"),
+        ("TCP:8080", "not a Twisted server endpoint: the type must be one of tcp, tcp6, ssl, unix"),
+        ("tcp", "tcp endpoint needs a port 0..65535"),
+        ("tcp:", "tcp endpoint needs a port 0..65535"),
+        ("tcp:http", "tcp endpoint needs a port 0..65535"),
+        ("tcp:-1", "tcp endpoint needs a port 0..65535"),
+        ("tcp:65536", "tcp endpoint needs a port 0..65535"),
+        ("ssl:interface=127.0.0.1", "ssl endpoint needs a port 0..65535"),
+        (
+            "tcp:8080:interface=::1",
+            "not a Twisted server endpoint: interface is given twice (write",
+        ),
+        ("tcp:8080:127.0.0.1:50:x", "not a Twisted server endpoint: too many ':'-separated parts"),
+        ("tcp:8080:port=9", "not a Twisted server endpoint: port is given twice"),
+        ("tcp:8080:host=127.0.0.1", "not a Twisted server endpoint: unknown tcp parameter 'host'"),
+        ("tcp:8080:interface=127.0.0.1:backlog=many", "backlog must be a whole number"),
+        ("tcp:8080\\", "not a Twisted server endpoint: it ends with a lone '\\'"),
+        ("unix:", "a unix endpoint needs a path"),
+    ],
+)
+def test_bad_listen_endpoint_is_refused(listen: str, problem: str) -> None:
+    message = error(f"[server]\nlisten = '{listen}'\n")
+    assert message.startswith(f"cch.toml: server.listen: {problem}")
+    assert repr(listen) in message
+
+
+@pytest.mark.parametrize(
+    "listen", ["udp:53", "tcp:http", "tcp:8080:interface=::1", "tcp:8080:127.0.0.1:50:x"]
+)
+def test_refused_listen_endpoints_fail_in_twisted_too(listen: str) -> None:
+    with pytest.raises((ValueError, TypeError, KeyError)):
+        serverFromString(MemoryReactor(), listen)
+
+
+@pytest.mark.parametrize(
+    "listen", ["tcp:8080", "tcp:8080:interface=0.0.0.0", "tcp6:8080", "tcp:8080:interface=10.1.2.3"]
+)
+def test_public_listen_without_keys_is_refused(listen: str) -> None:
+    message = error(f"[server]\nlisten = '{listen}'\n")
+    assert message.startswith(f"cch.toml: server.listen: binding {listen!r} (not loopback only)")
+    assert "[[keys]]" in message and "tcp:8080:interface=127.0.0.1" in message
+
+
+def test_public_listen_with_keys_is_allowed() -> None:
+    config = load(KEY + "[server]\nlisten = 'tcp:8080'\n")
+    assert config.server.listen == "tcp:8080" and config.auth_required
+
+
+def test_public_listen_refusal_from_command_line_names_the_option() -> None:
+    assert error("", listen="tcp:9000").startswith(
+        "command line: --listen: binding 'tcp:9000' (not loopback only) without [[keys]] is refused"
+    )
+
+
+def test_public_listen_refusal_from_environment_names_the_variable() -> None:
+    assert env_error({"CCH_SERVER_LISTEN": "tcp:9000"}).startswith(
+        "environment: CCH_SERVER_LISTEN: binding 'tcp:9000'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("description", "loopback"),
+    [
+        ("tcp:8080:interface=127.0.0.1", True),
+        ("tcp:8080:interface=127.9.8.7", True),
+        ("tcp:8080:127.0.0.1", True),
+        ("tcp:8080:interface=localhost", True),
+        ("tcp:8080:interface=LOCALHOST", True),
+        ("tcp6:8080:interface=\\:\\:1", True),
+        ("tcp6:8080:50:\\:\\:1", True),
+        ("tcp6:8080:interface=\\:\\:ffff\\:127.0.0.1", True),
+        ("ssl:8443:privateKey=k.pem:interface=127.0.0.1", True),
+        ("unix:/run/cch.sock", True),
+        ("tcp:8080", False),
+        ("tcp:8080:interface=0.0.0.0", False),
+        ("tcp6:8080", False),
+        ("tcp6:8080:interface=\\:\\:", False),
+        ("tcp:8080:interface=192.168.1.5", False),
+        ("tcp:8080:interface=example.com", False),
+        ("ssl:8443", False),
+        ("tcp:8080:interface=::1", False),  # unescaped colons: Twisted would refuse it
+        ("nonsense", False),
+    ],
+)
+def test_is_loopback_endpoint(description: str, loopback: bool) -> None:
+    assert is_loopback_endpoint(description) is loopback
+
+
+# --- environment overrides --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "section", "attribute", "expected"),
+    [
+        ("CCH_SERVER_LISTEN", "tcp:1234:interface=127.0.0.1", "server", "listen", "tcp:1234:interface=127.0.0.1"),
+        ("CCH_SERVER_WEBSOCKET", "false", "server", "websocket", False),
+        ("CCH_SERVER_DRAIN_TIMEOUT", "2.5", "server", "drain_timeout", 2.5),
+        ("CCH_LIMITS_MAX_PENDING_FRAMES", "7", "limits", "max_pending_frames", 7),
+        ("CCH_LIMITS_AUTO_PING_TIMEOUT", " 3 ", "limits", "auto_ping_timeout", 3.0),
+        ("CCH_BREAKER_FAILURE_THRESHOLD", "2", "breaker", "failure_threshold", 2),
+        ("CCH_BREAKER_COOLDOWN", "1.5", "breaker", "cooldown", 1.5),
+        ("CCH_TUNNEL_MODE", "http", "tunnel", "mode", "http"),
+        ("CCH_TUNNEL_URL", "http://127.0.0.1:1/v1/responses", "tunnel", "url", "http://127.0.0.1:1/v1/responses"),
+        ("CCH_TUNNEL_SECRET", "s3", "tunnel", "secret", "s3"),
+        ("CCH_UPSTREAM_WEBSOCKET_ENABLED", "0", "upstream_websocket", "enabled", False),
+        ("CCH_UPSTREAM_WEBSOCKET_IDLE_TIMEOUT", "60", "upstream_websocket", "idle_timeout", 60.0),
+        ("CCH_UPSTREAM_WEBSOCKET_POOL_MAX_ENTRIES", "3", "upstream_websocket", "pool_max_entries", 3),
+    ],
+)  # fmt: skip
+def test_env_overrides_a_section_field(
+    name: str, value: str, section: str, attribute: str, expected: Any
+) -> None:
+    config = load("", {name: value})
+    assert getattr(getattr(config, section), attribute) == expected
+
+
+def test_env_override_beats_the_file() -> None:
+    text = "[limits]\nmax_pending_frames = 5\n[breaker]\ncooldown = 9\n"
+    config = load(text, {"CCH_LIMITS_MAX_PENDING_FRAMES": "6"})
+    assert (config.limits.max_pending_frames, config.breaker.cooldown) == (6, 9.0)
+
+
+def test_secret_env_can_come_from_environment() -> None:
+    config = load("", {"CCH_TUNNEL_SECRET_ENV": "MINE", "MINE": "sekrit"})
+    assert config.tunnel.secret == "sekrit"
+
+
+def test_empty_env_value_unsets_an_optional_string() -> None:
+    assert (
+        load("[tunnel]\nurl = 'http://x/v1/responses'\n", {"CCH_TUNNEL_URL": ""}).tunnel.url is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("true", True), ("1", True), (" TRUE ", True), ("True", True), ("false", False), ("0", False), ("\tFalse\n", False)],
+)  # fmt: skip
+def test_env_bool_accepts_true_1_false_0_ignoring_case_and_space(
+    value: str, expected: bool
+) -> None:
+    assert load("", {"CCH_SERVER_WEBSOCKET": value}).server.websocket is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "", "2", "truee"])
+def test_env_bool_refuses_anything_else_naming_the_variable(value: str) -> None:
+    assert env_error({"CCH_SERVER_WEBSOCKET": value}) == (
+        f"environment: CCH_SERVER_WEBSOCKET: must be true, false, 1 or 0 (got {value!r})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("CCH_LIMITS_MAX_PENDING_FRAMES", "6.5", "must be an integer (got '6.5')"),
+        ("CCH_LIMITS_MAX_PENDING_FRAMES", "", "must be an integer (got '')"),
+        ("CCH_BREAKER_COOLDOWN", "soon", "must be a number (got 'soon')"),
+    ],
+)
+def test_env_number_that_does_not_parse_names_the_variable(
+    name: str, value: str, expected: str
+) -> None:
+    assert env_error({name: value}) == f"environment: {name}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("CCH_LIMITS_MAX_PENDING_FRAMES", "0", "must be >= 1 (got 0)"),
+        ("CCH_BREAKER_COOLDOWN", "-1", "must be a number > 0 (got -1.0)"),
+        ("CCH_BREAKER_COOLDOWN", "inf", "must be a number > 0 (got inf)"),
+        ("CCH_TUNNEL_MODE", "sideways", "must be one of in-process, http (got 'sideways')"),
+        ("CCH_SERVER_LISTEN", "udp:1", "not a Twisted server endpoint: the type must be one of"),
+    ],
+)
+def test_env_value_that_fails_validation_names_the_variable(
+    name: str, value: str, expected: str
+) -> None:
+    assert env_error({name: value}, "[limits]\nmax_pending_frames = 3\n").startswith(
+        f"environment: {name}: {expected}"
+    )
+
+
+def test_cch_listen_is_an_alias_of_cch_server_listen() -> None:
+    config = load("", {"CCH_LISTEN": "tcp:1111:interface=127.0.0.1"})
+    assert config.server.listen == "tcp:1111:interface=127.0.0.1"
+
+
+def test_cch_server_listen_wins_over_cch_listen() -> None:
+    env = {
+        "CCH_LISTEN": "tcp:1111:interface=127.0.0.1",
+        "CCH_SERVER_LISTEN": "tcp:2222:interface=127.0.0.1",
+    }
+    assert load("", env).server.listen == "tcp:2222:interface=127.0.0.1"
+
+
+def test_bad_cch_listen_names_the_alias() -> None:
+    assert env_error({"CCH_LISTEN": "tcp:x"}).startswith("environment: CCH_LISTEN: tcp endpoint")
+
+
+def test_command_line_listen_beats_environment_and_file() -> None:
+    config = load(
+        "[server]\nlisten = 'tcp:1:interface=127.0.0.1'\n",
+        {"CCH_SERVER_LISTEN": "tcp:2:interface=127.0.0.1"},
+        listen="tcp:3:interface=127.0.0.1",
+    )
+    assert config.server.listen == "tcp:3:interface=127.0.0.1"
+
+
+def test_bad_command_line_listen_names_the_option() -> None:
+    assert error("", listen="tcp:99999").startswith(
+        "command line: --listen: tcp endpoint needs a port 0..65535"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", True), ("1", True), ("false", False), ("0", False)]
+)
+@pytest.mark.parametrize("file_value", ["true", "false"])
+def test_cch_upstream_websocket_tri_state_overrides_the_file(
+    value: str, expected: bool, file_value: str
+) -> None:
+    config = load(
+        f"[upstream_websocket]\nenabled = {file_value}\n", {"CCH_UPSTREAM_WEBSOCKET": value}
+    )
+    assert config.upstream_websocket.enabled is expected
+
+
+@pytest.mark.parametrize("value", [" false ", "TRUE", "False", "yes", "", "2"])
+def test_invalid_cch_upstream_websocket_is_ignored_with_a_warning(value: str) -> None:
+    with capturedLogs() as events:
+        config = load("[upstream_websocket]\nenabled = false\n", {"CCH_UPSTREAM_WEBSOCKET": value})
+    assert config.upstream_websocket.enabled is False
+    warnings = [e for e in events if e.get("log_format") == "config_invalid_env"]
+    assert len(warnings) == 1
+    assert warnings[0]["name"] == "CCH_UPSTREAM_WEBSOCKET"
+    assert warnings[0]["log_level"].name == "warn"
+    assert {key for key in warnings[0] if not key.startswith("log_")} == {"name"}  # no value
+
+
+def test_unset_cch_upstream_websocket_keeps_the_file_value_and_is_silent() -> None:
+    with capturedLogs() as events:
+        config = load("[upstream_websocket]\nenabled = false\n", {})
+    assert config.upstream_websocket.enabled is False
+    assert not [e for e in events if e.get("log_format") == "config_invalid_env"]
+
+
+def test_cch_upstream_websocket_enabled_wins_over_the_tri_state() -> None:
+    env = {"CCH_UPSTREAM_WEBSOCKET": "false", "CCH_UPSTREAM_WEBSOCKET_ENABLED": "true"}
+    assert load("", env).upstream_websocket.enabled is True
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CCH_RESPONSES_WS_INTERNAL_SECRET",
+        "CCH_CODEX_E2E",
+        "CCH_CODEX_E2E_FAULTS",
+        "CCH_CODEX_E2E_MODEL",
+        "CCH_SOMETHING_ELSE",
+        "CCH_LISTENER",
+        "CCH_SERVERX",
+        "NOT_CCH_SERVER_FOO",
+    ],
+)
+def test_unrelated_cch_variables_are_ignored(name: str) -> None:
+    assert load("", {name: "whatever"}).server == ServerConfig()
+
+
+@pytest.mark.parametrize(
+    ("name", "guess"),
+    [
+        ("CCH_LIMITS_MAX_PENDING_FRAME", "CCH_LIMITS_MAX_PENDING_FRAMES"),
+        ("CCH_SERVER_LISTN", "CCH_SERVER_LISTEN"),
+        ("CCH_UPSTREAM_WEBSOCKET_ENABLE", "CCH_UPSTREAM_WEBSOCKET_ENABLED"),
+        ("CCH_TUNNEL_SECRETENV", "CCH_TUNNEL_SECRET_ENV"),
+    ],
+)
+def test_misspelt_section_variable_is_refused_with_a_suggestion(name: str, guess: str) -> None:
+    message = env_error({name: "1"})
+    assert message.startswith(
+        f"environment: {name}: not a cch setting; did you mean {guess}? (known: "
+    )
+
+
+def test_unknown_section_variable_lists_the_known_ones() -> None:
+    assert env_error({"CCH_BREAKER_ZZZ": "1"}) == (
+        "environment: CCH_BREAKER_ZZZ: not a cch setting; "
+        "(known: CCH_BREAKER_COOLDOWN, CCH_BREAKER_FAILURE_THRESHOLD)"
+    )
+
+
+def test_every_schema_env_var_is_honoured() -> None:
+    values = {"boolean": "false", "integer": "3", "number": "3.5"}
+    for dotted, kind, _default, name in config_schema():
+        if name is None or kind not in values:
+            continue
+        section, key = dotted.split(".")
+        config = load("", {name: values[kind]})
+        assert (
+            getattr(getattr(config, section), key)
+            == {"false": False, "3": 3, "3.5": 3.5}[values[kind]]
+        ), name
+
+
+# --- demo_config ------------------------------------------------------------------------------
+
+
+def test_demo_config_has_one_keyless_demo_provider_on_loopback() -> None:
+    config = demo_config("http://127.0.0.1:4321/v1", {})
+    assert config.providers == (ProviderConfig(name="demo", base_url="http://127.0.0.1:4321/v1"),)
+    assert config.providers[0].api_key is None and config.providers[0].websocket == "auto"
+    assert config.keys == () and not config.auth_required
+    assert config.server.listen == "tcp:8080:interface=127.0.0.1"
+    assert config.source == "<demo>"
+    assert uuid.UUID(config.tunnel.secret).version == 4
+
+
+def test_demo_config_applies_env_and_listen_overrides() -> None:
+    env = {"CCH_BREAKER_COOLDOWN": "4", "CCH_SERVER_LISTEN": "tcp:1:interface=127.0.0.1"}
+    config = demo_config("http://127.0.0.1:1/v1", env, listen="tcp:0:interface=127.0.0.1")
+    assert config.breaker.cooldown == 4.0
+    assert config.server.listen == "tcp:0:interface=127.0.0.1"
+
+
+def test_demo_config_refuses_a_public_listen() -> None:
+    with pytest.raises(ConfigError, match=r"^command line: --listen: binding 'tcp:8080' "):
+        demo_config("http://127.0.0.1:1/v1", {}, listen="tcp:8080")
+
+
+def test_demo_config_names_demo_as_source_of_a_bad_url() -> None:
+    with pytest.raises(ConfigError) as info:
+        demo_config("ftp://x", {})
+    assert str(info.value) == (
+        "<demo>: providers[0].base_url: must be an http:// or https:// URL with a host "
+        "(got 'ftp://x')"
+    )
+
+
+# --- config_schema ----------------------------------------------------------------------------
+
+SECTION_CLASSES = {
+    "server": ServerConfig,
+    "limits": LimitsConfig,
+    "breaker": BreakerConfig,
+    "tunnel": TunnelConfig,
+    "upstream_websocket": UpstreamWebSocketConfig,
+    "keys[]": ClientKey,
+    "providers[]": ProviderConfig,
+}
+
+
+def test_config_schema_lists_every_field_once_with_its_default() -> None:
+    rows = {key: (kind, default, env) for key, kind, default, env in config_schema()}
+    assert len(rows) == len(config_schema())
+    expected = {
+        f"{section}.{f.name}": f.default
+        for section, cls in SECTION_CLASSES.items()
+        for f in dataclasses.fields(cls)
+    }
+    expected["providers[].api_key_env"] = None
+    expected["tunnel.secret_env"] = None
+    assert {key: default for key, (_kind, default, _env) in rows.items()} == expected
+
+
+def test_config_schema_env_names_follow_section_and_field() -> None:
+    for key, _kind, _default, env in config_schema():
+        if key.startswith(("keys[]", "providers[]")):
+            assert env is None
+        else:
+            assert env == "CCH_" + key.replace(".", "_").upper()
+
+
+def test_config_schema_marks_required_keys_and_type_names() -> None:
+    rows = {key: (kind, default) for key, kind, default, _env in config_schema()}
+    assert rows["keys[].key"] == ("string", dataclasses.MISSING)
+    assert rows["providers[].base_url"] == ("string", dataclasses.MISSING)
+    assert rows["providers[].models"] == ("array of strings", ())
+    assert rows["providers[].headers"] == ("table of strings", ())
+    assert rows["server.websocket"] == ("boolean", True)
+    assert rows["limits.max_pending_frames"] == ("integer", 64)
+    assert rows["breaker.cooldown"] == ("number", 30.0)
+
+
+def test_every_schema_key_is_accepted_in_a_file() -> None:
+    for key, _kind, _default, _env in config_schema():
+        section, name = key.split(".")
+        if section.endswith("[]"):
+            allowed = error(f"[[{section[:-2]}]]\nzzz = 1\n")
+        else:
+            allowed = error(f"[{section}]\nzzz = 1\n")
+        assert name in allowed.split("(allowed: ")[1], key
