@@ -9,7 +9,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.scripts.twistd import run
 
     args = sys.argv[1:] if argv is None else argv
-    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "cch", *args]
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "--logger=cch.logs.twistd_observer", "cch", *args]
     run()
 
 

@@ -255,3 +255,16 @@ def make_observer(
     if fmt == "text":
         return TextLinesObserver(out, level)
     raise ValueError(f"log format must be 'json', 'text' or 'auto', not {fmt!r}")
+
+
+def twistd_observer() -> ILogObserver:
+    """Observer factory for ``twistd --logger cch.logs.twistd_observer``: JSON lines (or text
+    on a terminal) on stdout; ``CCH_LOG_FORMAT`` (json|text|auto) and ``CCH_LOG_LEVEL`` pick."""
+    import os
+    import sys
+
+    return make_observer(
+        sys.stdout,
+        os.environ.get("CCH_LOG_FORMAT", "auto"),
+        os.environ.get("CCH_LOG_LEVEL", "info"),
+    )

@@ -10,7 +10,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cch.config import Config, ConfigError, demo_config, load_config
-from cch.service import GatewayService, makeService as make_gateway
+from cch.service import GatewayService
+from cch.service import makeService as make_gateway
 
 log = Logger()
 
@@ -66,22 +67,19 @@ class DemoService(MultiService):
         assert self.gateway is not None
         base = self.gateway.base_url
         ws = base.replace("http://", "ws://") + "/v1/responses"
-        log.info(
-            "demo_ready",
-            url=ws,
-            banner=(
-                f"cch demo is up: {ws}\n"
-                "Paste into ~/.codex/config.toml:\n"
-                'model = "gpt-5.5"\n'
-                'model_provider = "cch"\n'
-                "[model_providers.cch]\n"
-                'name = "cch"\n'
-                f'base_url = "{base}/v1"\n'
-                'wire_api = "responses"\n'
-                "supports_websockets = true\n"
-            ),
+        log.info("demo_ready", url=ws)
+        print(
+            f"cch demo is up: {ws}\n"
+            "Codex CLI provider for ~/.codex/config.toml:\n"
+            'model = "gpt-5.5"\n'
+            'model_provider = "cch"\n'
+            "[model_providers.cch]\n"
+            'name = "cch"\n'
+            f'base_url = "{base}/v1"\n'
+            'wire_api = "responses"\n'
+            "supports_websockets = true",
+            flush=True,
         )
-        print(f"cch demo is up: {ws}", flush=True)
 
     def stopService(self) -> Any:
         d = super().stopService()

@@ -32,7 +32,7 @@ def types(events: list[Any]) -> list[str]:
 @pytest_twisted.ensureDeferred
 async def test_two_turns_on_one_connection_with_previous_response_id(gateway: Any, fake: FakeUpstream) -> None:
     client = await gateway.connect()
-    client.send_json(create(generate=False))
+    client.send_json(create(generate=False, store=True))
     warm = await client.recv_turn()
     assert types(warm) == ["response.created", "response.completed"]
     first_id = warm[-1]["response"]["id"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
@@ -21,6 +22,8 @@ from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
 
 from cch.testing import (
+    Body,
+    Close,
     Delay,
     Event,
     FakeUpstream,
@@ -36,7 +39,7 @@ from cch.testing import (
     ws_close_after,
 )
 from cch.testing.plugin import Options, makeService
-from cch.testing.scripts import sse_block
+from cch.testing.scripts import event_text, sse_block
 
 T = TypeVar("T")
 
@@ -89,16 +92,7 @@ async def ws(upstream: FakeUpstream, reactor: Any) -> Any:
     clients: list[WSClient] = []
 
     async def connect(*, deflate: bool = False) -> WSClient:
-        factory = WebSocketClientFactory(upstream.ws_url)
-        factory.protocol = WSClient
-        if deflate:
-            factory.setProtocolOptions(
-                perMessageCompressionOffers=[PerMessageDeflateOffer()],
-                perMessageCompressionAccept=PerMessageDeflateResponseAccept,
-            )
-        port = int(upstream.base_url.rsplit(":", 1)[1].split("/")[0])
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        client = await within(endpoint.connect(factory))
+        client = await ws_connect(reactor, upstream.ws_url, deflate=deflate)
         clients.append(client)
         await within(client.opened)
         return client
@@ -108,6 +102,19 @@ async def ws(upstream: FakeUpstream, reactor: Any) -> Any:
         if not client.closed.called:
             client.transport.abortConnection()
         await within(client.closed)
+
+
+async def ws_connect(reactor: Any, url: str, *, deflate: bool = False) -> WSClient:
+    factory = WebSocketClientFactory(url)
+    factory.protocol = WSClient
+    if deflate:
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionAccept=PerMessageDeflateResponseAccept,
+        )
+    address = urlsplit(url)
+    endpoint = TCP4ClientEndpoint(reactor, address.hostname, address.port)
+    return await within(endpoint.connect(factory))
 
 
 def within(d: Deferred[T]) -> Deferred[T]:
@@ -140,6 +147,10 @@ class WSClient(WebSocketClientProtocol):
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
+        # Autobahn leaves this timer behind when the connection dies mid close handshake.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         self.closed.callback(None)
 
     def send(self, frame: dict[str, Any]) -> None:
@@ -224,8 +235,11 @@ async def test_http_sse_codex_like_streams_full_item_sequence_and_records_reques
 ) -> None:
     body = {"model": "gpt-5.5", "stream": True, "input": user("hi there")}
     response = await within(
-        http.post(upstream.base_url + "/responses?trace=1", json=body,
-                  headers={"Authorization": "Bearer k", "X-Thing": "a"})
+        http.post(
+            upstream.base_url + "/responses?trace=1",
+            json=body,
+            headers={"Authorization": "Bearer k", "X-Thing": "a"},
+        )
     )
     data = await within(treq.content(response))
 
@@ -244,7 +258,10 @@ async def test_http_sse_codex_like_streams_full_item_sequence_and_records_reques
 
     [recorded] = upstream.requests
     assert (recorded.transport, recorded.method, recorded.path, recorded.query) == (
-        "http", "POST", "/v1/responses", "trace=1",
+        "http",
+        "POST",
+        "/v1/responses",
+        "trace=1",
     )
     assert recorded.headers["authorization"] == "Bearer k"
     assert recorded.headers["x-thing"] == "a"
@@ -277,8 +294,11 @@ async def test_error_json_sets_status_and_openai_error_shape(
 
     assert response.code == 429
     assert await within(response.json()) == {
-        "error": {"message": "Slow down.", "type": "rate_limit_error", "param": None,
-                  "code": "rate_limit_exceeded"},
+        "error": {
+            "message": "Slow down.",
+            "type": "rate_limit_error",
+            "code": "rate_limit_exceeded",
+        },
     }
 
 
@@ -352,7 +372,9 @@ async def test_delay_waits_on_the_injected_clock(
 
 
 @pytest_twisted.ensureDeferred
-async def test_default_clock_is_the_reactor(leak_check: None, reactor: Any, http: HTTPClient) -> None:
+async def test_default_clock_is_the_reactor(
+    leak_check: None, reactor: Any, http: HTTPClient
+) -> None:
     fake = FakeUpstream()
     await fake.listen(reactor)
     try:
@@ -420,16 +442,28 @@ async def test_ws_warmup_then_turn_continues_store_false_on_the_same_connection_
     upstream: FakeUpstream, ws: Any
 ) -> None:
     client = await ws()
-    warmup = {"type": "response.create", "model": "gpt-5.5", "stream": True, "generate": False,
-              "store": False, "input": [{"role": "developer", "content": "be brief"}]}
+    warmup = {
+        "type": "response.create",
+        "model": "gpt-5.5",
+        "stream": True,
+        "generate": False,
+        "store": False,
+        "input": [{"role": "developer", "content": "be brief"}],
+    }
     events = await client.turn(warmup)
     assert [e["type"] for e in events] == ["response.created", "response.completed"]
     warmup_id = events[-1]["response"]["id"]
     assert events[-1]["response"]["usage"]["total_tokens"] == 0
     assert events[-1]["response"]["output"] == []
 
-    turn = {"type": "response.create", "model": "gpt-5.5", "stream": True, "store": False,
-            "previous_response_id": warmup_id, "input": user("fix the bug")}
+    turn = {
+        "type": "response.create",
+        "model": "gpt-5.5",
+        "stream": True,
+        "store": False,
+        "previous_response_id": warmup_id,
+        "input": user("fix the bug"),
+    }
     events = await client.turn(turn)
     assert [e["type"] for e in events] == codex_types(4)
     turn_id = events[-1]["response"]["id"]
@@ -471,12 +505,14 @@ async def test_stored_response_is_known_across_connections_and_transports(
     stored_id = (await within(response.json()))["id"]
 
     client = await ws()
-    events = await client.turn({"type": "response.create", "previous_response_id": stored_id,
-                                "input": "two"})
+    events = await client.turn(
+        {"type": "response.create", "previous_response_id": stored_id, "input": "two"}
+    )
     assert events[-1]["type"] == "response.completed"
-    assert [item.get("content") for item in upstream.conversation(events[-1]["response"]["id"])][::2] == [
-        "one", "two",
-    ]
+    conversation = upstream.conversation(events[-1]["response"]["id"])
+    user_items = [item for item in conversation if item.get("role") == "user"]
+    assert user_items == [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}]
+    assert len(conversation) == 4  # two inputs, two outputs
 
 
 @pytest_twisted.ensureDeferred
@@ -554,8 +590,8 @@ async def test_ws_peer_going_away_cancels_the_running_turn_and_its_delay(
     assert len(clock.getDelayedCalls()) == 1
 
     client.transport.abortConnection()
-    recorded = await within(upstream.wait_for_finished(0))
-    assert recorded.cancelled
+    recorded = await within(upstream.wait_for_cancelled(0))
+    assert recorded.finished
     assert clock.getDelayedCalls() == []
 
 
@@ -564,12 +600,12 @@ async def test_ws_accepts_offered_permessage_deflate(upstream: FakeUpstream, ws:
     client = await ws(deflate=True)
     events = await client.turn({"type": "response.create", "input": "squeeze"})
 
-    assert [type(e).__name__ for e in client.websocket_extensions_in_use] == [
-        "PerMessageDeflate"
-    ]
+    assert [type(e).__name__ for e in client.websocket_extensions_in_use] == ["PerMessageDeflate"]
     assert events[-1]["type"] == "response.completed"
-    assert upstream.ws_connections[0].headers["sec-websocket-extensions"].startswith(
-        "permessage-deflate"
+    assert (
+        upstream.ws_connections[0]
+        .headers["sec-websocket-extensions"]
+        .startswith("permessage-deflate")
     )
 
 
@@ -593,6 +629,22 @@ async def test_upgrade_status_refuses_websocket_with_json_error(
     assert upstream.refused_upgrades[0]["authorization"] == "Bearer k"
 
 
+@pytest_twisted.ensureDeferred
+async def test_one_script_means_the_same_over_http_and_websocket(
+    upstream: FakeUpstream, http: HTTPClient, ws: Any
+) -> None:
+    script = Script([Event({"type": "a"}), Body(b'{"type":"b"}'), Close()])
+    upstream.enqueue(script, script)
+
+    response = await within(http.post(upstream.base_url + "/responses", json={}))
+    assert await within(response.content()) == b'data: {"type":"a"}\n\n{"type":"b"}'
+    client = await ws()
+    client.send({"type": "response.create"})
+    await within(client.closed)
+    assert client.messages == [{"type": "a"}, {"type": "b"}]
+    assert client.close_info == (True, 1000, None)
+
+
 # --- stop() ------------------------------------------------------------------------------------
 
 
@@ -607,10 +659,7 @@ async def test_stop_drops_held_http_and_ws_connections_and_leaves_nothing(
     response = await within(http.post(fake.base_url + "/responses", json={"stream": True}))
     stream = Stream(response)
     await stream.until_contains(b"response.created")
-    factory = WebSocketClientFactory(fake.ws_url)
-    factory.protocol = WSClient
-    port = fake._port.getHost().port  # type: ignore[union-attr]
-    client = await within(TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory))
+    client = await ws_connect(reactor, fake.ws_url)
     await within(client.opened)
     client.send({"type": "response.create"})
     await within(fake.wait_for_requests(2))
@@ -629,6 +678,24 @@ async def test_stop_drops_held_http_and_ws_connections_and_leaves_nothing(
         fake.base_url  # noqa: B018
 
 
+@pytest_twisted.ensureDeferred
+async def test_stop_drops_idle_keep_alive_connections(
+    leak_check: None, reactor: Any, clock: Clock
+) -> None:
+    fake = FakeUpstream(clock)
+    await fake.listen(reactor)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    client = HTTPClient(Agent(reactor, pool=pool))
+    response = await within(client.post(fake.base_url + "/responses", json={"input": "hi"}))
+    await within(response.content())
+    assert fake.open_connections == 1  # kept alive by the client's pool
+
+    await fake.stop()
+
+    assert fake.open_connections == 0
+    await pool.closeCachedConnections()
+
+
 # --- scripts and plugin ------------------------------------------------------------------------
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text())
@@ -637,8 +704,9 @@ events_strategy = st.lists(
 )
 
 
-@given(events=events_strategy, chunk_size=st.integers(1, 64), crlf=st.booleans(),
-       done=st.booleans())
+@given(
+    events=events_strategy, chunk_size=st.integers(1, 64), crlf=st.booleans(), done=st.booleans()
+)
 def test_sse_chunking_never_changes_the_byte_stream(
     events: list[dict[str, Any]], chunk_size: int, crlf: bool, done: bool
 ) -> None:
@@ -647,9 +715,7 @@ def test_sse_chunking_never_changes_the_byte_stream(
 
     def stream(script: Script) -> bytes:
         return b"".join(
-            step.data if isinstance(step, Raw) else sse_block(
-                step.obj if isinstance(step.obj, str) else json.dumps(step.obj, separators=(",", ":"), ensure_ascii=False)
-            )
+            step.data if isinstance(step, Raw) else sse_block(event_text(step.obj))
             for step in script.steps
             if isinstance(step, Raw | Event)
         )
@@ -661,10 +727,15 @@ def test_sse_chunking_never_changes_the_byte_stream(
 def test_codex_like_uses_the_allotted_response_id_and_echoes_last_user_text() -> None:
     from cch.testing import Recorded
 
-    body = {"stream": True, "input": [*user("first"), {"role": "assistant", "content": "x"},
-                                      {"role": "user", "content": "second"}]}
-    recorded = Recorded("websocket", "GET", "/v1/responses", "", {}, body, b"{}",
-                        response_id="r_9")
+    body = {
+        "stream": True,
+        "input": [
+            *user("first"),
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": "second"},
+        ],
+    }
+    recorded = Recorded("websocket", "GET", "/v1/responses", "", {}, body, b"{}", response_id="r_9")
     events = [step.obj for step in codex_like(recorded).steps if isinstance(step, Event)]
 
     assert {e["response"]["id"] for e in events if "response" in e} == {"r_9"}

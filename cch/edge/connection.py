@@ -27,7 +27,7 @@ from cch.edge.frames import (
     translate_json_response,
     translate_sse_data,
 )
-from cch.turn import TurnRequest, TurnTransportError, Tunnel
+from cch.turn import Tunnel, TurnRequest, TurnTransportError
 
 log = Logger()
 

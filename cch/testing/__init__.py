@@ -1,10 +1,8 @@
 """Test helpers for cch and for users' own tests: a scriptable fake Responses upstream.
 
-    fake = FakeUpstream()
-    await fake.listen(reactor)
-    fake.enqueue(drop_after(events, 3))
-    ...  # point the code under test at fake.base_url / fake.ws_url
-    await fake.stop()
+Listen with `FakeUpstream().listen(reactor)`, point the code under test at `base_url` or
+`ws_url`, `enqueue` scripts (`codex_like`, `sse`, `drop_after`, ...), assert on `requests`
+and `ws_connections`, and `stop()` it at the end of the test.
 """
 
 from __future__ import annotations

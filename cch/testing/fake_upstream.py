@@ -16,7 +16,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
@@ -59,7 +59,7 @@ class Recorded:
     """One HTTP request or WebSocket turn, as the fake received it."""
 
     transport: str  # "http" | "websocket"
-    method: str
+    method: str  # WebSocket turns: "GET", the method of the upgrade that opened the connection
     path: str
     query: str
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
@@ -118,7 +118,7 @@ class FakeUpstream:
         self._runs: set[Deferred[None]] = set()
         self._waiters = _Waiters()
         self._resource: IResource | None = None
-        self._factory: WrappingFactory | None = None
+        self._factory: _ConnectionTracker | None = None
         self._port: IListeningPort | None = None
 
     # --- serving ------------------------------------------------------------------------------
@@ -223,6 +223,17 @@ class FakeUpstream:
 
         return self._waiters.wait(check)
 
+    def wait_for_cancelled(self, index: int) -> Deferred[Recorded]:
+        """Fires with `requests[index]` once its connection went away before its script ended
+        (e.g. a gateway cancelled the upstream request)."""
+
+        def check() -> tuple[bool, Recorded | None]:
+            if index < len(self.requests) and self.requests[index].cancelled:
+                return True, self.requests[index]
+            return False, None
+
+        return self._waiters.wait(check)
+
     def wait_for_idle(self) -> Deferred[None]:
         """Fires once no connection is open (e.g. after a gateway closed its upstream socket)."""
         return self._waiters.wait(lambda: (self.open_connections == 0, None))
@@ -253,12 +264,21 @@ class FakeUpstream:
         host = f"[{address.host}]" if ":" in address.host else address.host
         return f"{host}:{address.port}"
 
+    @property
+    def clock(self) -> IReactorTime:
+        """The clock Delay steps wait on; tests may swap in a ``task.Clock`` at any time."""
+        return self._time()
+
+    @clock.setter
+    def clock(self, value: IReactorTime) -> None:
+        self._clock = value
+
     def _time(self) -> IReactorTime:
         if self._clock is None:
             from twisted.internet import reactor
 
-            self._clock = reactor  # type: ignore[assignment]
-        return self._clock  # type: ignore[return-value]
+            self._clock = cast("IReactorTime", reactor)
+        return self._clock
 
     def _changed(self) -> None:
         self._waiters.changed()
@@ -267,8 +287,13 @@ class FakeUpstream:
         # Waiters are told by the caller once the request is queued or its script started.
         self.requests.append(recorded)
 
-    def _start(self, recorded: Recorded, sink: _HTTPSink | _WSSink, problem: Script | None,
-               session: _WSSession | None) -> Deferred[None]:
+    def _start(
+        self,
+        recorded: Recorded,
+        sink: _HTTPSink | _WSSink,
+        problem: Script | None,
+        session: _WSSession | None,
+    ) -> Deferred[None]:
         """Run the script for a request/turn; the returned Deferred never fails."""
         run = Deferred.fromCoroutine(self._serve(recorded, sink, problem, session))
         self._runs.add(run)
@@ -287,8 +312,13 @@ class FakeUpstream:
         run.addBoth(ended)
         return run
 
-    async def _serve(self, recorded: Recorded, sink: _HTTPSink | _WSSink,
-                     problem: Script | None, session: _WSSession | None) -> None:
+    async def _serve(
+        self,
+        recorded: Recorded,
+        sink: _HTTPSink | _WSSink,
+        problem: Script | None,
+        session: _WSSession | None,
+    ) -> None:
         script = problem or self._unknown_previous(recorded, session) or self._script_for(recorded)
         sink.use(script, lambda obj: self._observe(obj, recorded, session))
         await play(script.steps, sink, self._time())
@@ -302,16 +332,18 @@ class FakeUpstream:
     def _unknown_previous(self, recorded: Recorded, session: _WSSession | None) -> Script | None:
         """OpenAI's answer to a previous_response_id this upstream cannot see, else None."""
         previous = recorded.body.get("previous_response_id")
-        if not previous or previous in self._global_ids:
+        if previous is None or previous == "":
             return None
-        if session is not None and previous in session.local_ids:
+        if isinstance(previous, str) and (
+            previous in self._global_ids or (session is not None and previous in session.local_ids)
+        ):
             return None
         error = error_object(
             "previous_response_not_found",
             f"Previous response with id '{previous}' not found.",
             "invalid_request_error",
+            param="previous_response_id",
         )
-        error["param"] = "previous_response_id"
         if recorded.transport == "http":
             return json_response(400, {"error": error})
         return Script((Event({"type": "error", "status": 400, "error": error}),))
@@ -454,8 +486,11 @@ class _ResponsesResource(Resource):
         if body is None:
             problem = json_response(
                 400,
-                {"error": error_object("invalid_json", "Body is not a JSON object.",
-                                       "invalid_request_error")},
+                {
+                    "error": error_object(
+                        "invalid_json", "Body is not a JSON object.", "invalid_request_error"
+                    )
+                },
             )
         sink = _HTTPSink(request)
         # Registered before the script starts, so a script that ends at once is not misread.
@@ -480,7 +515,7 @@ class _HTTPSink:
         self._script = script
         self._observe = observe
 
-    def _start(self) -> None:
+    def _begin(self) -> None:
         if self._started:
             return
         self._started = True
@@ -498,13 +533,13 @@ class _HTTPSink:
         self.raw(sse_block(text))
 
     def raw(self, data: bytes) -> None:
-        self._start()
+        self._begin()
         self._request.write(data)
         for payload in self._scanner.feed(data):
             self._observe(_json_object(payload))
 
     def body(self, data: bytes) -> None:
-        self._start()
+        self._begin()
         self._request.write(data)
         self._body += data
 
@@ -517,7 +552,7 @@ class _HTTPSink:
         self.end()
 
     def end(self) -> None:
-        self._start()
+        self._begin()
         if self._body:
             self._observe(_json_object(bytes(self._body)))
         self._request.finish()
@@ -625,8 +660,14 @@ class _WSFactory(WebSocketServerFactory):
 class _WSSession:
     """One WebSocket connection's turns: run one at a time, in order; its store=false cache."""
 
-    def __init__(self, fake: FakeUpstream, record: WSConnectionRecord, index: int, query: str,
-                 protocol: _WSProtocol) -> None:
+    def __init__(
+        self,
+        fake: FakeUpstream,
+        record: WSConnectionRecord,
+        index: int,
+        query: str,
+        protocol: _WSProtocol,
+    ) -> None:
         self._fake = fake
         self._record = record
         self._index = index
@@ -644,7 +685,7 @@ class _WSSession:
             method="GET",
             path="/v1/responses",
             query=self._query,
-            headers=self._record.headers,
+            headers=dict(self._record.headers),
             body=frame if frame is not None else {},
             raw=payload,
             connection_index=self._index,
@@ -685,9 +726,12 @@ class _WSSession:
             self._current.cancel()
         self._fake._changed()
 
-    def send(self, data: bytes) -> None:
-        if not self.closing and self._protocol.state == WebSocketServerProtocol.STATE_OPEN:
-            self._protocol.sendMessage(data, isBinary=False)
+    def send(self, data: bytes) -> bool:
+        """Send one text message unless the connection is going away; say whether it was sent."""
+        if self.closing or self._protocol.state != WebSocketServerProtocol.STATE_OPEN:
+            return False
+        self._protocol.sendMessage(data, isBinary=False)
+        return True
 
     def drop(self) -> None:
         self.closing = True
@@ -714,8 +758,8 @@ class _WSSink:
         self.raw(text.encode("utf-8"))
 
     def raw(self, data: bytes) -> None:
-        self._session.send(data)
-        self._observe(_json_object(data))
+        if self._session.send(data):
+            self._observe(_json_object(data))
 
     def body(self, data: bytes) -> None:
         self.raw(data)

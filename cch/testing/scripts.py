@@ -223,13 +223,18 @@ def json_response(
     return Script((Body(data),), status=status, headers=headers)
 
 
-def error_object(code: str | None, message: str, type: str = "server_error") -> dict[str, Any]:
-    """The OpenAI error object (the value of "error")."""
-    return {"message": message, "type": type, "param": None, "code": code}
+def error_object(
+    code: str | None, message: str, type: str = "server_error", param: str | None = None
+) -> dict[str, Any]:
+    """The OpenAI error object (the value of "error"); "param" only when there is one."""
+    error: dict[str, Any] = {"message": message, "type": type, "code": code}
+    if param is not None:
+        error["param"] = param
+    return error
 
 
 def error_json(status: int, code: str | None, message: str, type: str = "server_error") -> Script:
-    """An OpenAI-shaped JSON error response: {"error": {message, type, param, code}}."""
+    """An OpenAI-shaped JSON error response: {"error": {message, type, code}}."""
     return json_response(status, {"error": error_object(code, message, type)})
 
 
@@ -243,7 +248,9 @@ def hold(events: Sequence[EventLike] = ()) -> Script:
     return Script((*(Event(e) for e in events), Hold()), headers=SSE_HEADERS)
 
 
-def ws_close_after(events: Sequence[EventLike], n: int, code: int = 1011, reason: str = "") -> Script:
+def ws_close_after(
+    events: Sequence[EventLike], n: int, code: int = 1011, reason: str = ""
+) -> Script:
     """Send the first `n` events, then a WebSocket close frame with `code` and `reason`."""
     return Script((*(Event(e) for e in events[:n]), Close(code, reason)), headers=SSE_HEADERS)
 

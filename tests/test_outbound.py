@@ -1,0 +1,95 @@
+"""What the gateway sends upstream: URL joining and header building (reference §5)."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from cch.config import BreakerConfig, ClientKey, ProviderConfig
+from cch.handler.auth import KeyRing, presented_key
+from cch.handler.outbound import upstream_headers, upstream_url
+from cch.handler.routing import ProviderRouter
+
+
+@pytest.mark.parametrize(
+    ("base", "url"),
+    [
+        ("https://api.openai.com/v1", "https://api.openai.com/v1/responses"),
+        ("https://api.openai.com/v1/", "https://api.openai.com/v1/responses"),
+        ("https://x.test", "https://x.test/v1/responses"),
+        ("https://x.test/openai/v1", "https://x.test/openai/v1/responses"),
+        ("https://x.test/custom/responses", "https://x.test/custom/responses"),
+        ("http://127.0.0.1:9/api", "http://127.0.0.1:9/api/v1/responses"),
+    ],
+)
+def test_upstream_url_joins_without_doubling(base: str, url: str) -> None:
+    assert upstream_url(base) == url
+
+
+def _provider(**kw: object):
+    config = ProviderConfig(name="p", base_url="https://x.test/v1", **kw)  # type: ignore[arg-type]
+    return ProviderRouter([config], BreakerConfig(), Clock()).get("p")
+
+
+def test_headers_drop_client_credentials_hops_privacy_and_markers() -> None:
+    client = {
+        "authorization": "Bearer client-key",
+        "x-api-key": "client-key",
+        "host": "gateway",
+        "connection": "keep-alive",
+        "content-length": "10",
+        "x-forwarded-for": "1.2.3.4",
+        "x-real-ip": "1.2.3.4",
+        "cookie": "a=b",
+        "traceparent": "00-abc",
+        "x-cch-internal-secret": "s",
+        "x-cch-tenant": "t",
+        "sec-websocket-key": "k",
+        "originator": "codex_exec",
+        "openai-beta": "responses_websockets=2026-02-06",
+        "session-id": "019a",
+        "user-agent": "codex_exec/0.169.0",
+    }
+    headers = upstream_headers(client, _provider(api_key="sk-up", headers=(("X-Team", "a"),)), stream=True)
+    assert headers == {
+        "originator": "codex_exec",
+        "openai-beta": "responses_websockets=2026-02-06",
+        "session-id": "019a",
+        "user-agent": "codex_exec/0.169.0",
+        "content-type": "application/json",
+        "accept": "text/event-stream",
+        "accept-encoding": "identity",
+        "x-team": "a",
+        "authorization": "Bearer sk-up",
+    }
+
+
+def test_headers_without_provider_key_send_no_authorization_and_a_default_agent() -> None:
+    headers = upstream_headers({"authorization": "Bearer c"}, _provider(), stream=False)
+    assert "authorization" not in headers
+    assert headers["accept"] == "application/json"
+    assert headers["user-agent"].startswith("cch/")
+
+
+@pytest.mark.parametrize(
+    ("headers", "key"),
+    [
+        ({"authorization": "Bearer sk-1"}, "sk-1"),
+        ({"authorization": "bearer   sk-1 "}, "sk-1"),
+        ({"x-api-key": "sk-2"}, "sk-2"),
+        ({"authorization": "Basic abc", "x-api-key": "sk-3"}, "sk-3"),
+        ({"authorization": "Bearer "}, None),
+        ({}, None),
+    ],
+)
+def test_presented_key(headers: dict[str, str], key: str | None) -> None:
+    assert presented_key(headers) == key
+
+
+def test_keyring() -> None:
+    ring = KeyRing([ClientKey(name="alice", key="sk-cch-alice-1"), ClientKey(name="bob", key="sk-cch-bob-22")])
+    assert ring.required
+    assert ring.authenticate({"authorization": "Bearer sk-cch-bob-22"}) == (True, ring.match("sk-cch-bob-22"))
+    assert ring.match("sk-cch-bob-22").name == "bob"
+    assert ring.authenticate({"authorization": "Bearer sk-cch-bob-2"}) == (False, None)
+    assert KeyRing([]).authenticate({}) == (True, None)
