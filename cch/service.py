@@ -68,11 +68,12 @@ class _Listener(Service):
 class GatewayService(MultiService):
     """The whole gateway: web site + edge + pipeline on one listening port."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, clock: Any = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        clock = reactor
+        clock = reactor if clock is None else clock
+        self.clock = clock
         self.keys = KeyRing(config.keys)
         self.router = ProviderRouter(config.providers, config.breaker, clock)
         self.upstream = HttpUpstream(reactor, clock)
@@ -157,10 +158,14 @@ def _connect_host(host: str | None) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def makeService(config: Config, reactor: Any = None) -> GatewayService:
-    """Build the gateway service from a loaded config (see :func:`cch.config.load_config`)."""
+def makeService(config: Config, reactor: Any = None, clock: Any = None) -> GatewayService:
+    """Build the gateway service from a loaded config (see :func:`cch.config.load_config`).
+
+    ``clock`` (an ``IReactorTime``, default the reactor) drives every gateway timer: breakers,
+    timeouts, send deadlines; tests pass a ``task.Clock``.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return GatewayService(config, reactor)
+    return GatewayService(config, reactor, clock)

@@ -19,15 +19,6 @@ from cch.testing.client import ResponsesWSClient
 SECRET = "0b7c5f1e-9a7d-4c55-8a43-2f8d6c1e9b10"
 
 
-async def settle(reactor: Any = global_reactor, turns: int = 500) -> None:
-    """Let the reactor process pending I/O (FINs, close frames) until no DelayedCall is left
-    that a test created; bounded in reactor turns, never in seconds."""
-    for _ in range(turns):
-        if not reactor.getDelayedCalls():
-            return
-        await deferLater(reactor, 0, lambda: None)
-
-
 @pytest.fixture
 def reactor() -> Any:
     return global_reactor
@@ -77,10 +68,13 @@ class RunningGateway:
             if client.close_info is None:
                 await client.close()
         await self.service.stopService()
+        # Nothing may be left in flight once every connection is gone.
+        assert self.service.edge_factory.live == set()
+        assert self.service.handler.active == 0
 
 
-async def start_gateway(config: Config) -> RunningGateway:
-    service = makeService(config, global_reactor)
+async def start_gateway(config: Config, clock: Any = None) -> RunningGateway:
+    service = makeService(config, global_reactor, clock)
     service.startService()
     await service.when_listening()
     return RunningGateway(service)

@@ -47,10 +47,18 @@ class ResponsesHandler:
         self.upstream = upstream
         self.clock = clock
         self.limits = limits
+        self.active = 0  # requests in progress (leak checks, drain, metrics)
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
         """Fires when the whole response went to ``sink``; cancel it to abort upstream."""
-        return Deferred.fromCoroutine(self._handle(ctx, body, sink))
+        self.active += 1
+        d = Deferred.fromCoroutine(self._handle(ctx, body, sink))
+        d.addBoth(self._done)
+        return d
+
+    def _done(self, result: Any) -> Any:
+        self.active -= 1
+        return result
 
     async def _handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> None:
         allowed, key = self.keys.authenticate(ctx.headers)
