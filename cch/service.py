@@ -18,6 +18,8 @@ from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
+from cch.upstream.pool import UpstreamWSPool
+from cch.upstream.unsupported import UnsupportedCache
 from cch.web import Gateway, build_root
 
 log = Logger()
@@ -77,12 +79,18 @@ class GatewayService(MultiService):
         self.keys = KeyRing(config.keys)
         self.router = ProviderRouter(config.providers, config.breaker, clock)
         self.upstream = HttpUpstream(reactor, clock)
+        ws_config = config.upstream_websocket
+        self.ws_pool = UpstreamWSPool(reactor, clock, ws_config)
+        self.unsupported = UnsupportedCache(clock, ws_config.unsupported_ttl)
         self.handler = ResponsesHandler(
             keys=self.keys,
             router=self.router,
             upstream=self.upstream,
             clock=clock,
             limits=config.limits,
+            ws_pool=self.ws_pool,
+            unsupported=self.unsupported,
+            ws_enabled=ws_config.enabled,
         )
         if config.tunnel.mode == "http":
             self.tunnel: InProcessTunnel | HttpTunnel = HttpTunnel(
@@ -93,6 +101,7 @@ class GatewayService(MultiService):
         self.edge_factory = EdgeFactory(
             tunnel=self.tunnel, limits=config.limits, clock=clock, reactor=reactor
         )
+        self.edge_factory.session_closed_hooks.append(self.ws_pool.cleanup)
         self.gateway = Gateway(
             keys=self.keys,
             router=self.router,
@@ -143,7 +152,7 @@ class GatewayService(MultiService):
         self.edge_factory.go_away(only_idle=False)
         await self.edge_factory.wait_empty()
         await super().stopService()
-        closing = [self.upstream.close()]
+        closing = [self.upstream.close(), self.ws_pool.close_all()]
         if isinstance(self.tunnel, HttpTunnel):
             closing.append(self.tunnel.close())
         await DeferredList(closing, consumeErrors=True)

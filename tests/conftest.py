@@ -32,10 +32,14 @@ async def fake() -> Any:
     await upstream.stop()
 
 
-def gateway_config(fake: FakeUpstream, *, tunnel: str = "in-process", **overrides: Any) -> Config:
+def gateway_config(
+    fake: FakeUpstream, *, tunnel: str = "in-process", upstream: str = "http", **overrides: Any
+) -> Config:
+    """One provider at ``fake``, reached over ``upstream`` ("http" or "websocket")."""
+    websocket = "off" if upstream == "http" else "on"
     config = Config(
         server=ServerConfig(listen="tcp:0:interface=127.0.0.1"),
-        providers=(ProviderConfig(name="primary", base_url=fake.base_url),),
+        providers=(ProviderConfig(name="primary", base_url=fake.base_url, websocket=websocket),),
         tunnel=TunnelConfig(mode=tunnel, secret=SECRET),
         limits=LimitsConfig(),
         source="<test>",
@@ -49,6 +53,8 @@ class RunningGateway:
     def __init__(self, service: GatewayService) -> None:
         self.service = service
         self.clients: list[ResponsesWSClient] = []
+        providers = service.config.providers
+        self.upstream = "websocket" if providers and providers[0].websocket != "off" else "http"
 
     @property
     def http_url(self) -> str:
@@ -71,6 +77,7 @@ class RunningGateway:
         # Nothing may be left in flight once every connection is gone.
         assert self.service.edge_factory.live == set()
         assert self.service.handler.active == 0
+        assert self.service.ws_pool.sockets == set()
 
 
 async def start_gateway(config: Config, clock: Any = None) -> RunningGateway:
@@ -85,9 +92,31 @@ def tunnel_mode(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(params=["http", "websocket"])
+def upstream_transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest_twisted.async_yield_fixture
-async def gateway(fake: FakeUpstream, tunnel_mode: str) -> Any:
-    running = await start_gateway(gateway_config(fake, tunnel=tunnel_mode))
+async def gateway(fake: FakeUpstream, tunnel_mode: str, upstream_transport: str) -> Any:
+    """A running gateway, for every tunnel mode x upstream transport."""
+    running = await start_gateway(gateway_config(fake, tunnel=tunnel_mode, upstream=upstream_transport))
+    yield running
+    await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def http_gateway(fake: FakeUpstream, tunnel_mode: str) -> Any:
+    """A running gateway reaching its upstream over HTTP only, for every tunnel mode."""
+    running = await start_gateway(gateway_config(fake, tunnel=tunnel_mode, upstream="http"))
+    yield running
+    await running.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def ws_gateway(fake: FakeUpstream, tunnel_mode: str) -> Any:
+    """A running gateway reaching its upstream over WebSocket, for every tunnel mode."""
+    running = await start_gateway(gateway_config(fake, tunnel=tunnel_mode, upstream="websocket"))
     yield running
     await running.stop()
 

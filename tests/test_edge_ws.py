@@ -11,7 +11,18 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 
 from cch.testing import FakeUpstream
-from cch.testing.scripts import Delay, Event, Hold, Raw, Script, drop_after, error_json, hold, sse
+from cch.testing.scripts import (
+    Delay,
+    Event,
+    Hold,
+    Raw,
+    Script,
+    drop_after,
+    error_json,
+    hold,
+    sse,
+    ws_close_after,
+)
 
 CREATED = {"type": "response.created", "response": {"id": "resp_x", "status": "in_progress"}}
 COMPLETED = {"type": "response.completed", "response": {"id": "resp_x", "status": "completed"}}
@@ -45,8 +56,13 @@ async def test_two_turns_on_one_connection_with_previous_response_id(gateway: An
     assert len(fake.requests) == 2
     second = fake.requests[1]
     assert second.body["previous_response_id"] == first_id
-    assert second.body["stream"] is True
-    assert "type" not in second.body
+    if gateway.upstream == "http":
+        assert second.body["stream"] is True and "type" not in second.body
+    else:
+        # One upstream socket carried both turns; transport-only fields are stripped.
+        assert second.body["type"] == "response.create" and "stream" not in second.body
+        assert fake.requests[0].connection_index == second.connection_index == 0
+        assert len(fake.ws_connections) == 1
     assert not any(name.startswith("x-cch-") for name in second.headers)
 
 
@@ -159,9 +175,9 @@ async def test_message_over_32_mib_closes_1009(gateway: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_stream_without_terminal_closes_1011(gateway: Any, fake: FakeUpstream) -> None:
+async def test_stream_without_terminal_closes_1011(http_gateway: Any, fake: FakeUpstream) -> None:
     fake.enqueue(sse([CREATED]))
-    client = await gateway.connect()
+    client = await http_gateway.connect()
     client.send_json(create())
     assert (await client.recv())["type"] == "response.created"
     error = await client.recv()
@@ -177,15 +193,16 @@ async def test_upstream_drop_mid_stream_ends_the_turn_with_an_error_event(gatewa
     client.send_json(create())
     events = await client.recv_turn()
     assert types(events) == ["response.created", "error"]
-    assert events[-1]["error"]["code"] == "upstream_stream_error"
+    expected = "upstream_stream_error" if gateway.upstream == "http" else "upstream_ws_mid_stream_error"
+    assert events[-1]["error"]["code"] == expected
     client.send_json(create())
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_json_error_is_a_per_turn_error_frame(gateway: Any, fake: FakeUpstream) -> None:
+async def test_upstream_json_error_is_a_per_turn_error_frame(http_gateway: Any, fake: FakeUpstream) -> None:
     fake.enqueue(error_json(400, "bad_thing", "You did a bad thing", type="invalid_request_error"))
-    client = await gateway.connect()
+    client = await http_gateway.connect()
     client.send_json(create())
     frame = await client.recv()
     assert frame == {"type": "error", "status": 400, "error": {"message": "You did a bad thing", "type": "invalid_request_error", "code": "bad_thing"}}
@@ -194,7 +211,7 @@ async def test_upstream_json_error_is_a_per_turn_error_frame(gateway: Any, fake:
 
 
 @pytest_twisted.ensureDeferred
-async def test_sse_translation_rules_across_fragmented_crlf_stream(gateway: Any, fake: FakeUpstream) -> None:
+async def test_sse_translation_rules_across_fragmented_crlf_stream(http_gateway: Any, fake: FakeUpstream) -> None:
     raw = (
         b": keep-alive\r\n\r\n"
         b"event: response.created\r\nid: 1\r\ndata: " + json.dumps(CREATED).encode() + b"\r\n\r\n"
@@ -207,7 +224,7 @@ async def test_sse_translation_rules_across_fragmented_crlf_stream(gateway: Any,
     )
     steps = tuple(Raw(raw[i : i + 7]) for i in range(0, len(raw), 7))
     fake.enqueue(Script(steps=steps, headers=(("content-type", "text/event-stream"),)))
-    client = await gateway.connect()
+    client = await http_gateway.connect()
     client.send_json(create())
     events = [await client.recv() for _ in range(5)]
     assert events[0] == CREATED
@@ -240,3 +257,20 @@ async def test_gateway_stop_closes_clients_1001(fake: FakeUpstream, tunnel_mode:
     info = await client.wait_closed()
     assert (info.code, info.reason) == (1001, "going_away")
     _ = reactor
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_socket_closing_mid_turn_is_a_terminal_error_and_the_client_stays(
+    ws_gateway: Any, fake: FakeUpstream
+) -> None:
+    fake.enqueue(ws_close_after([CREATED, COMPLETED], 1, code=1011, reason="boom"))
+    client = await ws_gateway.connect()
+    client.send_json(create())
+    events = await client.recv_turn()
+    assert events[-1] == {
+        "type": "error",
+        "error": {"code": "upstream_ws_closed_mid_stream", "message": "upstream WebSocket closed (code=1011): boom"},
+    }
+    client.send_json(create())
+    assert (await client.recv_turn())[-1]["type"] == "response.completed"
+    assert len(fake.ws_connections) == 2

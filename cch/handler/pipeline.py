@@ -6,6 +6,7 @@ One code path serves plain HTTP ``POST /v1/responses`` and every WebSocket turn.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -18,7 +19,11 @@ from cch.handler.auth import KeyRing
 from cch.handler.outbound import upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
 from cch.turn import RequestContext, ResponseSink
+from cch.upstream.eligibility import evaluate
 from cch.upstream.http import HttpUpstream, collect_body, read_body
+from cch.upstream.pool import UpstreamWSPool, WSFailure
+from cch.upstream.unsupported import UnsupportedCache
+from cch.upstream.ws import upgrade_headers, ws_url
 
 log = Logger()
 
@@ -41,13 +46,20 @@ class ResponsesHandler:
         upstream: HttpUpstream,
         clock: IReactorTime,
         limits: LimitsConfig,
+        ws_pool: UpstreamWSPool | None = None,
+        unsupported: UnsupportedCache | None = None,
+        ws_enabled: bool = True,
     ) -> None:
         self.keys = keys
         self.router = router
         self.upstream = upstream
         self.clock = clock
         self.limits = limits
+        self.ws_pool = ws_pool
+        self.unsupported = unsupported or UnsupportedCache(clock)
+        self.ws_enabled = ws_enabled
         self.active = 0  # requests in progress (leak checks, drain, metrics)
+        self.ws_stats: Counter[str] = Counter()  # attempts, connected, reused, fallback:<reason>
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
         """Fires when the whole response went to ``sink``; cancel it to abort upstream."""
@@ -75,12 +87,71 @@ class ResponsesHandler:
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         last: tuple[int, bytes, str] | None = None
         for attempt, provider in enumerate(candidates, start=1):
+            if await self._websocket_attempt(ctx, provider, body, sink, attempt):
+                return
             outcome = await self._attempt(ctx, provider, payload, stream, sink, attempt)
             if outcome is None:
                 return
             last = outcome
         assert last is not None
         sink.json_body(*last)
+
+    async def _websocket_attempt(
+        self, ctx: RequestContext, provider: Provider, body: dict[str, Any], sink: ResponseSink, attempt: int
+    ) -> bool:
+        """Try the provider's Responses WebSocket; False means "use HTTP for this attempt".
+
+        Failures before the first upstream event fall back to HTTP on the same provider and
+        never count against its breaker (reference §5).
+        """
+        pool = self.ws_pool
+        if pool is None:
+            return False
+        verdict = evaluate(ctx, provider, enabled=self.ws_enabled, unsupported=self.unsupported)
+        if not verdict.eligible:
+            if verdict.downgrade_reason is not None:
+                self.ws_stats["fallback:" + verdict.downgrade_reason] += 1
+                log.debug("upstream_ws_downgraded", provider=provider.name, reason=verdict.downgrade_reason, request_id=ctx.request_id)
+            return False
+        frame = {"type": "response.create"}
+        frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
+        self.ws_stats["attempts"] += 1
+        try:
+            stream = await pool.request(
+                provider=provider.name,
+                endpoint=None,
+                url=ws_url(upstream_url(provider.base_url)),
+                headers=upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
+                frame=json.dumps(frame, separators=(",", ":"), ensure_ascii=False),
+                session_id=ctx.ws_session,
+            )
+        except WSFailure as failure:
+            if failure.cacheable:
+                self.unsupported.mark(provider.name, None, failure.reason)
+            self.ws_stats["fallback:" + failure.reason] += 1
+            log.info(
+                "upstream_ws_fallback",
+                provider=provider.name,
+                reason=failure.reason,
+                cacheable=failure.cacheable,
+                message=failure.message,
+                request_id=ctx.request_id,
+            )
+            return False
+        provider.breaker.record_success()
+        self.ws_stats["connected"] += 1
+        if stream.reused:
+            self.ws_stats["reused"] += 1
+        log.info(
+            "upstream_attempt_started",
+            provider=provider.name,
+            attempt=attempt,
+            transport="websocket",
+            reused=stream.reused,
+            request_id=ctx.request_id,
+        )
+        await stream.deliver(sink)
+        return True
 
     async def _attempt(
         self,

@@ -1,0 +1,459 @@
+"""The upstream WebSocket pool and one request's life on a socket (reference §6.5-§6.8).
+
+One :class:`UpstreamWSPool` per process (owned by the service) keeps at most one idle socket per
+client connection (session id), so a Codex session's warm-up and every following turn ride the
+same upstream connection. :meth:`UpstreamWSPool.request` returns a Deferred that fires once the
+first upstream event arrived (with a :class:`WSStream` to deliver into a sink) or fails with
+:class:`WSFailure` before it — the caller then falls back to HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from cch.config import UpstreamWebSocketConfig
+from cch.events import error_event, event_type
+from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
+from cch.upstream.ws import OPEN, UpstreamConnection
+
+log = Logger()
+
+UPGRADE_CACHEABLE = frozenset({400, 404, 405, 426, 501})
+CONNECTION_LIMIT = "websocket_connection_limit_reached"
+
+
+class WSFailure(Exception):
+    """The upstream WebSocket could not deliver a first event; fall back to HTTP."""
+
+    def __init__(self, reason: str, message: str | None = None, cacheable: bool = False) -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+        self.message = message
+        self.cacheable = cacheable
+
+
+def fingerprint(provider: str, endpoint: str | None, url: str, headers: dict[str, str]) -> str:
+    """SHA-256 over what makes a socket reusable: provider, endpoint, URL, upgrade headers."""
+    pairs = sorted([k.lower(), v] for k, v in headers.items())
+    blob = json.dumps(
+        {"providerId": provider, "endpointId": endpoint, "upstreamUrl": url, "headers": pairs},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass(eq=False)
+class PoolEntry:
+    session_id: str
+    fingerprint: str
+    conn: UpstreamConnection
+    active: bool
+    created_at: float
+    last_used_at: float
+    idle_timer: IDelayedCall | None = None
+    reuses: int = field(default=0)
+
+
+class UpstreamWSPool:
+    """Retained upstream sockets keyed by client session id."""
+
+    def __init__(self, reactor: Any, clock: IReactorTime, config: UpstreamWebSocketConfig) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.config = config
+        self.max_entries = config.pool_max_entries
+        self.entries: dict[str, PoolEntry] = {}
+        self.sockets: set[UpstreamConnection] = set()  # every live socket, retained or not
+        self.stats = {"connects": 0, "reuses": 0, "busy_fresh": 0, "pruned": 0, "idle_closed": 0}
+
+    # -- acquiring ------------------------------------------------------------------------
+
+    def request(
+        self,
+        *,
+        provider: str,
+        endpoint: str | None,
+        url: str,
+        headers: dict[str, str],
+        frame: str,
+        session_id: str | None,
+    ) -> Deferred[WSStream]:
+        """Send ``frame`` on a socket for ``session_id`` (reference §6.5.3 acquire rules)."""
+        print_ = fingerprint(provider, endpoint, url, headers)
+        entry = self.entries.get(session_id) if session_id else None
+        retainable = session_id is not None
+        if entry is not None:
+            if entry.active and entry.conn.usable:
+                log.warn("upstream_ws_session_busy", sessionId=session_id)
+                self.stats["busy_fresh"] += 1
+                retainable = False
+                entry = None
+            elif entry.fingerprint == print_ and entry.conn.state == OPEN:
+                entry.active = True
+                entry.last_used_at = self.clock.seconds()
+                entry.reuses += 1
+                self._cancel_idle(entry)
+                self.stats["reuses"] += 1
+                req = _Request(self, entry.conn, entry, frame, session_id, reused=True, retainable=True)
+                req.start()
+                return req.result
+            else:
+                self._forget(entry)
+                entry.conn.safe_close(1000)
+                entry = None
+        conn = self._open(url, headers)
+        req = _Request(self, conn, None, frame, session_id, reused=False, retainable=retainable)
+        req.fingerprint = print_
+        req.start()
+        conn.connect()
+        return req.result
+
+    def _open(self, url: str, headers: dict[str, str]) -> UpstreamConnection:
+        conn = UpstreamConnection(
+            self.reactor,
+            self.clock,
+            url,
+            headers,
+            handshake_timeout=self.config.handshake_timeout,
+        )
+        self.sockets.add(conn)
+        conn.on_gone.append(self.sockets.discard)
+        self.stats["connects"] += 1
+        return conn
+
+    # -- registration and release -----------------------------------------------------------
+
+    def _register(self, req: _Request) -> None:
+        """After the first event on a fresh retainable socket: keep it for the session."""
+        session_id = req.session_id
+        assert session_id is not None
+        if len(self.entries) >= self.max_entries:
+            idle = sorted((e for e in self.entries.values() if not e.active), key=lambda e: e.last_used_at)
+            for victim in idle[: len(self.entries) - self.max_entries + 1]:
+                log.warn("upstream_ws_session_pruned", sessionId=victim.session_id)
+                self.stats["pruned"] += 1
+                self._forget(victim)
+                victim.conn.safe_close(1000)
+        if len(self.entries) >= self.max_entries:
+            log.warn("upstream_ws_session_cap_reached", sessionId=session_id, maxEntries=self.max_entries)
+            return
+        now = self.clock.seconds()
+        entry = PoolEntry(session_id, req.fingerprint, req.conn, True, now, now)
+        self.entries[session_id] = entry
+        req.entry = entry
+        req.conn.on_gone.append(lambda conn: self._socket_gone(entry))
+
+    def _socket_gone(self, entry: PoolEntry) -> None:
+        if self.entries.get(entry.session_id) is entry:
+            self._forget(entry)
+
+    def _release(self, entry: PoolEntry) -> None:
+        """A request on a retained socket ended: idle it, or close it if it was detached."""
+        entry.active = False
+        entry.last_used_at = self.clock.seconds()
+        if self.entries.get(entry.session_id) is entry and entry.conn.state == OPEN:
+            self._cancel_idle(entry)
+            entry.idle_timer = self.clock.callLater(self.config.idle_timeout, self._idle_expired, entry)
+        elif self.entries.get(entry.session_id) is not entry:
+            entry.conn.safe_close(1000)
+
+    def _idle_expired(self, entry: PoolEntry) -> None:
+        entry.idle_timer = None
+        if self.entries.get(entry.session_id) is entry and not entry.active:
+            log.info("upstream_ws_session_idle_closed", sessionId=entry.session_id, idleMs=int(self.config.idle_timeout * 1000))
+            self.stats["idle_closed"] += 1
+            self._forget(entry)
+            entry.conn.safe_close(1000)
+
+    def _forget(self, entry: PoolEntry) -> None:
+        if self.entries.get(entry.session_id) is entry:
+            del self.entries[entry.session_id]
+        self._cancel_idle(entry)
+
+    @staticmethod
+    def _cancel_idle(entry: PoolEntry) -> None:
+        timer, entry.idle_timer = entry.idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def cleanup(self, session_id: str) -> None:
+        """The client connection closed: close its retained socket 1000, even mid-request."""
+        entry = self.entries.get(session_id)
+        if entry is None:
+            return
+        log.info("upstream_ws_session_cleaned", sessionId=session_id)
+        self._forget(entry)
+        entry.conn.safe_close(1000)
+
+    def close_all(self) -> Deferred[Any]:
+        """Close every socket 1000 (service stop); fires when all are gone."""
+        for entry in list(self.entries.values()):
+            self._forget(entry)
+        waiting = []
+        for conn in list(self.sockets):
+            d: Deferred[None] = Deferred()
+            conn.on_gone.append(lambda _c, d=d: d.callback(None))
+            waiting.append(d)
+            conn.safe_close(1000)
+        if not waiting:
+            return succeed(None)
+        return DeferredList(waiting)
+
+    @property
+    def size(self) -> int:
+        return len(self.entries)
+
+
+class _Request:
+    """One request's life on a socket (reference §6.6); also the socket's consumer."""
+
+    def __init__(
+        self,
+        pool: UpstreamWSPool,
+        conn: UpstreamConnection,
+        entry: PoolEntry | None,
+        frame: str,
+        session_id: str | None,
+        *,
+        reused: bool,
+        retainable: bool,
+    ) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.entry = entry
+        self.frame = frame
+        self.session_id = session_id
+        self.reused = reused
+        self.retainable = retainable
+        self.fingerprint = entry.fingerprint if entry else ""
+        self.result: Deferred[WSStream] = Deferred(self._cancel_opening)
+        self.first_event_seen = False
+        self.queue: deque[tuple[str, int]] = deque()
+        self.queued_bytes = 0
+        self.closed = False
+        self.mid_error: tuple[str, str] | None = None
+        self.terminal_seen = False
+        self.close_persistent = False
+        self.finished = False
+        self.stream: WSStream | None = None
+        self._timer: IDelayedCall | None = None
+
+    def start(self) -> None:
+        self.conn.consumer = self
+        self._timer = self.pool.clock.callLater(self.pool.config.first_event_timeout, self._first_event_timeout)
+        if self.conn.state == OPEN:
+            self.ws_opened()
+
+    # -- socket events (SocketConsumer) ---------------------------------------------------
+
+    def ws_opened(self) -> None:
+        try:
+            self.conn.send(self.frame)
+        except Exception as exc:
+            self._fail(WSFailure("ws_error_pre_first_event", str(exc) or "send failed"))
+
+    def ws_message(self, text: str, size: int) -> None:
+        if self.finished:
+            return
+        if not self.first_event_seen:
+            self.first_event_seen = True
+            self._cancel_timer()
+            if self.entry is None and self.retainable:
+                self.pool._register(self)
+            self.stream = WSStream(self)
+            self.queue.append((text, size))
+            self.queued_bytes += size
+            self.result.callback(self.stream)
+            return
+        stream = self.stream
+        if stream is not None and stream.sink is not None:
+            stream.forward(text)
+            return
+        if self.queued_bytes + size > self.pool.config.max_buffer_bytes:
+            log.warn("upstream_ws_queue_overflow", queuedBytes=self.queued_bytes, attemptedSize=size)
+            self.mid_error = (
+                "upstream_ws_queue_overflow",
+                f"buffered upstream payload exceeded {self.pool.config.max_buffer_bytes} bytes",
+            )
+            self.closed = True
+            self.finish(1011, forget=True)
+            return
+        self.queue.append((text, size))
+        self.queued_bytes += size
+
+    def ws_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None:
+        self.closed = True
+        if self.entry is not None:
+            self.pool._socket_gone(self.entry)
+        if not self.first_event_seen:
+            if status is not None:
+                self._fail(
+                    WSFailure("ws_upgrade_rejected", f"HTTP {status}", cacheable=status in UPGRADE_CACHEABLE)
+                )
+            elif failure is not None:
+                self._fail(WSFailure("ws_error_pre_first_event", failure))
+            else:
+                self._fail(WSFailure("ws_closed_before_first_event"))
+            return
+        if not self.terminal_seen and self.mid_error is None:
+            if failure is not None:
+                self.mid_error = ("upstream_ws_mid_stream_error", failure)
+            else:
+                message = f"upstream WebSocket closed (code={code})"
+                if reason:
+                    message += f": {reason}"
+                self.mid_error = ("upstream_ws_closed_mid_stream", message)
+        if self.stream is not None and self.stream.sink is not None:
+            self.stream.ended()
+
+    # -- failure before the first event -------------------------------------------------------
+
+    def _first_event_timeout(self) -> None:
+        self._timer = None
+        if not self.first_event_seen:
+            self._fail(WSFailure("ws_error_pre_first_event", "timeout_waiting_for_first_event"))
+
+    def _fail(self, failure: WSFailure) -> None:
+        if self.result.called:
+            self.finish(1011, forget=True)
+            return
+        self.finish(1011, forget=True)
+        self.result.errback(failure)
+
+    def _cancel_opening(self, _: Deferred[WSStream]) -> None:
+        """The attempt was aborted before the first event (client gone, attempt timeout)."""
+        self.closed = True
+        self.finish(1000, forget=True)
+
+    # -- end of the request -------------------------------------------------------------------
+
+    def finish(self, close_code: int | None = None, *, forget: bool = False) -> None:
+        """Release everything this request holds, exactly once (reference §6.6 finish)."""
+        if self.finished:
+            return
+        self.finished = True
+        self._cancel_timer()
+        if self.conn.consumer is self:
+            self.conn.consumer = None
+        if close_code is not None:
+            self.conn.safe_close(close_code)
+        entry = self.entry
+        if entry is not None:
+            if forget or close_code is not None:
+                self.pool._forget(entry)
+            self.pool._release(entry)
+        else:
+            # Request-scoped socket (no session, busy session, or cap reached).
+            self.conn.safe_close(1000)
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+class WSStream:
+    """A request past its first event: delivers the upstream events into a sink."""
+
+    def __init__(self, req: _Request) -> None:
+        self.req = req
+        self.sink: ResponseSink | None = None
+        self.done: Deferred[None] = Deferred(self._cancel)
+
+    @property
+    def reused(self) -> bool:
+        return self.req.reused
+
+    def deliver(self, sink: ResponseSink) -> Deferred[None]:
+        """Replay what is queued, then forward live events until a terminal (or the end)."""
+        req = self.req
+        self.sink = sink
+        sink.sse_started(200, {"content-type": "text/event-stream", "x-cch-upstream-transport": "websocket"})
+        sink.register_producer(_SocketProducer(req.conn))
+        while req.queue and not self.done.called:
+            text, size = req.queue.popleft()
+            req.queued_bytes -= size
+            self.forward(text)
+        if not self.done.called and req.closed:
+            self.ended()
+        return self.done
+
+    def forward(self, text: str) -> None:
+        req = self.req
+        if self.done.called or self.sink is None:
+            return
+        self.sink.sse_event(text)
+        kind = event_type(text)
+        if kind in TERMINAL_EVENT_TYPES:
+            req.terminal_seen = True
+            # An `error` terminal, or the 60-minute cap, retires the socket (§6.8 step 2).
+            req.close_persistent = kind == "error" or (
+                CONNECTION_LIMIT in text and _error_code(text) == CONNECTION_LIMIT
+            )
+            self._complete()
+
+    def ended(self) -> None:
+        """The socket closed: without a terminal, end the turn with an error event."""
+        if self.done.called or self.sink is None:
+            return
+        req = self.req
+        if not req.terminal_seen:
+            code, message = req.mid_error or (
+                "upstream_ws_mid_stream_error",
+                "upstream WebSocket closed before emitting a terminal response event",
+            )
+            self.sink.sse_event(error_event(code, message))
+        self.sink.unregister_producer()
+        req.finish(1000 if req.terminal_seen else 1011, forget=True)
+        self.done.callback(None)
+
+    def _complete(self) -> None:
+        req = self.req
+        assert self.sink is not None
+        self.sink.unregister_producer()
+        if req.session_id and req.entry is not None and not req.close_persistent:
+            req.finish()
+        else:
+            req.finish(1000, forget=True)
+        self.done.callback(None)
+
+    def _cancel(self, _: Deferred[None]) -> None:
+        """The consumer went away (client abort, idle timeout): close 1000 and forget."""
+        self.sink = None
+        self.req.finish(1000, forget=True)
+
+
+class _SocketProducer:
+    """Lets the client side pause the upstream socket's reads (TCP backpressure upstream)."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+
+    def pauseProducing(self) -> None:
+        self.conn.pause()
+
+    def resumeProducing(self) -> None:
+        self.conn.resume()
+
+    def stopProducing(self) -> None:
+        self.conn.safe_close(1000)
+
+
+def _error_code(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    error = value.get("error") if isinstance(value, dict) else None
+    return error.get("code") if isinstance(error, dict) else None

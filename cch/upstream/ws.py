@@ -1,0 +1,269 @@
+"""One upstream Responses WebSocket (Autobahn client), and how to close it safely.
+
+:class:`UpstreamConnection` owns the socket's life: connecting (with a handshake deadline on
+the injected clock), its state, and ``safe_close`` (reference §6.6): never two closes, abort
+instead of a close frame while connecting, nothing left registered afterwards. Whoever uses the
+socket for a request attaches as its ``consumer`` and receives ``ws_opened``/``ws_message``/
+``ws_closed`` calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+CONNECTING = "connecting"
+OPEN = "open"
+CLOSING = "closing"
+CLOSED = "closed"
+
+# Never sent in the upgrade request (reference §6.3); the library writes its own.
+_NOT_FORWARDED = frozenset(
+    {
+        "connection",
+        "upgrade",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "accept",
+        "content-type",
+        "x-cch-client-transport",
+        "x-cch-responses-ws-forward",
+        "x-cch-responses-ws-session",
+        "x-cch-internal-secret",
+    }
+)
+
+
+def ws_url(http_url: str) -> str:
+    """``https:`` → ``wss:``, anything else → ``ws:``; host, port, path and query unchanged."""
+    parts = urlsplit(http_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+def upgrade_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The outbound HTTP headers minus what must not go into a WebSocket upgrade."""
+    return {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+
+
+class SocketConsumer(Protocol):
+    def ws_opened(self) -> None: ...
+
+    def ws_message(self, text: str, size: int) -> None: ...
+
+    def ws_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None: ...
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    owner: UpstreamConnection
+
+    def onOpen(self) -> None:
+        self.owner._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.owner._message(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        status = None
+        line = getattr(self, "http_status_line", None)
+        if self.state != self.STATE_OPEN and line and not getattr(self, "_was_open", False):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
+                status = int(parts[1])
+        # Autobahn leaves its close-handshake timer behind when the TCP dies mid-close.
+        call = getattr(self, "closeHandshakeTimeoutCall", None)
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:
+                pass
+            self.closeHandshakeTimeoutCall = None
+        self.owner._closed(code, reason, wasClean, status, getattr(self, "wasNotCleanReason", None))
+
+
+class UpstreamConnection:
+    """A single upstream socket and its lifecycle."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        clock: IReactorTime,
+        url: str,
+        headers: dict[str, str],
+        *,
+        handshake_timeout: float,
+        max_message_bytes: int = 0,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.url = url
+        self.headers = headers
+        self.handshake_timeout = handshake_timeout
+        self.max_message_bytes = max_message_bytes
+        self.state = CONNECTING
+        self.consumer: SocketConsumer | None = None
+        self.on_gone: list[Callable[[UpstreamConnection], None]] = []
+        self.close_code_sent: int | None = None
+        self.status: int | None = None
+        self._proto: _ClientProtocol | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._handshake_timer: IDelayedCall | None = None
+        self._failure_text: str | None = None
+
+    # -- opening --------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        headers = dict(self.headers)
+        useragent = headers.pop("user-agent", None)
+        factory = WebSocketClientFactory(self.url, headers=headers, useragent=useragent, reactor=self.reactor)
+        factory.setProtocolOptions(
+            maxMessagePayloadSize=self.max_message_bytes,
+            maxFramePayloadSize=self.max_message_bytes,
+            openHandshakeTimeout=0,  # our own deadline runs on the injected clock
+            closeHandshakeTimeout=5,
+            autoFragmentSize=0,
+        )
+
+        def build(addr: Any) -> _ClientProtocol:
+            proto = _ClientProtocol()
+            proto.factory = factory
+            proto.owner = self
+            self._proto = proto
+            return proto
+
+        factory.buildProtocol = build  # type: ignore[method-assign]
+        parts = urlsplit(self.url)
+        host = parts.hostname or "127.0.0.1"
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port)
+        if secure:
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        self._handshake_timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
+        d = self._connecting = endpoint.connect(factory)
+        d.addCallbacks(self._tcp_connected, self._connect_failed)
+
+    def _tcp_connected(self, proto: Any) -> None:
+        self._connecting = None
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self.state == CLOSED:
+            return
+        self._finish_closed(None, None, _text(failure), None)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.state == CONNECTING:
+            self._failure_text = f"upstream WebSocket handshake timed out after {self.handshake_timeout:g}s"
+            self._abort()
+
+    def _opened(self, proto: _ClientProtocol) -> None:
+        proto._was_open = True  # type: ignore[attr-defined]
+        self._cancel_handshake_timer()
+        if self.state != CONNECTING:
+            return
+        self.state = OPEN
+        if self.consumer is not None:
+            self.consumer.ws_opened()
+
+    # -- traffic --------------------------------------------------------------------------
+
+    def send(self, text: str) -> None:
+        if self.state != OPEN or self._proto is None:
+            raise ConnectionError("websocket is not open")
+        self._proto.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def _message(self, payload: bytes) -> None:
+        if self.consumer is not None and self.state == OPEN:
+            self.consumer.ws_message(payload.decode("utf-8", errors="replace"), len(payload))
+        # Between requests nobody listens: unsolicited upstream messages are dropped.
+
+    def pause(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.resumeProducing()
+
+    # -- closing --------------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self.state in (CONNECTING, OPEN)
+
+    def safe_close(self, code: int = 1000) -> None:
+        """Close once: abort while connecting (no close frame), close frame when open."""
+        if self.state in (CLOSED, CLOSING):
+            return
+        if self.state == CONNECTING:
+            self._abort()
+            return
+        self.state = CLOSING
+        self.close_code_sent = code
+        proto = self._proto
+        if proto is None:
+            self._finish_closed(None, None, None, None)
+            return
+        try:
+            proto.sendCloseFrame(code=code, isReply=False)
+        except Exception:
+            if proto.transport is not None:
+                proto.transport.abortConnection()
+
+    def _abort(self) -> None:
+        self.state = CLOSING
+        if self._connecting is not None:
+            connecting, self._connecting = self._connecting, None
+            connecting.cancel()
+        elif self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.abortConnection()
+        else:
+            self._finish_closed(None, None, self._failure_text, None)
+
+    def _closed(
+        self, code: int | None, reason: str | None, clean: bool, status: int | None, not_clean: str | None
+    ) -> None:
+        failure = None if clean else (self._failure_text or not_clean or "connection lost")
+        self._finish_closed(code, reason, failure, status)
+
+    def _finish_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.status = status
+        self._cancel_handshake_timer()
+        consumer, self.consumer = self.consumer, None
+        if consumer is not None:
+            consumer.ws_closed(code, reason, self._failure_text or failure, status)
+        hooks, self.on_gone = self.on_gone, []
+        for hook in hooks:
+            hook(self)
+        self._proto = None
+
+    def _cancel_handshake_timer(self) -> None:
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+def _text(failure: Failure) -> str:
+    value = failure.value
+    return str(value) or type(value).__name__
