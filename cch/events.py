@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import re
 
+from cch.jsoncodec import dumps, loads
 from cch.turn import TERMINAL_EVENT_TYPES
 
 # Upstreams write "type" first; when they do, the type is read without parsing the event.
@@ -17,7 +17,7 @@ def event_type(data: str) -> str | None:
     if match is not None:
         return match.group(1)
     try:
-        value = json.loads(data)
+        value = loads(data)
     except ValueError:
         return None
     if isinstance(value, dict):
@@ -33,8 +33,4 @@ def is_terminal(data: str) -> bool:
 
 def error_event(code: str, message: str) -> str:
     """A terminal ``error`` event the gateway itself emits into a stream."""
-    return json.dumps(
-        {"type": "error", "error": {"code": code, "message": message}},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    return dumps({"type": "error", "error": {"code": code, "message": message}})

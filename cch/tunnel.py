@@ -12,7 +12,6 @@ cancelling it aborts the turn all the way upstream.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from treq.client import HTTPClient
@@ -25,6 +24,7 @@ from twisted.web.iweb import IResponse
 
 from cch import secret as markers
 from cch.handler.pipeline import ResponsesHandler
+from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
 
@@ -58,13 +58,11 @@ class HttpTunnel:
         body = dict(turn.body)
         body["stream"] = True
         body.pop("background", None)
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        payload = dumps_bytes(body)
         headers = {k: v for k, v in turn.headers.items() if not markers.is_reserved(k)}
         headers["accept"] = "text/event-stream"
         headers["content-type"] = "application/json"
         headers.update(markers.marker_headers(turn.session_id, self.secret))
-        if turn.request_id:
-            headers["x-request-id"] = turn.request_id
         return Deferred.fromCoroutine(self._run(headers, payload, sink))
 
     async def _run(self, headers: dict[str, str], payload: bytes, sink: ResponseSink) -> None:

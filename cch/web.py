@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -20,6 +21,7 @@ from cch.handler import errors
 from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
+from cch.jsoncodec import loads
 from cch.sse import encode_event
 from cch.turn import RequestContext
 
@@ -145,7 +147,7 @@ class ResponsesResource(Resource):
             return _json(request, 413, errors.error_body("Request body too large.", "invalid_request_error", "request_too_large"))
         content.seek(0)
         try:
-            body = json.loads(content.read())
+            body = loads(content.read())
         except ValueError as exc:
             return _json(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
         if not isinstance(body, dict):
@@ -155,7 +157,7 @@ class ResponsesResource(Resource):
         if markers.is_websocket_client(headers, gateway.secret):
             ctx.via_websocket = True
             ctx.ws_session = markers.session_id_from(headers)
-        ctx.request_id = headers.get("x-request-id", "") if ctx.via_websocket else ""
+        ctx.request_id = uuid.uuid4().hex
         sink = HttpResponseSink(request)
         d = gateway.handler.handle(ctx, body, sink)
         request.notifyFinish().addErrback(lambda _: d.cancel())

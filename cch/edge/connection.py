@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -31,6 +31,8 @@ from cch.turn import Tunnel, TurnRequest, TurnTransportError
 
 log = Logger()
 
+INTERNAL_ERROR_BODY = b'{"error":{"message":"Internal error.","type":"server_error","code":"internal_error"}}'
+
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
@@ -40,7 +42,8 @@ CLOSE_INTERNAL_ERROR = 1011
 class EdgeChannel(Protocol):
     """What a connection needs from its transport."""
 
-    def send_text(self, text: str) -> None: ...
+    def send_text(self, text: str) -> bool | None:
+        """Queue a text frame; False when the socket is no longer open."""
 
     def send_close(self, code: int, reason: str) -> None: ...
 
@@ -56,6 +59,7 @@ class _Turn:
         self.terminal_type: str | None = None
         self.producer: IPushProducer | None = None
         self.dead = False
+        self.sent = False  # has any frame of this turn reached the client?
 
     # ResponseSink
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
@@ -87,7 +91,11 @@ class _Turn:
     def _send(
         self, frame: OutFrame, source: str, *, status: int | None = None, synthesized: bool = False
     ) -> None:
-        self.conn.channel.send_text(frame.text)
+        self.sent = True
+        if self.conn.channel.send_text(frame.text) is False:
+            log.warn("ws_send_failed", reason="outbound_socket_closed")
+            self.conn.close(CLOSE_INTERNAL_ERROR, "outbound_socket_closed")
+            return
         if frame.terminal is not None and not self.terminal_seen:
             self.terminal_seen = True
             self.terminal_type = None if synthesized else frame.terminal
@@ -193,7 +201,7 @@ class EdgeConnection:
                 self.pending_bytes = max(0, self.pending_bytes - size)
                 self._start_turn(text, size)
         except Exception:
-            log.failure("ws_drain_failed")
+            log.failure("ws_drain_failed", level=LogLevel.error)
             first = self.turns_started <= 1
             self.close(
                 CLOSE_INTERNAL_ERROR,
@@ -257,9 +265,20 @@ class EdgeConnection:
         if failure.check(TurnTransportError):
             err: TurnTransportError = failure.value  # type: ignore[assignment]
             self._turn_fatal(turn, err.code, err.message)
-        else:
-            log.failure("ws_turn_crashed", failure)
-            self._turn_fatal(turn, "internal_response_error", str(failure.value) or "error")
+            return
+        log.failure("ws_turn_crashed", failure, level=LogLevel.error)
+        if turn.sent:
+            # Half a response went out: the same as an HTTP tunnel whose response broke.
+            self._turn_fatal(
+                turn,
+                "internal_response_closed",
+                "Internal response closed before emitting a terminal response event",
+            )
+            return
+        # Nothing went out: the same per-turn 500 error frame the HTTP tunnel would deliver.
+        turn.json_body(500, INTERNAL_ERROR_BODY, "application/json")
+        self._release(turn)
+        self._drain()
 
     def _turn_fatal(self, turn: _Turn, code: str, message: str) -> None:
         self._release(turn)
@@ -297,6 +316,7 @@ class EdgeConnection:
         turn, self.in_flight = self.in_flight, None
         if turn is not None:
             turn.cancel()
+            log.debug("ws_turn_resources_released", turnId=turn.turn_id)
         if self.pending:
             log.warn(
                 "ws_pending_dropped_on_close",
@@ -311,7 +331,7 @@ class EdgeConnection:
             try:
                 hook(self)
             except Exception:
-                log.failure("ws_upstream_session_cleanup_failed")
+                log.failure("ws_upstream_session_cleanup_failed", level=LogLevel.warn)
 
     @property
     def idle(self) -> bool:

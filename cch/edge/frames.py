@@ -6,18 +6,11 @@ tested directly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from cch.jsoncodec import dumps, loads
 from cch.turn import TERMINAL_EVENT_TYPES
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def dumps(obj: Any) -> str:
-    """Compact JSON, non-ASCII kept: the bytes a JS ``JSON.stringify`` would produce."""
-    return _dumps(obj)
 
 
 def error_frame(code: str, message: str, status: int | None = None) -> str:
@@ -61,7 +54,7 @@ def parse_client_frame(text: str, query_model: str | None) -> dict[str, Any]:
     fallback applied, ``stream`` forced true and ``background`` removed.
     """
     try:
-        frame = json.loads(text)
+        frame = loads(text)
     except ValueError as exc:
         detail = getattr(exc, "msg", None) or "parse error"
         raise FrameRejected("invalid_json", f"Invalid JSON frame: {detail}") from None
@@ -101,7 +94,7 @@ def translate_sse_data(data: str) -> OutFrame:
     ``output_text.delta``. ``[DONE]`` is handled by the caller.
     """
     try:
-        value = json.loads(data)
+        value = loads(data)
     except ValueError:
         return OutFrame(dumps({"type": "response.output_text.delta", "delta": data}))
     if isinstance(value, dict):
@@ -113,16 +106,23 @@ def translate_sse_data(data: str) -> OutFrame:
     return OutFrame(data)
 
 
+def _js_truthy(value: Any) -> bool:
+    """JavaScript truthiness of a parsed JSON value ({} and [] are true)."""
+    if isinstance(value, (dict, list)):
+        return True
+    return bool(value)
+
+
 def translate_json_response(status: int, body: bytes) -> OutFrame:
     """Map a complete non-SSE internal response to one terminal frame (reference §2.8.1)."""
     text = body.decode("utf-8", errors="replace")
     try:
-        parsed: Any = json.loads(text)
+        parsed: Any = loads(text)
     except ValueError:
         parsed = {"raw": text}
     if status >= 400:
         error = parsed.get("error") if isinstance(parsed, dict) else None
-        if not error:
+        if not _js_truthy(error):
             error = {"code": f"http_{status}", "message": text[:512]}
         return OutFrame(dumps({"type": "error", "status": status, "error": error}), "error")
     return OutFrame(dumps({"type": "response.completed", "response": parsed}), "response.completed")

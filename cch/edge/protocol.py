@@ -53,6 +53,12 @@ class EdgeProtocol(WebSocketServerProtocol):
         return request.protocols[0] if request.protocols else None
 
     def onOpen(self) -> None:
+        try:
+            self._open()
+        except Exception as exc:
+            self._handler_crashed(exc)
+
+    def _open(self) -> None:
         transport = self.transport
         # twisted.web registered its HTTPChannel as the transport's producer; the connection
         # is ours now, and so is its flow control.
@@ -77,21 +83,53 @@ class EdgeProtocol(WebSocketServerProtocol):
         edge = self.edge
         if edge is None:
             return
-        if isBinary:
-            edge.binary_received()
-        else:
-            edge.text_received(payload.decode("utf-8"), len(payload))
+        try:
+            if isBinary:
+                edge.binary_received()
+            else:
+                edge.text_received(payload.decode("utf-8"), len(payload))
+        except Exception as exc:
+            self._handler_crashed(exc)
+
+    def _handler_crashed(self, exc: BaseException) -> None:
+        """Reference H1: log ``ws_handler_error`` and close 1011 ``internal_error``."""
+        log.error("ws_handler_error", error=repr(exc))
+        if self.edge is not None:
+            self.edge.connection_lost()
+        self.send_close(1011, "internal_error")
+
+    # Any close decided below us (a client close frame, a protocol error such as 1009 or
+    # 1007, a dropped connection) finalizes the edge at once, not when the TCP is gone, so
+    # no queued frame can start a turn in between (reference §2.12 L1/C1).
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        if self.edge is not None:
+            self.edge.connection_lost()
+        return super().onCloseFrame(code, reasonRaw)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        if self.edge is not None:
+            self.edge.connection_lost()
+        super()._fail_connection(code, reason)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        if self.edge is not None:
+            self.edge.connection_lost()
+        super().dropConnection(abort)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         edge = self.edge
         if edge is not None:
+            if not wasClean and not edge.closed:
+                log.warn("ws_client_error", error=getattr(self, "wasNotCleanReason", None) or "connection lost")
             edge.connection_lost()
             self.factory.connection_closed(self)
 
     # EdgeChannel
-    def send_text(self, text: str) -> None:
-        if self.state == self.STATE_OPEN:
-            self.sendMessage(text.encode("utf-8"), isBinary=False)
+    def send_text(self, text: str) -> bool:
+        if self.state != self.STATE_OPEN:
+            return False
+        self.sendMessage(text.encode("utf-8"), isBinary=False)
+        return True
 
     def send_close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:

@@ -5,19 +5,19 @@ One code path serves plain HTTP ``POST /v1/responses`` and every WebSocket turn.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from cch.config import LimitsConfig
 from cch.handler import errors
 from cch.handler.auth import KeyRing
 from cch.handler.outbound import upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
+from cch.jsoncodec import dumps_bytes
 from cch.turn import RequestContext, ResponseSink
 from cch.upstream.eligibility import evaluate
 from cch.upstream.http import HttpUpstream, collect_body, read_body
@@ -84,7 +84,7 @@ class ResponsesHandler:
         if not candidates:
             sink.json_body(*errors.no_provider(model), JSON)
             return
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        payload = dumps_bytes(body)
         last: tuple[int, bytes, str] | None = None
         for attempt, provider in enumerate(candidates, start=1):
             if await self._websocket_attempt(ctx, provider, body, sink, attempt):
@@ -116,13 +116,14 @@ class ResponsesHandler:
         frame = {"type": "response.create"}
         frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
         self.ws_stats["attempts"] += 1
+        provider.breaker.attempt_started()
         try:
             stream = await pool.request(
                 provider=provider.name,
                 endpoint=None,
                 url=ws_url(upstream_url(provider.base_url)),
                 headers=upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
-                frame=json.dumps(frame, separators=(",", ":"), ensure_ascii=False),
+                frame=dumps_bytes(frame).decode("utf-8"),
                 session_id=ctx.ws_session,
             )
         except WSFailure as failure:
@@ -137,6 +138,16 @@ class ResponsesHandler:
                 message=failure.message,
                 request_id=ctx.request_id,
             )
+            provider.breaker.attempt_abandoned()
+            return False
+        except CancelledError:
+            provider.breaker.attempt_abandoned()
+            raise
+        except Exception:
+            # Reference §5 step 7: whatever went wrong, HTTP on the same provider still may work.
+            log.failure("upstream_ws_attempt_threw", level=LogLevel.warn, provider=provider.name)
+            self.ws_stats["fallback:exception"] += 1
+            provider.breaker.attempt_abandoned()
             return False
         provider.breaker.record_success()
         self.ws_stats["connected"] += 1
@@ -150,7 +161,7 @@ class ResponsesHandler:
             reused=stream.reused,
             request_id=ctx.request_id,
         )
-        await stream.deliver(sink)
+        await stream.deliver(sink, provider.config.idle_timeout)
         return True
 
     async def _attempt(
@@ -199,7 +210,8 @@ class ResponsesHandler:
                 request_id=ctx.request_id,
             )
             content_type = (response.headers.getRawHeaders("content-type") or [JSON])[0]
-            return response.code, await collect_body(response), content_type
+            body = await collect_body(response, self.clock, idle_timeout=config.idle_timeout)
+            return response.code, body, content_type
         breaker.record_success()
         log.info(
             "upstream_attempt_started",

@@ -9,7 +9,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -21,6 +21,7 @@ from cch.events import error_event, is_terminal
 from cch.handler.errors import error_body
 from cch.sse import SSEDecoder
 from cch.turn import ResponseSink
+from cch.upstream.idle import IdleWatchdog, WatchedProducer
 
 
 class UpstreamTimeout(Exception):
@@ -95,104 +96,90 @@ class _BodyReader(Protocol):
     ) -> None:
         self.response = response
         self.sink = sink
-        self.clock = clock
-        self.idle_timeout = idle_timeout
         self.max_json_bytes = max_json_bytes
         content_type = _content_type(response)
         self.content_type = content_type
-        self.sse = "text/event-stream" in content_type.lower()
-        self.decoder = SSEDecoder() if self.sse else None
+        self.decoder = SSEDecoder() if "text/event-stream" in content_type.lower() else None
         self.chunks: list[bytes] = []
         self.size = 0
         self.terminal_seen = False
         self.finished: Deferred[None] = Deferred(self._cancel)
-        self._idle: IDelayedCall | None = None
+        self.watchdog = IdleWatchdog(clock, idle_timeout, self._idle_fired)
         self._done = False
         self._stopped_reason: tuple[str, str] | None = None
 
     # Protocol
     def connectionMade(self) -> None:
-        if self.sse:
+        if self.decoder is not None:
             self.sink.sse_started(self.response.code, {"content-type": self.content_type})
-        self.sink.register_producer(self.transport)
-        self._arm_idle()
+        self.sink.register_producer(WatchedProducer(self.transport, self.watchdog))
+        self.watchdog.start()
 
     def dataReceived(self, data: bytes) -> None:
         if self._done:
             return
-        self._arm_idle()
-        if self.decoder is not None:
-            for event in self.decoder.feed(data):
-                self._event(event)
-            return
-        self.size += len(data)
-        if self.size > self.max_json_bytes:
-            self._stop(("upstream_response_too_large", "upstream response body too large"))
-            return
-        self.chunks.append(data)
+        self.watchdog.poke()
+        try:
+            if self.decoder is not None:
+                for event in self.decoder.feed(data):
+                    self._event(event)
+                return
+            self.size += len(data)
+            if self.size > self.max_json_bytes:
+                self._stop(("upstream_response_too_large", "upstream response body too large"))
+                return
+            self.chunks.append(data)
+        except Exception:
+            self._stop(("upstream_stream_error", "upstream event could not be processed"))
 
     def _event(self, data: str) -> None:
-        if not self.terminal_seen and is_terminal(data):
+        if not self.terminal_seen and (data == "[DONE]" or is_terminal(data)):
             self.terminal_seen = True
         self.sink.sse_event(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._cancel_idle()
+        self.watchdog.stop()
         if self._done:
             return
         self._done = True
-        self.sink.unregister_producer()
-        clean = reason.check(ResponseDone) is not None
-        if self.decoder is not None:
-            if clean:
-                for event in self.decoder.finish():
-                    self._event(event)
-            if not clean and not self.terminal_seen:
-                code, message = self._stopped_reason or (
-                    "upstream_stream_error",
-                    _describe(reason),
-                )
-                self.sink.sse_event(error_event(code, message))
-            self.finished.callback(None)
+        try:
+            self.sink.unregister_producer()
+            self._report_end(reason)
+        except Exception:
+            # Never leave a turn waiting on a body that already ended.
+            self.finished.errback()
             return
-        if clean or (reason.check(PotentialDataLoss) and self._stopped_reason is None):
-            body = b"".join(self.chunks)
-            self.sink.json_body(self.response.code, body, self.content_type)
-        else:
-            code, message = self._stopped_reason or ("upstream_stream_error", _describe(reason))
-            self.sink.json_body(502, error_body(message, "bad_gateway_error", code), "application/json")
         self.finished.callback(None)
 
-    # timers and cancellation
-    def _arm_idle(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.idle_timeout)
-        else:
-            self._idle = self.clock.callLater(self.idle_timeout, self._idle_fired)
-
-    def _cancel_idle(self) -> None:
-        idle, self._idle = self._idle, None
-        if idle is not None and idle.active():
-            idle.cancel()
+    def _report_end(self, reason: Failure) -> None:
+        clean = reason.check(ResponseDone) is not None
+        if self.decoder is not None:
+            if clean and self._stopped_reason is None:
+                for event in self.decoder.finish():
+                    self._event(event)
+            if (not clean or self._stopped_reason is not None) and not self.terminal_seen:
+                code, message = self._stopped_reason or ("upstream_stream_error", _describe(reason))
+                self.sink.sse_event(error_event(code, message))
+            return
+        if self._stopped_reason is None and (clean or reason.check(PotentialDataLoss)):
+            self.sink.json_body(self.response.code, b"".join(self.chunks), self.content_type)
+            return
+        code, message = self._stopped_reason or ("upstream_stream_error", _describe(reason))
+        self.sink.json_body(502, error_body(message, "bad_gateway_error", code), "application/json")
 
     def _idle_fired(self) -> None:
-        self._idle = None
-        self._stop(
-            (
-                "upstream_idle_timeout",
-                f"upstream sent nothing for {self.idle_timeout:g}s",
-            )
-        )
+        self._stop(("upstream_idle_timeout", f"upstream sent nothing for {self.watchdog.timeout:g}s"))
 
     def _stop(self, reason: tuple[str, str]) -> None:
-        self._stopped_reason = reason
+        if self._stopped_reason is None:
+            self._stopped_reason = reason
         if self.transport is not None:
             self.transport.stopProducing()
 
     def _cancel(self, _: Deferred[None]) -> None:
         """The turn was cancelled: abort the upstream body, report nothing more."""
         self._done = True
-        self._cancel_idle()
+        self.watchdog.stop()
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -219,29 +206,43 @@ def read_body(
 class _Collector(Protocol):
     """Collects a small body we will not stream (a failover candidate's error)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, clock: IReactorTime, idle_timeout: float) -> None:
         self.max_bytes = max_bytes
         self.chunks: list[bytes] = []
         self.size = 0
         self.finished: Deferred[bytes] = Deferred(self._cancel)
+        self.watchdog = IdleWatchdog(clock, idle_timeout, self._enough)
+
+    def connectionMade(self) -> None:
+        self.watchdog.start()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.size < self.max_bytes:
-            self.chunks.append(data[: self.max_bytes - self.size])
+        self.watchdog.poke()
+        self.chunks.append(data[: self.max_bytes - self.size])
         self.size += len(data)
+        if self.size >= self.max_bytes:
+            self._enough()
+
+    def _enough(self) -> None:
+        """Stalled or long enough: what we have is the error to report."""
+        self.watchdog.stop()
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.watchdog.stop()
         if not self.finished.called:
             self.finished.callback(b"".join(self.chunks))
 
     def _cancel(self, _: Deferred[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
+        self._enough()
 
 
-def collect_body(response: IResponse, max_bytes: int = 64 * 1024) -> Deferred[bytes]:
-    """The first ``max_bytes`` of a body (whatever arrived if it broke); cancellable."""
-    collector = _Collector(max_bytes)
+def collect_body(
+    response: IResponse, clock: IReactorTime, *, idle_timeout: float, max_bytes: int = 64 * 1024
+) -> Deferred[bytes]:
+    """The first ``max_bytes`` of a body (whatever arrived if it broke or stalled); cancellable."""
+    collector = _Collector(max_bytes, clock, idle_timeout)
     response.deliverBody(collector)
     return collector.finished
 

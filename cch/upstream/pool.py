@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from cch.config import UpstreamWebSocketConfig
 from cch.events import error_event, event_type
 from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
+from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.ws import OPEN, UpstreamConnection
 
 log = Logger()
@@ -370,17 +371,27 @@ class WSStream:
         self.req = req
         self.sink: ResponseSink | None = None
         self.done: Deferred[None] = Deferred(self._cancel)
+        self.watchdog: IdleWatchdog | None = None
 
     @property
     def reused(self) -> bool:
         return self.req.reused
 
-    def deliver(self, sink: ResponseSink) -> Deferred[None]:
-        """Replay what is queued, then forward live events until a terminal (or the end)."""
+    def deliver(self, sink: ResponseSink, idle_timeout: float | None = None) -> Deferred[None]:
+        """Replay what is queued, then forward live events until a terminal (or the end).
+
+        An upstream silent for ``idle_timeout`` seconds mid-stream ends the turn with an
+        ``upstream_idle_timeout`` error event and loses its socket (1011).
+        """
         req = self.req
         self.sink = sink
         sink.sse_started(200, {"content-type": "text/event-stream", "x-cch-upstream-transport": "websocket"})
-        sink.register_producer(_SocketProducer(req.conn))
+        producer: Any = _SocketProducer(req.conn)
+        if idle_timeout is not None:
+            self.watchdog = IdleWatchdog(req.pool.clock, idle_timeout, self._stalled)
+            producer = WatchedProducer(producer, self.watchdog)
+            self.watchdog.start()
+        sink.register_producer(producer)
         while req.queue and not self.done.called:
             text, size = req.queue.popleft()
             req.queued_bytes -= size
@@ -393,6 +404,8 @@ class WSStream:
         req = self.req
         if self.done.called or self.sink is None:
             return
+        if self.watchdog is not None:
+            self.watchdog.poke()
         self.sink.sse_event(text)
         kind = event_type(text)
         if kind in TERMINAL_EVENT_TYPES:
@@ -403,10 +416,17 @@ class WSStream:
             )
             self._complete()
 
+    def _stalled(self) -> None:
+        req = self.req
+        if req.mid_error is None:
+            req.mid_error = ("upstream_idle_timeout", f"upstream sent nothing for {self.watchdog.timeout:g}s")  # type: ignore[union-attr]
+        self.ended()
+
     def ended(self) -> None:
-        """The socket closed: without a terminal, end the turn with an error event."""
+        """The socket closed (or stalled): without a terminal, end the turn with an error event."""
         if self.done.called or self.sink is None:
             return
+        self._stop_watchdog()
         req = self.req
         if not req.terminal_seen:
             code, message = req.mid_error or (
@@ -418,9 +438,14 @@ class WSStream:
         req.finish(1000 if req.terminal_seen else 1011, forget=True)
         self.done.callback(None)
 
+    def _stop_watchdog(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
     def _complete(self) -> None:
         req = self.req
         assert self.sink is not None
+        self._stop_watchdog()
         self.sink.unregister_producer()
         if req.session_id and req.entry is not None and not req.close_persistent:
             req.finish()
@@ -430,6 +455,7 @@ class WSStream:
 
     def _cancel(self, _: Deferred[None]) -> None:
         """The consumer went away (client abort, idle timeout): close 1000 and forget."""
+        self._stop_watchdog()
         self.sink = None
         self.req.finish(1000, forget=True)
 

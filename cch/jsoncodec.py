@@ -1,0 +1,36 @@
+"""JSON the way the wire (and JavaScript) sees it: strict in, compact out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_encode_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse like ``JSON.parse``: no NaN/Infinity; absurd nesting is a ValueError, not a crash."""
+    try:
+        return _decoder.decode(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON with non-ASCII kept (what ``JSON.stringify`` writes)."""
+    return _encode(obj)
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """UTF-8 bytes of :func:`dumps`; text that cannot be UTF-8 (lone surrogates) is escaped."""
+    try:
+        return _encode(obj).encode("utf-8")
+    except UnicodeEncodeError:
+        return _encode_ascii(obj).encode("ascii")
