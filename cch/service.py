@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from cch.config import Config
@@ -33,12 +34,18 @@ class _Listener(Service):
         self.description = description
         self.site = site
         self.port: IListeningPort | None = None
+        self.failure: Failure | None = None
         self._waiting: list[Deferred[IListeningPort]] = []
 
     def startService(self) -> None:
         super().startService()
+        self.failure = None
         d = serverFromString(self.reactor, self.description).listen(self.site)
         d.addCallbacks(self._listening, self._failed)
+        if self.failure is not None:
+            # A port in use (or a bad interface) stops start-up here, so twistd reports it
+            # instead of running a gateway that listens nowhere.
+            self.failure.raiseException()
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -46,8 +53,9 @@ class _Listener(Service):
         for d in waiting:
             d.callback(port)
 
-    def _failed(self, failure: Any) -> None:
-        log.failure("server_listen_failed", failure, endpoint=self.description)
+    def _failed(self, failure: Failure) -> None:
+        log.error("server_listen_failed", endpoint=self.description, error=str(failure.value))
+        self.failure = failure
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(failure)
@@ -55,6 +63,8 @@ class _Listener(Service):
     def when_listening(self) -> Deferred[IListeningPort]:
         if self.port is not None:
             return succeed(self.port)
+        if self.failure is not None:
+            return fail(self.failure)
         d: Deferred[IListeningPort] = Deferred()
         self._waiting.append(d)
         return d
@@ -137,6 +147,24 @@ class GatewayService(MultiService):
     def when_listening(self) -> Deferred[IListeningPort]:
         return self.listener.when_listening()
 
+    async def _quiet(self) -> None:
+        """Until no client connection and no HTTP request is left."""
+        await self.edge_factory.wait_empty()
+        await self.handler.wait_idle()
+
+    async def _within(self, work: Any, seconds: float) -> bool:
+        """Wait for ``work`` (a coroutine or Deferred) at most ``seconds`` on the clock."""
+        d = Deferred.fromCoroutine(work) if not isinstance(work, Deferred) else work
+        timer = self.clock.callLater(seconds, d.cancel)
+        try:
+            await d
+        except CancelledError:
+            return False
+        finally:
+            if timer.active():
+                timer.cancel()
+        return True
+
     @property
     def base_url(self) -> str:
         """``http://host:port`` of the listener (after start)."""
@@ -148,9 +176,22 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        """Graceful drain (DESIGN "beyond" 4): readiness 503 and no new work; idle clients
+        closed 1001 now; turns in flight may finish until ``server.drain_timeout``; then
+        everyone is closed 1001; the upstream pool goes last."""
         self.gateway.draining = True
-        self.edge_factory.go_away(only_idle=False)
-        await self.edge_factory.wait_empty()
+        deadline = self.config.server.drain_timeout
+        log.info("shutdown_received", drainSeconds=deadline, live=len(self.edge_factory.live))
+        self.edge_factory.go_away(only_idle=True)
+        if not await self._within(self._quiet(), deadline):
+            log.warn("shutdown_drain_timeout", live=len(self.edge_factory.live), active=self.handler.active)
+            self.edge_factory.go_away(only_idle=False)
+            # Close frames get the Autobahn close handshake's time; then connections are cut.
+            if not await self._within(self.edge_factory.wait_empty(), 10.0):
+                self.edge_factory.abort_all()
+                await self.edge_factory.wait_empty()
+            # Cancelled turns release their requests as their sockets close.
+            await self._within(self.handler.wait_idle(), 10.0)
         await super().stopService()
         closing = [self.upstream.close(), self.ws_pool.close_all()]
         if isinstance(self.tunnel, HttpTunnel):

@@ -147,6 +147,7 @@ class EdgeConnection:
         self.pending_bytes = 0
         self.in_flight: _Turn | None = None
         self.closed = False
+        self.leaving = False  # draining: close 1001 as soon as no turn is in flight
         self.paused = False
         self.turns_started = 0
         self._draining = False
@@ -191,8 +192,17 @@ class EdgeConnection:
 
     # -- turns ----------------------------------------------------------------------------
 
+    def leave(self) -> None:
+        """The gateway is draining: let the turn in flight finish, then close 1001."""
+        self.leaving = True
+        if self.in_flight is None:
+            self.close(CLOSE_GOING_AWAY, "going_away")
+
     def _drain(self) -> None:
         if self._draining:
+            return
+        if self.leaving and self.in_flight is None:
+            self.close(CLOSE_GOING_AWAY, "going_away")
             return
         self._draining = True
         try:

@@ -75,13 +75,20 @@ class EdgeFactory(WebSocketServerFactory):
         for hook in self.session_closed_hooks:
             hook(edge.session_id)
 
-    def go_away(self, only_idle: bool) -> int:
-        """Close connections 1001 (idle ones only, or all); returns how many were closed."""
-        count = 0
+    def go_away(self, only_idle: bool) -> None:
+        """Draining: with ``only_idle`` close idle connections 1001 now and the others as soon
+        as their turn in flight ends; without it close every connection 1001 now."""
         for proto in list(self.live):
             edge = proto.edge
-            if edge is None or edge.closed or (only_idle and not edge.idle):
+            if edge is None or edge.closed:
                 continue
-            edge.close(CLOSE_GOING_AWAY, "going_away")
-            count += 1
-        return count
+            if only_idle:
+                edge.leave()
+            else:
+                edge.close(CLOSE_GOING_AWAY, "going_away")
+
+    def abort_all(self) -> None:
+        """Last resort at shutdown: drop connections whose close handshake never finished."""
+        for proto in list(self.live):
+            if proto.transport is not None:
+                proto.transport.abortConnection()

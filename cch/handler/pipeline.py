@@ -59,6 +59,7 @@ class ResponsesHandler:
         self.unsupported = unsupported or UnsupportedCache(clock)
         self.ws_enabled = ws_enabled
         self.active = 0  # requests in progress (leak checks, drain, metrics)
+        self._idle_waiters: list[Deferred[None]] = []
         self.ws_stats: Counter[str] = Counter()  # attempts, connected, reused, fallback:<reason>
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
@@ -70,7 +71,20 @@ class ResponsesHandler:
 
     def _done(self, result: Any) -> Any:
         self.active -= 1
+        if self.active == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
         return result
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fires when no request is in progress (immediately if none is)."""
+        d: Deferred[None] = Deferred()
+        if self.active == 0:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
 
     async def _handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> None:
         allowed, key = self.keys.authenticate(ctx.headers)
