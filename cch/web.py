@@ -43,6 +43,27 @@ def _json(request: Request, status: int, body: bytes | dict[str, Any]) -> bytes:
     return body
 
 
+class JsonResource(Resource):
+    """A resource whose every answer, an unsupported method included, is JSON."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        method = request.method.decode("ascii", errors="replace")
+        handler = getattr(self, f"render_{method}", None)
+        if handler is None and method == "HEAD":
+            handler = getattr(self, "render_GET", None)
+        if handler is None:
+            allowed = sorted(name[len("render_"):] for name in dir(self) if name.startswith("render_"))
+            request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
+            return _json(
+                request,
+                405,
+                errors.error_body(f"Method {method} is not allowed here.", "invalid_request_error", "method_not_allowed"),
+            )
+        return handler(request)
+
+
 class HttpResponseSink:
     """Writes a handler's response to a plain HTTP request: SSE events or one JSON body."""
 
@@ -81,10 +102,8 @@ class HttpResponseSink:
                 self.request.unregisterProducer()
 
 
-class ResponsesResource(Resource):
+class ResponsesResource(JsonResource):
     """``/v1/responses``: POST runs the pipeline; a WebSocket upgrade goes to the edge."""
-
-    isLeaf = True
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
@@ -182,9 +201,7 @@ class ResponsesResource(Resource):
             request.channel.transport.abortConnection()
 
 
-class ModelsResource(Resource):
-    isLeaf = True
-
+class ModelsResource(JsonResource):
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
         self.gateway = gateway
@@ -197,16 +214,12 @@ class ModelsResource(Resource):
         return _json(request, 200, {"object": "list", "data": data})
 
 
-class HealthResource(Resource):
-    isLeaf = True
-
+class HealthResource(JsonResource):
     def render_GET(self, request: Request) -> bytes:
         return _json(request, 200, {"status": "ok"})
 
 
-class ReadyResource(Resource):
-    isLeaf = True
-
+class ReadyResource(JsonResource):
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
         self.gateway = gateway
