@@ -36,6 +36,7 @@ __all__ = [
     "ServerConfig",
     "TunnelConfig",
     "UpstreamWebSocketConfig",
+    "ContinuityConfig",
     "config_schema",
     "demo_config",
     "is_loopback_endpoint",
@@ -116,6 +117,17 @@ class UpstreamWebSocketConfig:
     idle_timeout: float = 3900.0
     unsupported_ttl: float = 300.0
     max_buffer_bytes: int = 8 * 1024 * 1024
+    # Retire an idle retained socket this old before the next turn (OpenAI caps a socket at
+    # 60 minutes); the turn is made whole by transcript replay.
+    max_socket_age: float = 3300.0
+
+
+@dataclass(frozen=True)
+class ContinuityConfig:
+    enabled: bool = True  # keep transcripts; replay, local warm-up, canonical errors
+    max_bytes_per_connection: int = 16 * 1024 * 1024
+    max_responses_per_connection: int = 256
+    max_sessions: int = 4096  # transcripts kept at once (HTTP-tunnel sessions included)
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,7 @@ class Config:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     upstream_websocket: UpstreamWebSocketConfig = field(default_factory=UpstreamWebSocketConfig)
+    continuity: ContinuityConfig = field(default_factory=ContinuityConfig)
     source: str = "<defaults>"  # where it came from, for messages
 
     @property
@@ -270,6 +283,7 @@ _SECTIONS: dict[str, type] = {
     "breaker": BreakerConfig,
     "tunnel": TunnelConfig,
     "upstream_websocket": UpstreamWebSocketConfig,
+    "continuity": ContinuityConfig,
 }
 _ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig}
 
@@ -633,6 +647,7 @@ def _build(
         breaker=_make(BreakerConfig, values["breaker"]),
         tunnel=_make(TunnelConfig, tunnel),
         upstream_websocket=_make(UpstreamWebSocketConfig, values["upstream_websocket"]),
+        continuity=_make(ContinuityConfig, values["continuity"]),
         source=source,
     )
 

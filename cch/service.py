@@ -17,6 +17,7 @@ from cch.edge.factory import EdgeFactory
 from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
+from cch.transcript import TranscriptStore
 from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
 from cch.upstream.pool import UpstreamWSPool
@@ -92,6 +93,12 @@ class GatewayService(MultiService):
         ws_config = config.upstream_websocket
         self.ws_pool = UpstreamWSPool(reactor, clock, ws_config)
         self.unsupported = UnsupportedCache(clock, ws_config.unsupported_ttl)
+        kept = config.continuity
+        self.transcripts = (
+            TranscriptStore(kept.max_bytes_per_connection, kept.max_responses_per_connection, kept.max_sessions)
+            if kept.enabled
+            else None
+        )
         self.handler = ResponsesHandler(
             keys=self.keys,
             router=self.router,
@@ -101,6 +108,7 @@ class GatewayService(MultiService):
             ws_pool=self.ws_pool,
             unsupported=self.unsupported,
             ws_enabled=ws_config.enabled,
+            transcripts=self.transcripts,
         )
         if config.tunnel.mode == "http":
             self.tunnel: InProcessTunnel | HttpTunnel = HttpTunnel(
@@ -112,6 +120,8 @@ class GatewayService(MultiService):
             tunnel=self.tunnel, limits=config.limits, clock=clock, reactor=reactor
         )
         self.edge_factory.session_closed_hooks.append(self.ws_pool.cleanup)
+        if self.transcripts is not None:
+            self.edge_factory.session_closed_hooks.append(self.transcripts.drop)
         self.gateway = Gateway(
             keys=self.keys,
             router=self.router,

@@ -17,6 +17,7 @@ from cch.config import (
     ClientKey,
     Config,
     ConfigError,
+    ContinuityConfig,
     LimitsConfig,
     ProviderConfig,
     ServerConfig,
@@ -247,14 +248,14 @@ def test_non_utf8_file_is_refused() -> None:
 
 def test_unknown_table_names_file_and_table_and_lists_allowed() -> None:
     assert error("[sever]\nlisten = 'tcp:1'\n") == (
-        "cch.toml: sever: unknown table (allowed tables: breaker, keys, limits, providers, server, "
+        "cch.toml: sever: unknown table (allowed tables: breaker, continuity, keys, limits, providers, server, "
         "tunnel, upstream_websocket)"
     )
 
 
 def test_unknown_top_level_key_is_refused() -> None:
     assert error('listen = "tcp:1"\n').startswith(
-        "cch.toml: listen: unknown top-level key (allowed tables: breaker, keys,"
+        "cch.toml: listen: unknown top-level key (allowed tables: breaker, continuity, keys,"
     )
 
 
@@ -972,6 +973,7 @@ SECTION_CLASSES = {
     "breaker": BreakerConfig,
     "tunnel": TunnelConfig,
     "upstream_websocket": UpstreamWebSocketConfig,
+    "continuity": ContinuityConfig,
     "keys[]": ClientKey,
     "providers[]": ProviderConfig,
 }

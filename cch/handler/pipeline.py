@@ -13,15 +13,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from cch.config import LimitsConfig
-from cch.handler import errors
+from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
+from cch.handler.continuity import RecordingSink
 from cch.handler.outbound import upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
 from cch.jsoncodec import dumps_bytes
+from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
 from cch.upstream.eligibility import evaluate
 from cch.upstream.http import HttpUpstream, collect_body, read_body
-from cch.upstream.pool import UpstreamWSPool, WSFailure
+from cch.upstream.pool import UpstreamWSPool, WSFailure, WSStream
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
 
@@ -49,6 +51,7 @@ class ResponsesHandler:
         ws_pool: UpstreamWSPool | None = None,
         unsupported: UnsupportedCache | None = None,
         ws_enabled: bool = True,
+        transcripts: TranscriptStore | None = None,
     ) -> None:
         self.keys = keys
         self.router = router
@@ -58,6 +61,7 @@ class ResponsesHandler:
         self.ws_pool = ws_pool
         self.unsupported = unsupported or UnsupportedCache(clock)
         self.ws_enabled = ws_enabled
+        self.transcripts = transcripts
         self.active = 0  # requests in progress (leak checks, drain, metrics)
         self._idle_waiters: list[Deferred[None]] = []
         self.ws_stats: Counter[str] = Counter()  # attempts, connected, reused, fallback:<reason>
@@ -98,20 +102,52 @@ class ResponsesHandler:
         if not candidates:
             sink.json_body(*errors.no_provider(model), JSON)
             return
-        payload = dumps_bytes(body)
+        transcript = (
+            self.transcripts.get(ctx.ws_session) if self.transcripts is not None and ctx.ws_session else None
+        )
         last: tuple[int, bytes, str] | None = None
         for attempt, provider in enumerate(candidates, start=1):
-            if await self._websocket_attempt(ctx, provider, body, sink, attempt):
+            if await self._websocket_attempt(ctx, provider, body, sink, attempt, transcript):
                 return
-            outcome = await self._attempt(ctx, provider, payload, stream, sink, attempt)
+            if transcript is not None and continuity.wants_local_warmup(transcript, body):
+                self._local_warmup(body, sink, transcript, provider)
+                return
+            send, lost = continuity.prepare(transcript, body, provider.name, None)
+            if send is None:
+                _send_events(sink, [lost])
+                return
+            target = sink
+            if transcript is not None:
+                target = RecordingSink(sink, transcript, body, Origin(provider.name, "http", None, _stored(body)))
+            outcome = await self._attempt(ctx, provider, send, stream, target, attempt, transcript)
             if outcome is None:
                 return
             last = outcome
         assert last is not None
         sink.json_body(*last)
 
+    def _local_warmup(self, body: dict[str, Any], sink: ResponseSink, transcript: Transcript, provider: Provider) -> None:
+        """Answer a ``generate:false`` warm-up here: HTTP upstreams cannot keep it anyway."""
+        response_id, events = continuity.warmup_events(body)
+        previous = body.get("previous_response_id")
+        transcript.add(
+            response_id,
+            previous if isinstance(previous, str) else None,
+            as_items(body.get("input")),
+            [],
+            Origin(provider.name, "local", None, False),
+        )
+        log.info("continuity_local_warmup", provider=provider.name)
+        _send_events(sink, events)
+
     async def _websocket_attempt(
-        self, ctx: RequestContext, provider: Provider, body: dict[str, Any], sink: ResponseSink, attempt: int
+        self,
+        ctx: RequestContext,
+        provider: Provider,
+        body: dict[str, Any],
+        sink: ResponseSink,
+        attempt: int,
+        transcript: Transcript | None,
     ) -> bool:
         """Try the provider's Responses WebSocket; False means "use HTTP for this attempt".
 
@@ -127,19 +163,32 @@ class ResponsesHandler:
                 self.ws_stats["fallback:" + verdict.downgrade_reason] += 1
                 log.debug("upstream_ws_downgraded", provider=provider.name, reason=verdict.downgrade_reason, request_id=ctx.request_id)
             return False
-        frame = {"type": "response.create"}
-        frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
+        target = {
+            "provider": provider.name,
+            "endpoint": None,
+            "url": ws_url(upstream_url(provider.base_url)),
+            "headers": upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
+            "session_id": ctx.ws_session,
+        }
+        socket = pool.peek(**target)
+        send, lost = continuity.prepare(
+            transcript, body, provider.name, continuity.NEW_SOCKET if socket is None else socket
+        )
+        if send is None:
+            _send_events(sink, [lost])
+            return True
         self.ws_stats["attempts"] += 1
         provider.breaker.attempt_started()
         try:
-            stream = await pool.request(
-                provider=provider.name,
-                endpoint=None,
-                url=ws_url(upstream_url(provider.base_url)),
-                headers=upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
-                frame=dumps_bytes(frame).decode("utf-8"),
-                session_id=ctx.ws_session,
-            )
+            stream = await pool.request(frame=_ws_frame(send), **target)
+            if transcript is not None and send is body and _lost_previous(stream):
+                # The upstream forgot what it had: make the turn whole from the transcript.
+                stream.discard()
+                send, lost = continuity.replay(transcript, body)
+                if send is None:
+                    _send_events(sink, [lost])
+                    return True
+                stream = await pool.request(frame=_ws_frame(send), **target)
         except WSFailure as failure:
             if failure.cacheable:
                 self.unsupported.mark(provider.name, None, failure.reason)
@@ -175,6 +224,9 @@ class ResponsesHandler:
             reused=stream.reused,
             request_id=ctx.request_id,
         )
+        if transcript is not None:
+            origin = Origin(provider.name, "websocket", stream.socket_id, _stored(body))
+            sink = RecordingSink(sink, transcript, body, origin)
         await stream.deliver(sink, provider.config.idle_timeout)
         return True
 
@@ -182,10 +234,11 @@ class ResponsesHandler:
         self,
         ctx: RequestContext,
         provider: Provider,
-        payload: bytes,
+        body: dict[str, Any],
         stream: bool,
         sink: ResponseSink,
         attempt: int,
+        transcript: Transcript | None = None,
     ) -> tuple[int, bytes, str] | None:
         """Try one provider. None when the response went to the sink; otherwise the error to
         report if no later provider does better."""
@@ -196,7 +249,7 @@ class ResponsesHandler:
             response = await self.upstream.post(
                 upstream_url(provider.base_url),
                 upstream_headers(ctx.headers, provider, stream=stream),
-                payload,
+                dumps_bytes(body),
                 connect_timeout=config.connect_timeout,
                 first_byte_timeout=config.first_byte_timeout,
             )
@@ -227,6 +280,23 @@ class ResponsesHandler:
             body = await collect_body(response, self.clock, idle_timeout=config.idle_timeout)
             return response.code, body, content_type
         breaker.record_success()
+        if (
+            response.code == 400
+            and transcript is not None
+            and isinstance(body.get("previous_response_id"), str)
+            and transcript.knows(body["previous_response_id"])
+        ):
+            content_type = (response.headers.getRawHeaders("content-type") or [JSON])[0]
+            error = await collect_body(response, self.clock, idle_timeout=config.idle_timeout)
+            if not continuity.is_previous_not_found(error):
+                sink.json_body(400, error, content_type)
+                return None
+            # The upstream lost the chain it was expected to hold: replay it once.
+            send, lost = continuity.replay(transcript, body)
+            if send is None:
+                _send_events(sink, [lost])
+                return None
+            return await self._attempt(ctx, provider, send, stream, sink, attempt)
         log.info(
             "upstream_attempt_started",
             provider=provider.name,
@@ -243,3 +313,28 @@ class ResponsesHandler:
             max_json_bytes=self.limits.max_json_response_bytes,
         )
         return None
+
+
+def _stored(body: dict[str, Any]) -> bool:
+    """Responses are stored upstream unless the request said ``store: false``."""
+    return body.get("store") is not False
+
+
+def _ws_frame(body: dict[str, Any]) -> str:
+    """The upstream frame: ``type`` first, transport-only fields removed (reference §6.4)."""
+    frame: dict[str, Any] = {"type": "response.create"}
+    frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
+    return dumps_bytes(frame).decode("utf-8")
+
+
+def _lost_previous(stream: WSStream) -> bool:
+    first = stream.first_event()
+    return first is not None and continuity.is_previous_not_found(first)
+
+
+def _send_events(sink: ResponseSink, events: list[str | None]) -> None:
+    """A response the gateway makes itself: a short event stream."""
+    sink.sse_started(200, {"content-type": "text/event-stream"})
+    for event in events:
+        if event is not None:
+            sink.sse_event(event)

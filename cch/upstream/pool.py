@@ -74,9 +74,27 @@ class UpstreamWSPool:
         self.max_entries = config.pool_max_entries
         self.entries: dict[str, PoolEntry] = {}
         self.sockets: set[UpstreamConnection] = set()  # every live socket, retained or not
-        self.stats = {"connects": 0, "reuses": 0, "busy_fresh": 0, "pruned": 0, "idle_closed": 0}
+        self.stats = {"connects": 0, "reuses": 0, "busy_fresh": 0, "pruned": 0, "idle_closed": 0, "rotated": 0}
 
     # -- acquiring ------------------------------------------------------------------------
+
+    def _aged(self, entry: PoolEntry) -> bool:
+        return self.clock.seconds() - entry.created_at >= self.config.max_socket_age
+
+    def peek(
+        self, *, provider: str, endpoint: str | None, url: str, headers: dict[str, str], session_id: str | None
+    ) -> int | None:
+        """The id of the socket :meth:`request` would reuse right now, or None for a new one."""
+        entry = self.entries.get(session_id) if session_id else None
+        if (
+            entry is not None
+            and not entry.active
+            and entry.conn.state == OPEN
+            and not self._aged(entry)
+            and entry.fingerprint == fingerprint(provider, endpoint, url, headers)
+        ):
+            return entry.conn.id
+        return None
 
     def request(
         self,
@@ -98,7 +116,7 @@ class UpstreamWSPool:
                 self.stats["busy_fresh"] += 1
                 retainable = False
                 entry = None
-            elif entry.fingerprint == print_ and entry.conn.state == OPEN:
+            elif entry.fingerprint == print_ and entry.conn.state == OPEN and not self._aged(entry):
                 entry.active = True
                 entry.last_used_at = self.clock.seconds()
                 entry.reuses += 1
@@ -108,6 +126,10 @@ class UpstreamWSPool:
                 req.start()
                 return req.result
             else:
+                if entry.conn.state == OPEN and self._aged(entry):
+                    # Retire it before the provider's connection-age cap does it mid-turn.
+                    log.info("upstream_ws_session_rotated", sessionId=session_id)
+                    self.stats["rotated"] += 1
                 self._forget(entry)
                 entry.conn.safe_close(1000)
                 entry = None
@@ -376,6 +398,19 @@ class WSStream:
     @property
     def reused(self) -> bool:
         return self.req.reused
+
+    @property
+    def socket_id(self) -> int:
+        return self.req.conn.id
+
+    def first_event(self) -> str | None:
+        """The first upstream event, while it has not been delivered yet."""
+        return self.req.queue[0][0] if self.req.queue and self.sink is None else None
+
+    def discard(self) -> None:
+        """Do not deliver this response: retire the socket (1000) and release everything."""
+        if not self.done.called:
+            self.req.finish(1000, forget=True)
 
     def deliver(self, sink: ResponseSink, idle_timeout: float | None = None) -> Deferred[None]:
         """Replay what is queued, then forward live events until a terminal (or the end).

@@ -9,6 +9,7 @@ socket for a request attaches as its ``consumer`` and receives ``ws_opened``/``w
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -97,6 +98,9 @@ class _ClientProtocol(WebSocketClientProtocol):
         self.owner._closed(code, reason, wasClean, status, getattr(self, "wasNotCleanReason", None))
 
 
+_ids = itertools.count(1)
+
+
 class UpstreamConnection:
     """A single upstream socket and its lifecycle."""
 
@@ -110,6 +114,7 @@ class UpstreamConnection:
         handshake_timeout: float,
         max_message_bytes: int = 0,
     ) -> None:
+        self.id = next(_ids)
         self.reactor = reactor
         self.clock = clock
         self.url = url
