@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from cch.config import LimitsConfig
+from cch.events import event_type
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
 from cch.handler.continuity import RecordingSink
@@ -23,7 +24,7 @@ from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
 from cch.upstream.eligibility import evaluate
 from cch.upstream.http import HttpUpstream, collect_body, read_body
-from cch.upstream.pool import UpstreamWSPool, WSFailure, WSStream
+from cch.upstream.pool import CONNECTION_LIMIT, UpstreamWSPool, WSFailure, WSStream
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
 
@@ -181,10 +182,18 @@ class ResponsesHandler:
         provider.breaker.attempt_started()
         try:
             stream = await pool.request(frame=_ws_frame(send), **target)
-            if transcript is not None and send is body and _lost_previous(stream):
-                # The upstream forgot what it had: make the turn whole from the transcript.
+            problem = _first_event_problem(stream)
+            if problem == "limit" or (
+                problem == "previous" and send is body and transcript is not None and transcript.knows(body["previous_response_id"])
+            ):
+                # The socket hit its age cap, or the upstream forgot what it held: take a fresh
+                # socket and make the turn whole from the transcript, so the client never sees it.
                 stream.discard()
-                send, lost = continuity.replay(transcript, body)
+                self.ws_stats["retried:" + problem] += 1
+                if problem == "limit":
+                    send, lost = continuity.prepare(transcript, body, provider.name, continuity.NEW_SOCKET)
+                else:
+                    send, lost = continuity.replay(transcript, body)  # type: ignore[arg-type]
                 if send is None:
                     _send_events(sink, [lost])
                     return True
@@ -327,9 +336,17 @@ def _ws_frame(body: dict[str, Any]) -> str:
     return dumps_bytes(frame).decode("utf-8")
 
 
-def _lost_previous(stream: WSStream) -> bool:
+def _first_event_problem(stream: WSStream) -> str | None:
+    """"limit" (the 60-minute cap) or "previous" (unknown previous_response_id) when the
+    upstream's first event is that error, else None."""
     first = stream.first_event()
-    return first is not None and continuity.is_previous_not_found(first)
+    if first is None or event_type(first) != "error":
+        return None
+    if continuity.is_previous_not_found(first):
+        return "previous"
+    if CONNECTION_LIMIT in first:
+        return "limit"
+    return None
 
 
 def _send_events(sink: ResponseSink, events: list[str | None]) -> None:

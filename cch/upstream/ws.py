@@ -80,6 +80,12 @@ class _ClientProtocol(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.owner._message(payload)
 
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        # The upstream is closing: never hand this socket to another request meanwhile.
+        if self.owner.state == OPEN:
+            self.owner.state = CLOSING
+        return super().onCloseFrame(code, reasonRaw)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         status = None
         line = getattr(self, "http_status_line", None)
