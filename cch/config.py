@@ -57,6 +57,8 @@ class ServerConfig:
     listen: str = "tcp:8080:interface=127.0.0.1"  # Twisted server endpoint string
     websocket: bool = True  # client WebSocket edge on; off -> upgrades answered 426
     drain_timeout: float = 30.0  # seconds in-flight turns may finish on stop
+    metrics_listen: str | None = None  # separate endpoint for GET /metrics (no auth there)
+    admin_token: str | None = None  # Bearer token for /metrics on the main port
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,8 @@ def _listen(description: str) -> str | None:
 
 _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ServerConfig, "listen"): _listen,
+    (ServerConfig, "metrics_listen"): _listen,
+    (ServerConfig, "admin_token"): _client_key,
     (ClientKey, "name"): _not_empty,
     (ClientKey, "key"): _client_key,
     (ProviderConfig, "name"): _not_empty,

@@ -17,12 +17,13 @@ from cch.edge.factory import EdgeFactory
 from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
+from cch.metrics import Metrics, gateway_figures
 from cch.transcript import TranscriptStore
 from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
 from cch.upstream.pool import UpstreamWSPool
 from cch.upstream.unsupported import UnsupportedCache
-from cch.web import Gateway, build_root
+from cch.web import Gateway, build_metrics_root, build_root
 
 log = Logger()
 
@@ -116,9 +117,12 @@ class GatewayService(MultiService):
             )
         else:
             self.tunnel = InProcessTunnel(self.handler)
+        self.metrics = Metrics()
         self.edge_factory = EdgeFactory(
-            tunnel=self.tunnel, limits=config.limits, clock=clock, reactor=reactor
+            tunnel=self.tunnel, limits=config.limits, clock=clock, reactor=reactor, stats=self.metrics
         )
+        self.metrics.open_connections.set_function(lambda: len(self.edge_factory.live))
+        self.metrics.watch(gateway_figures(self))
         self.edge_factory.session_closed_hooks.append(self.ws_pool.cleanup)
         if self.transcripts is not None:
             self.edge_factory.session_closed_hooks.append(self.transcripts.drop)
@@ -130,11 +134,19 @@ class GatewayService(MultiService):
             limits=config.limits,
             secret=config.tunnel.secret,
             websocket_enabled=config.server.websocket,
+            metrics=self.metrics,
+            admin_token=config.server.admin_token,
         )
         self.site = Site(build_root(self.gateway))
         self.site.displayTracebacks = False
         self.listener = _Listener(reactor, config.server.listen, self.site)
         self.listener.setServiceParent(self)
+        self.metrics_listener: _Listener | None = None
+        if config.server.metrics_listen:
+            metrics_site = Site(build_metrics_root(self.gateway))
+            metrics_site.displayTracebacks = False
+            self.metrics_listener = _Listener(reactor, config.server.metrics_listen, metrics_site)
+            self.metrics_listener.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()

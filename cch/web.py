@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import uuid
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -18,10 +20,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 from cch import secret as markers
 from cch.edge.factory import EdgeFactory
 from cch.handler import errors
-from cch.handler.auth import KeyRing
+from cch.handler.auth import KeyRing, presented_key
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.jsoncodec import loads
+from cch.metrics import Metrics
 from cch.sse import encode_event
 from cch.turn import RequestContext
 
@@ -230,6 +233,38 @@ class ReadyResource(JsonResource):
         return _json(request, 200, {"status": "ready"})
 
 
+class MetricsResource(JsonResource):
+    """``GET /metrics``: open on its own listener; on the main port it needs the admin token
+    (or, with no client keys configured, the loopback-only gateway is open anyway)."""
+
+    def __init__(self, gateway: Gateway, *, open_access: bool = False) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.open_access = open_access
+
+    def render_GET(self, request: Request) -> bytes:
+        if not self.open_access and not self._allowed(request):
+            return _json(
+                request,
+                403,
+                errors.error_body(
+                    "Metrics need 'Authorization: Bearer <server.admin_token>' here, "
+                    "or a separate server.metrics_listen endpoint.",
+                    "permission_error",
+                    "metrics_forbidden",
+                ),
+            )
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.gateway.metrics.render()
+
+    def _allowed(self, request: Request) -> bool:
+        token = self.gateway.admin_token
+        if token is None:
+            return not self.gateway.keys.required
+        presented = presented_key(_lower_headers(request))
+        return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
+
+
 class NotFound(Resource):
     isLeaf = True
 
@@ -260,6 +295,8 @@ class Gateway:
         limits: Any,
         secret: str,
         websocket_enabled: bool,
+        metrics: Metrics,
+        admin_token: str | None = None,
     ) -> None:
         self.keys = keys
         self.router = router
@@ -268,6 +305,8 @@ class Gateway:
         self.limits = limits
         self.secret = secret
         self.websocket_enabled = websocket_enabled
+        self.metrics = metrics
+        self.admin_token = admin_token
         self.draining = False
 
 
@@ -279,5 +318,13 @@ def build_root(gateway: Gateway) -> Resource:
     v1.putChild(b"models", ModelsResource(gateway))
     root.putChild(b"healthz", HealthResource())
     root.putChild(b"readyz", ReadyResource(gateway))
+    root.putChild(b"metrics", MetricsResource(gateway))
+    return root
+
+
+def build_metrics_root(gateway: Gateway) -> Resource:
+    """The tree of the separate metrics listener: only ``/metrics``, no auth."""
+    root = _Dir()
+    root.putChild(b"metrics", MetricsResource(gateway, open_access=True))
     return root
 

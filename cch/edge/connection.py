@@ -27,6 +27,7 @@ from cch.edge.frames import (
     translate_json_response,
     translate_sse_data,
 )
+from cch.metrics import EdgeStats
 from cch.turn import Tunnel, TurnRequest, TurnTransportError
 
 log = Logger()
@@ -42,8 +43,8 @@ CLOSE_INTERNAL_ERROR = 1011
 class EdgeChannel(Protocol):
     """What a connection needs from its transport."""
 
-    def send_text(self, text: str) -> bool | None:
-        """Queue a text frame; False when the socket is no longer open."""
+    def send_text(self, text: str) -> int | None:
+        """Queue a text frame; the bytes written, 0 when the socket is no longer open."""
 
     def send_close(self, code: int, reason: str) -> None: ...
 
@@ -60,6 +61,11 @@ class _Turn:
         self.producer: IPushProducer | None = None
         self.dead = False
         self.sent = False  # has any frame of this turn reached the client?
+        self.reported = False
+        self.started_at = conn.clock.seconds()
+        self.first_event_at: float | None = None
+        self.frames = 0
+        self.bytes = 0
 
     # ResponseSink
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
@@ -91,11 +97,16 @@ class _Turn:
     def _send(
         self, frame: OutFrame, source: str, *, status: int | None = None, synthesized: bool = False
     ) -> None:
-        self.sent = True
-        if self.conn.channel.send_text(frame.text) is False:
+        written = self.conn.channel.send_text(frame.text)
+        if written == 0:
             log.warn("ws_send_failed", reason="outbound_socket_closed")
             self.conn.close(CLOSE_INTERNAL_ERROR, "outbound_socket_closed")
             return
+        if not self.sent:
+            self.sent = True
+            self.first_event_at = self.conn.clock.seconds()
+        self.frames += 1
+        self.bytes += written if written is not None else len(frame.text)
         if frame.terminal is not None and not self.terminal_seen:
             self.terminal_seen = True
             self.terminal_type = None if synthesized else frame.terminal
@@ -134,6 +145,7 @@ class EdgeConnection:
         query_model: str | None = None,
         session_id: str | None = None,
         on_close_decided: Callable[[EdgeConnection], None] | None = None,
+        stats: EdgeStats | None = None,
     ) -> None:
         self.channel = channel
         self.tunnel = tunnel
@@ -143,6 +155,7 @@ class EdgeConnection:
         self.query_model = query_model
         self.session_id = session_id or str(uuid.uuid4())
         self._on_close_decided = on_close_decided
+        self.stats = stats if stats is not None else EdgeStats()
         self.pending: deque[tuple[str, int]] = deque()
         self.pending_bytes = 0
         self.in_flight: _Turn | None = None
@@ -159,6 +172,7 @@ class EdgeConnection:
         """A text message arrived: queue it behind the turn in flight (§2.4)."""
         if self.closed:
             return
+        self.stats.frame_in(size)
         limits = self.limits
         if (
             len(self.pending) >= limits.max_pending_frames
@@ -170,6 +184,7 @@ class EdgeConnection:
                 pendingBytes=self.pending_bytes,
                 attemptedFrameSize=size,
             )
+            self.stats.overflow()
             self.close(
                 CLOSE_POLICY_VIOLATION,
                 "too_many_requests",
@@ -229,7 +244,7 @@ class EdgeConnection:
         try:
             body = parse_client_frame(text, self.query_model)
         except FrameRejected as rejected:
-            self.channel.send_text(error_frame(rejected.code, rejected.message))
+            self._send_error(error_frame(rejected.code, rejected.message))
             return
         model = body.get("model")
         log.info(
@@ -240,6 +255,7 @@ class EdgeConnection:
         )
         turn = _Turn(self, self.turns_started)
         self.in_flight = turn
+        self.stats.turn_started()
         request = TurnRequest(
             session_id=self.session_id,
             headers=self.headers,
@@ -294,7 +310,17 @@ class EdgeConnection:
         self._release(turn)
         self.close(CLOSE_INTERNAL_ERROR, code, error=(code, message))
 
+    def _report(self, turn: _Turn) -> None:
+        """Account for a turn once, whichever way it ends."""
+        if turn.reported:
+            return
+        turn.reported = True
+        first = turn.first_event_at - turn.started_at if turn.first_event_at is not None else None
+        terminal = turn.terminal_type or ("response.completed" if turn.terminal_seen else None)
+        self.stats.turn_finished(terminal, self.clock.seconds() - turn.started_at, first, turn.frames, turn.bytes)
+
     def _release(self, turn: _Turn) -> None:
+        self._report(turn)
         turn.dead = True
         turn.producer = None
         if self.in_flight is turn:
@@ -309,10 +335,16 @@ class EdgeConnection:
         if self.closed:
             return
         self._stop_everything()
+        self.stats.closed(code, reason)
         log.info("ws_client_close_initiated", code=code, reason=reason)
         if error is not None:
-            self.channel.send_text(error_frame(*error))
+            self._send_error(error_frame(*error))
         self.channel.send_close(code, reason)
+
+    def _send_error(self, text: str) -> None:
+        """An error frame outside any turn's response."""
+        written = self.channel.send_text(text)
+        self.stats.frame_out(written if written is not None else len(text))
 
     def connection_lost(self) -> None:
         """The socket is gone (client close, TCP drop, 1009, ...): finalize (§2.12)."""
@@ -325,6 +357,7 @@ class EdgeConnection:
         self.closed = True
         turn, self.in_flight = self.in_flight, None
         if turn is not None:
+            self._report(turn)
             turn.cancel()
             log.debug("ws_turn_resources_released", turnId=turn.turn_id)
         if self.pending:

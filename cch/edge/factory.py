@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from cch.config import LimitsConfig
 from cch.edge.connection import CLOSE_GOING_AWAY, EdgeConnection
 from cch.edge.protocol import EdgeProtocol
+from cch.metrics import EdgeStats
 from cch.turn import Tunnel
 
 log = Logger()
@@ -30,8 +31,10 @@ class EdgeFactory(WebSocketServerFactory):
         limits: LimitsConfig,
         clock: IReactorTime,
         reactor: Any = None,
+        stats: EdgeStats | None = None,
     ) -> None:
         super().__init__(reactor=reactor)
+        self.stats = stats if stats is not None else EdgeStats()
         self.tunnel = tunnel
         self.limits = limits
         self.clock = clock

@@ -74,6 +74,7 @@ class EdgeProtocol(WebSocketServerProtocol):
             headers=forwardable_headers(request.headers),
             query_model=model[0] if model else None,
             on_close_decided=self.factory.close_decided,
+            stats=self.factory.stats,
         )
         transport.registerProducer(self.edge, True)
         self.factory.connection_opened(self)
@@ -125,11 +126,12 @@ class EdgeProtocol(WebSocketServerProtocol):
             self.factory.connection_closed(self)
 
     # EdgeChannel
-    def send_text(self, text: str) -> bool:
+    def send_text(self, text: str) -> int:
         if self.state != self.STATE_OPEN:
-            return False
-        self.sendMessage(text.encode("utf-8"), isBinary=False)
-        return True
+            return 0
+        payload = text.encode("utf-8")
+        self.sendMessage(payload, isBinary=False)
+        return len(payload)
 
     def send_close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:

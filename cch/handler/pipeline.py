@@ -65,6 +65,7 @@ class ResponsesHandler:
         self.transcripts = transcripts
         self.active = 0  # requests in progress (leak checks, drain, metrics)
         self._idle_waiters: list[Deferred[None]] = []
+        self.http_attempts = 0
         self.ws_stats: Counter[str] = Counter()  # attempts, connected, reused, fallback:<reason>
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
@@ -254,6 +255,7 @@ class ResponsesHandler:
         config = provider.config
         breaker = provider.breaker
         breaker.attempt_started()
+        self.http_attempts += 1
         try:
             response = await self.upstream.post(
                 upstream_url(provider.base_url),

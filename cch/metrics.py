@@ -1,0 +1,136 @@
+"""Prometheus metrics (``GET /metrics``).
+
+The per-event path touches no metric: connections count per turn in plain integers and report
+once when the turn ends; pool, pipeline and breaker figures are read at scrape time. Each
+service has its own registry, so embedding programs (and tests) never collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class EdgeStats:
+    """What a client connection reports; the no-op base is what unit tests use."""
+
+    def frame_in(self, size: int) -> None: ...
+
+    def frame_out(self, size: int) -> None: ...
+
+    def turn_started(self) -> None: ...
+
+    def turn_finished(self, terminal: str | None, seconds: float, first_event: float | None, frames: int, size: int) -> None: ...
+
+    def closed(self, code: int, reason: str) -> None: ...
+
+    def overflow(self) -> None: ...
+
+
+class Metrics(EdgeStats):
+    """The gateway's metrics and their registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.frames = Counter("cch_client_frames", "WebSocket frames, by direction.", ["direction"], registry=r)
+        self.bytes = Counter("cch_client_bytes", "WebSocket payload bytes, by direction.", ["direction"], registry=r)
+        self.turns_started = Counter("cch_turns_started", "Turns started (valid response.create frames).", registry=r)
+        self.turns_completed = Counter(
+            "cch_turns_completed", "Turns ended, by terminal event type (none = no terminal).", ["terminal"], registry=r
+        )
+        self.closes = Counter("cch_client_closes", "Close frames sent to clients, by code and reason.", ["code", "reason"], registry=r)
+        self.overflows = Counter("cch_queue_overflows", "Clients closed 1008 for queueing too many frames.", registry=r)
+        self.turn_seconds = Histogram("cch_turn_seconds", "Time from a turn's start to its end.", buckets=LATENCY_BUCKETS, registry=r)
+        self.first_event_seconds = Histogram(
+            "cch_time_to_first_event_seconds", "Time from a turn's start to its first event.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.open_connections = Gauge("cch_client_connections", "Open client WebSocket connections.", registry=r)
+
+    # EdgeStats
+    def frame_in(self, size: int) -> None:
+        self.frames.labels("in").inc()
+        self.bytes.labels("in").inc(size)
+
+    def frame_out(self, size: int) -> None:
+        self.frames.labels("out").inc()
+        self.bytes.labels("out").inc(size)
+
+    def turn_started(self) -> None:
+        self.turns_started.inc()
+
+    def turn_finished(self, terminal: str | None, seconds: float, first_event: float | None, frames: int, size: int) -> None:
+        self.turns_completed.labels(terminal or "none").inc()
+        self.turn_seconds.observe(seconds)
+        if first_event is not None:
+            self.first_event_seconds.observe(first_event)
+        self.frames.labels("out").inc(frames)
+        self.bytes.labels("out").inc(size)
+
+    def closed(self, code: int, reason: str) -> None:
+        self.closes.labels(str(code), reason).inc()
+
+    def overflow(self) -> None:
+        self.overflows.inc()
+
+    def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Add figures read at scrape time."""
+        self.registry.register(_Callback(collect))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Callback:
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def gateway_figures(service: Any) -> Callable[[], Iterable[Metric]]:
+    """Scrape-time figures of a running :class:`cch.service.GatewayService`."""
+
+    def collect() -> Iterable[Metric]:
+        handler = service.handler
+        pool = service.ws_pool
+        yield GaugeMetricFamily("cch_requests_in_progress", "Responses requests being served.", value=handler.active)
+        attempts = CounterMetricFamily("cch_upstream_attempts", "Upstream attempts, by transport.", labels=["transport"])
+        attempts.add_metric(["websocket"], handler.ws_stats.get("attempts", 0))
+        attempts.add_metric(["http"], handler.http_attempts)
+        yield attempts
+        fallbacks = CounterMetricFamily(
+            "cch_upstream_ws_fallbacks", "Turns that used HTTP instead of the upstream WebSocket, by reason.", labels=["reason"]
+        )
+        for key, count in sorted(handler.ws_stats.items()):
+            if key.startswith("fallback:"):
+                fallbacks.add_metric([key.removeprefix("fallback:")], count)
+        yield fallbacks
+        yield GaugeMetricFamily("cch_upstream_ws_pool_size", "Retained upstream WebSocket sessions.", value=pool.size)
+        yield GaugeMetricFamily("cch_upstream_ws_sockets", "Open upstream WebSocket sockets.", value=len(pool.sockets))
+        events = CounterMetricFamily("cch_upstream_ws_pool_events", "Upstream WebSocket pool events.", labels=["event"])
+        for key, count in sorted(pool.stats.items()):
+            events.add_metric([key], count)
+        yield events
+        breakers = GaugeMetricFamily(
+            "cch_provider_breaker_state", "Provider circuit breaker: 0 closed, 1 half-open, 2 open.", labels=["provider"]
+        )
+        for provider in service.router.providers:
+            breakers.add_metric([provider.name], BREAKER_STATES[provider.breaker.state])
+        yield breakers
+        if service.transcripts is not None:
+            yield GaugeMetricFamily(
+                "cch_transcript_bytes", "Bytes held in conversation transcripts.", value=service.transcripts.bytes
+            )
+
+    return collect
