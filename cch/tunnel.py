@@ -28,6 +28,9 @@ from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
 
+# Carries the edge's turn id to the handler, so both ends log one id; trusted like the markers.
+REQUEST_ID = "x-cch-request-id"
+
 
 class InProcessTunnel:
     """Hands the turn to the handler in this process."""
@@ -63,6 +66,8 @@ class HttpTunnel:
         headers["accept"] = "text/event-stream"
         headers["content-type"] = "application/json"
         headers.update(markers.marker_headers(turn.session_id, self.secret))
+        if turn.request_id:
+            headers[REQUEST_ID] = turn.request_id
         return Deferred.fromCoroutine(self._run(headers, payload, sink))
 
     async def _run(self, headers: dict[str, str], payload: bytes, sink: ResponseSink) -> None:

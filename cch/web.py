@@ -26,6 +26,7 @@ from cch.handler.routing import ProviderRouter
 from cch.jsoncodec import loads
 from cch.metrics import Metrics
 from cch.sse import encode_event
+from cch.tunnel import REQUEST_ID
 from cch.turn import RequestContext
 
 log = Logger()
@@ -176,10 +177,13 @@ class ResponsesResource(JsonResource):
             return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
         headers = _lower_headers(request)
         ctx = RequestContext(headers={k: v for k, v in headers.items() if not markers.is_reserved(k)})
+        ctx.request_id = uuid.uuid4().hex
         if markers.is_websocket_client(headers, gateway.secret):
             ctx.via_websocket = True
             ctx.ws_session = markers.session_id_from(headers)
-        ctx.request_id = uuid.uuid4().hex
+            turn_id = headers.get(REQUEST_ID, "")
+            if turn_id.isalnum() and len(turn_id) <= 64:
+                ctx.request_id = turn_id
         sink = HttpResponseSink(request)
         d = gateway.handler.handle(ctx, body, sink)
         request.notifyFinish().addErrback(lambda _: d.cancel())

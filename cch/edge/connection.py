@@ -62,6 +62,7 @@ class _Turn:
         self.dead = False
         self.sent = False  # has any frame of this turn reached the client?
         self.reported = False
+        self.request_id = uuid.uuid4().hex  # in every log line of this turn
         self.started_at = conn.clock.seconds()
         self.first_event_at: float | None = None
         self.frames = 0
@@ -111,9 +112,11 @@ class _Turn:
             self.terminal_seen = True
             self.terminal_type = None if synthesized else frame.terminal
             if status is not None and frame.terminal == "error":
-                log.info("ws_terminal_event_sent", type=frame.terminal, source=source, status=status)
+                log.info(
+                    "ws_terminal_event_sent", type=frame.terminal, source=source, status=status, request_id=self.request_id
+                )
             else:
-                log.info("ws_terminal_event_sent", type=frame.terminal, source=source)
+                log.info("ws_terminal_event_sent", type=frame.terminal, source=source, request_id=self.request_id)
 
     def cancel(self) -> None:
         """Stop the turn: nothing more is sent, and the upstream request is aborted."""
@@ -247,20 +250,21 @@ class EdgeConnection:
             self._send_error(error_frame(rejected.code, rejected.message))
             return
         model = body.get("model")
+        turn = _Turn(self, self.turns_started)
         log.info(
             "ws_request_started",
             model=model if isinstance(model, str) else None,
             payloadBytes=size,
             hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
+            request_id=turn.request_id,
         )
-        turn = _Turn(self, self.turns_started)
         self.in_flight = turn
         self.stats.turn_started()
         request = TurnRequest(
             session_id=self.session_id,
             headers=self.headers,
             body=body,
-            request_id=uuid.uuid4().hex,
+            request_id=turn.request_id,
         )
         d = self.tunnel.run_turn(request, turn)
         turn.deferred = d
@@ -276,7 +280,7 @@ class EdgeConnection:
                 "Upstream stream ended before emitting a terminal response event",
             )
             return
-        log.info("ws_turn_completed", terminalEventType=turn.terminal_type)
+        log.info("ws_turn_completed", terminalEventType=turn.terminal_type, request_id=turn.request_id)
         self._release(turn)
         self._drain()
 
@@ -325,7 +329,7 @@ class EdgeConnection:
         turn.producer = None
         if self.in_flight is turn:
             self.in_flight = None
-        log.debug("ws_turn_resources_released", turnId=turn.turn_id)
+        log.debug("ws_turn_resources_released", turnId=turn.turn_id, request_id=turn.request_id)
 
     # -- closing --------------------------------------------------------------------------
 
@@ -359,7 +363,7 @@ class EdgeConnection:
         if turn is not None:
             self._report(turn)
             turn.cancel()
-            log.debug("ws_turn_resources_released", turnId=turn.turn_id)
+            log.debug("ws_turn_resources_released", turnId=turn.turn_id, request_id=turn.request_id)
         if self.pending:
             log.warn(
                 "ws_pending_dropped_on_close",
