@@ -60,7 +60,7 @@ class ResponsesHandler:
         self.clock = clock
         self.limits = limits
         self.ws_pool = ws_pool
-        self.unsupported = unsupported or UnsupportedCache(clock)
+        self.unsupported = unsupported if unsupported is not None else UnsupportedCache(clock)
         self.ws_enabled = ws_enabled
         self.transcripts = transcripts
         self.active = 0  # requests in progress (leak checks, drain, metrics)

@@ -12,7 +12,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -73,8 +73,10 @@ class HttpUpstream:
         def _done(result: Any) -> Any:
             if timer.active():
                 timer.cancel()
-            if timed_out and isinstance(result, Failure) and result.check(CancelledError):
-                return Failure(UpstreamTimeout(f"no response within {first_byte_timeout:g}s"))
+            if isinstance(result, Failure) and _was_cancelled(result):
+                if timed_out:
+                    return Failure(UpstreamTimeout(f"no response within {first_byte_timeout:g}s"))
+                return Failure(CancelledError())  # the client went away: not the provider's fault
             return result
 
         return d.addBoth(_done)
@@ -245,6 +247,15 @@ def collect_body(
     collector = _Collector(max_bytes, clock, idle_timeout)
     response.deliverBody(collector)
     return collector.finished
+
+
+def _was_cancelled(failure: Failure) -> bool:
+    """The Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
+    if failure.check(CancelledError):
+        return True
+    if failure.check(ResponseNeverReceived):
+        return any(f.check(CancelledError) for f in failure.value.reasons)
+    return False
 
 
 def _content_type(response: IResponse) -> str:

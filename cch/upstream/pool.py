@@ -125,8 +125,13 @@ class UpstreamWSPool:
                 req = _Request(self, entry.conn, entry, frame, session_id, reused=True, retainable=True)
                 req.start()
                 return req.result
+            elif entry.conn.state == OPEN and not self._aged(entry):
+                # Another provider/endpoint/key: keep the idle socket until a new one has
+                # proved itself (first event), so a dead provider tried first does not cost
+                # the session its working socket (replaced in _register).
+                entry = None
             else:
-                if entry.conn.state == OPEN and self._aged(entry):
+                if entry.conn.state == OPEN:
                     # Retire it before the provider's connection-age cap does it mid-turn.
                     log.info("upstream_ws_session_rotated", sessionId=session_id)
                     self.stats["rotated"] += 1
@@ -159,6 +164,12 @@ class UpstreamWSPool:
         """After the first event on a fresh retainable socket: keep it for the session."""
         session_id = req.session_id
         assert session_id is not None
+        previous = self.entries.get(session_id)
+        if previous is not None:
+            if previous.active:
+                return  # someone is using the old socket: this one stays request-scoped
+            self._forget(previous)
+            previous.conn.safe_close(1000)
         if len(self.entries) >= self.max_entries:
             idle = sorted((e for e in self.entries.values() if not e.active), key=lambda e: e.last_used_at)
             for victim in idle[: len(self.entries) - self.max_entries + 1]:
@@ -322,7 +333,11 @@ class _Request:
         if not self.first_event_seen:
             if status is not None:
                 self._fail(
-                    WSFailure("ws_upgrade_rejected", f"HTTP {status}", cacheable=status in UPGRADE_CACHEABLE)
+                    WSFailure(
+                        "ws_upgrade_rejected",
+                        f"HTTP {self.conn.status_text or status}",
+                        cacheable=status in UPGRADE_CACHEABLE,
+                    )
                 )
             elif failure is not None:
                 self._fail(WSFailure("ws_error_pre_first_event", failure))

@@ -93,6 +93,7 @@ class _ClientProtocol(WebSocketClientProtocol):
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
                 status = int(parts[1])
+                self.owner.status_text = " ".join(parts[1:])
         # Autobahn leaves its close-handshake timer behind when the TCP dies mid-close.
         call = getattr(self, "closeHandshakeTimeoutCall", None)
         if call is not None:
@@ -132,6 +133,7 @@ class UpstreamConnection:
         self.on_gone: list[Callable[[UpstreamConnection], None]] = []
         self.close_code_sent: int | None = None
         self.status: int | None = None
+        self.status_text = ""  # "426 Upgrade Required" when the upgrade was refused
         self._proto: _ClientProtocol | None = None
         self._connecting: Deferred[Any] | None = None
         self._handshake_timer: IDelayedCall | None = None
