@@ -113,7 +113,7 @@ class GatewayService(MultiService):
         )
         if config.tunnel.mode == "http":
             self.tunnel: InProcessTunnel | HttpTunnel = HttpTunnel(
-                reactor, config.tunnel.url or "", config.tunnel.secret
+                reactor, config.tunnel.url or "", config.tunnel.secret, clock
             )
         else:
             self.tunnel = InProcessTunnel(self.handler)

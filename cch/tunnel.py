@@ -12,15 +12,19 @@ cancelling it aborts the turn all the way upstream.
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web._newclient import RequestTransmissionFailed
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
 
 from cch import secret as markers
 from cch.handler.pipeline import ResponsesHandler
@@ -48,12 +52,64 @@ class InProcessTunnel:
         return self.handler.handle(ctx, turn.body, sink)
 
 
+BODY_DRAIN_TIMEOUT = 30.0  # reference REQUEST_BODY_DRAIN_TIMEOUT_MS
+
+
+@implementer(IBodyProducer)
+class _DeadlineBody:
+    """The turn's body, written with the transport's backpressure, within a deadline."""
+
+    def __init__(self, payload: bytes, clock: IReactorTime, deadline: float) -> None:
+        self._inner = FileBodyProducer(BytesIO(payload))
+        self.length = len(payload)
+        self.clock = clock
+        self.deadline = deadline
+        self.timed_out = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        # FileBodyProducer never fires its Deferred once stopped; this one fails instead, so
+        # the request (and the turn) ends.
+        self._done: Deferred[None] = Deferred()
+        timer = self.clock.callLater(self.deadline, self._expire)
+
+        def _written(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not self._done.called:
+                self._done.callback(None)
+
+        def _failed(failure: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not self._done.called:
+                self._done.errback(failure)
+
+        self._inner.startProducing(consumer).addCallbacks(_written, _failed)
+        return self._done
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        self._inner.stopProducing()
+        if not self._done.called:
+            self._done.errback(TimeoutError("request body backpressured past its deadline"))
+
+    def pauseProducing(self) -> None:
+        self._inner.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._inner.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._inner.stopProducing()
+
+
 class HttpTunnel:
     """POSTs each turn to ``url`` with the internal markers (reference §2.6)."""
 
-    def __init__(self, reactor: Any, url: str, secret: str) -> None:
+    def __init__(self, reactor: Any, url: str, secret: str, clock: IReactorTime | None = None) -> None:
         self.url = url
         self.secret = secret
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self._client = HTTPClient(Agent(reactor, pool=self.pool))
 
@@ -71,17 +127,27 @@ class HttpTunnel:
         return Deferred.fromCoroutine(self._run(headers, payload, sink))
 
     async def _run(self, headers: dict[str, str], payload: bytes, sink: ResponseSink) -> None:
+        body = _DeadlineBody(payload, self.clock, BODY_DRAIN_TIMEOUT)
         try:
             response = await self._client.request(
                 "POST",
                 self.url,
                 headers=Headers({k: [v] for k, v in headers.items()}),
-                data=payload,
+                data=body,
                 unbuffered=True,
             )
         except CancelledError:
             raise
         except Exception as exc:
+            if body.timed_out:
+                raise TurnTransportError(
+                    "internal_request_drain_timeout",
+                    "Internal request body remained backpressured past its deadline",
+                ) from None
+            if isinstance(exc, RequestTransmissionFailed):
+                raise TurnTransportError(
+                    "internal_request_body_closed", "Internal request body closed before it was fully written"
+                ) from None
             raise TurnTransportError("internal_request_error", _message(exc)) from None
         reader = _InternalResponseReader(response, sink)
         response.deliverBody(reader)
