@@ -24,6 +24,7 @@ from cch.handler.auth import KeyRing, presented_key
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.jsoncodec import loads
+from cch.logs import mask_query
 from cch.metrics import Metrics
 from cch.sse import encode_event
 from cch.tunnel import REQUEST_ID
@@ -136,16 +137,20 @@ class ResponsesResource(JsonResource):
 
     def _upgrade(self, request: Request) -> Any:
         gateway = self.gateway
+        path = mask_query(request.uri)
         if gateway.draining:
+            log.info("ws_upgrade_refused", status=503, reason="draining", path=path)
             return _json(
                 request, 503, errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
             )
         headers = _lower_headers(request)
         allowed, key = gateway.keys.authenticate(headers)
         if not allowed:
+            log.info("ws_upgrade_refused", status=401, reason="invalid_api_key", path=path)
             request.setHeader(b"www-authenticate", b'Bearer realm="cch"')
             return _json(request, *errors.unauthorized())
         if not gateway.websocket_enabled or (key is not None and not key.websocket):
+            log.info("ws_upgrade_refused", status=426, reason="websocket_disabled", path=path)
             request.setHeader(b"upgrade", b"websocket")
             return _json(
                 request,

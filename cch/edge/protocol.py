@@ -121,9 +121,11 @@ class EdgeProtocol(WebSocketServerProtocol):
         edge = self.edge
         if edge is not None:
             if not wasClean and not edge.closed:
-                log.warn("ws_client_error", error=getattr(self, "wasNotCleanReason", None) or "connection lost")
+                # Codex ends `codex exec` by dropping TCP without a close frame: info, not alarm.
+                log.info("ws_client_error", error=getattr(self, "wasNotCleanReason", None) or "connection lost")
             edge.connection_lost()
             self.factory.connection_closed(self)
+            log.info("ws_client_disconnected", code=code, clean=wasClean, turns=edge.turns_started)
 
     # EdgeChannel
     def send_text(self, text: str) -> int:
