@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
+from txaio._common import _BatchedTimer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -34,6 +35,10 @@ class EdgeFactory(WebSocketServerFactory):
         stats: EdgeStats | None = None,
     ) -> None:
         super().__init__(reactor=reactor)
+        # Autobahn's own timers (keepalive pings, close handshake) on the injected clock too.
+        self._batched_timer = _BatchedTimer(
+            200, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
+        )
         self.stats = stats if stats is not None else EdgeStats()
         self.tunnel = tunnel
         self.limits = limits
