@@ -372,3 +372,46 @@ def test_go_away_close_is_idempotent(parts: Any) -> None:
     conn.close(1011, "other")
     conn.connection_lost()
     assert channel.closes == [(1001, "going_away")] and released == [conn.session_id]
+
+
+def test_a_turn_that_cannot_start_closes_1011_internal_error(parts: Any) -> None:
+    conn, channel, _, _, released = parts
+
+    class Broken:
+        def run_turn(self, request: TurnRequest, sink: ResponseSink) -> Deferred[None]:
+            raise RuntimeError("boom")
+
+    conn.tunnel = Broken()
+    send(conn, create())
+    assert channel.log == [
+        ("frame", {"type": "error", "error": {"code": "internal_error", "message": "Failed to process request"}}),
+        ("close", (1011, "internal_error")),
+    ]
+    assert conn.closed and conn.in_flight is None and released == [conn.session_id]
+
+
+def test_a_queued_turn_that_cannot_start_says_queued(parts: Any) -> None:
+    conn, channel, tunnel, _, _ = parts
+    send(conn, create())
+    send(conn, create())
+
+    class Broken:
+        def run_turn(self, request: TurnRequest, sink: ResponseSink) -> Deferred[None]:
+            raise RuntimeError("boom")
+
+    conn.tunnel = Broken()
+    tunnel.turns[0].events(COMPLETED)
+    tunnel.turns[0].finish()
+    assert channel.log[-2:] == [
+        ("frame", {"type": "error", "error": {"code": "internal_error", "message": "Failed to process queued request"}}),
+        ("close", (1011, "internal_error")),
+    ]
+
+
+def test_a_send_on_a_closed_socket_closes_1011_outbound_socket_closed(parts: Any) -> None:
+    conn, channel, tunnel, _, _ = parts
+    send(conn, create())
+    channel.send_text = lambda text: 0  # type: ignore[method-assign]
+    tunnel.turns[0].events(COMPLETED)
+    assert channel.closes == [(1011, "outbound_socket_closed")]
+    assert tunnel.turns[0].cancelled

@@ -281,3 +281,18 @@ async def test_upstream_socket_closing_mid_turn_is_a_terminal_error_and_the_clie
     client.send_json(create())
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert len(fake.ws_connections) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashing_connection_handler_closes_1011_internal_error(gateway: Any, monkeypatch: Any) -> None:
+    from cch.edge.connection import EdgeConnection
+
+    def explode(self: EdgeConnection, text: str, size: int) -> None:
+        raise RuntimeError("handler bug")
+
+    client = await gateway.connect()
+    monkeypatch.setattr(EdgeConnection, "text_received", explode)
+    client.send_json(create())
+    info = await client.wait_closed()
+    assert (info.code, info.reason) == (1011, "internal_error")
+    assert client.received == []
