@@ -291,6 +291,7 @@ _ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig}
 
 # TOML keys that are not dataclass fields: they name where a secret comes from.
 _EXTRA_KEYS: dict[type, dict[str, tuple[str, Any]]] = {
+    ClientKey: {"key_env": ("str | None", None)},
     ProviderConfig: {"api_key_env": ("str | None", None)},
     TunnelConfig: {"secret_env": ("str | None", None)},
 }
@@ -629,7 +630,7 @@ def _build(
     values = {
         name: _check_table(cls, tables[name], scopes[name]) for name, cls in _SECTIONS.items()
     }
-    keys = _client_keys(raw.get("keys", []), source)
+    keys = _client_keys(raw.get("keys", []), source, env)
     providers = _providers(raw.get("providers", []), source, env)
     tunnel = values["tunnel"]
     tunnel["secret"] = _resolve_secret(tunnel, scopes["tunnel"], env)
@@ -671,11 +672,21 @@ def _refuse_duplicate(
         seen[value] = index
 
 
-def _client_keys(tables: list[dict[str, Any]], source: str) -> tuple[ClientKey, ...]:
-    keys = [
-        _make(ClientKey, _check_table(ClientKey, table, _Scope(source, f"keys[{i}]")))
-        for i, table in enumerate(tables)
-    ]
+def _client_keys(
+    tables: list[dict[str, Any]], source: str, env: Mapping[str, str]
+) -> tuple[ClientKey, ...]:
+    keys = []
+    for index, table in enumerate(tables):
+        scope = _Scope(source, f"keys[{index}]")
+        variable = table.get("key_env") if isinstance(table, dict) else None
+        if variable is not None:
+            if "key" in table:
+                raise scope.error("key_env", "set either key or key_env, not both")
+            if not isinstance(variable, str) or not variable:
+                raise scope.error("key_env", f"must be a non-empty string (got {_toml_type(variable)})")
+            # The key lives in the environment (a Kubernetes Secret, a systemd credential).
+            table = dict(table, key=_from_env(scope, "key_env", variable, env))
+        keys.append(_make(ClientKey, _check_table(ClientKey, table, scope)))
     _refuse_duplicate(keys, "name", "keys", source)
     _refuse_duplicate(keys, "key", "keys", source, show=False)
     return tuple(keys)

@@ -988,6 +988,7 @@ def test_config_schema_lists_every_field_once_with_its_default() -> None:
         for f in dataclasses.fields(cls)
     }
     expected["providers[].api_key_env"] = None
+    expected["keys[].key_env"] = None
     expected["tunnel.secret_env"] = None
     assert {key: default for key, (_kind, default, _env) in rows.items()} == expected
 
@@ -1019,3 +1020,16 @@ def test_every_schema_key_is_accepted_in_a_file() -> None:
         else:
             allowed = error(f"[{section}]\nzzz = 1\n")
         assert name in allowed.split("(allowed: ")[1], key
+
+
+
+def test_a_client_key_can_come_from_the_environment(tmp_path: Any) -> None:
+    path = tmp_path / "cch.toml"
+    path.write_text('[[keys]]\nname = "alice"\nkey_env = "ALICE_KEY"\n')
+    config = load_config(str(path), {"ALICE_KEY": "sk-cch-alice-0123456789"})
+    assert config.keys[0].key == "sk-cch-alice-0123456789"
+    with pytest.raises(ConfigError, match=r"keys\[0\]\.key_env: .*ALICE_KEY"):
+        load_config(str(path), {})
+    path.write_text('[[keys]]\nname = "alice"\nkey = "sk-cch-alice-0123456789"\nkey_env = "ALICE_KEY"\n')
+    with pytest.raises(ConfigError, match="either key or key_env"):
+        load_config(str(path), {"ALICE_KEY": "x" * 10})
