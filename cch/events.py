@@ -11,6 +11,12 @@ from cch.turn import TERMINAL_EVENT_TYPES
 _LEADING_TYPE = re.compile(r'\{\s*"type"\s*:\s*"([A-Za-z0-9_.]+)"\s*[,}]')
 
 
+def leading_type(data: str) -> str | None:
+    """The ``type`` of an event object that starts with it (how upstreams write events)."""
+    match = _LEADING_TYPE.match(data)
+    return match.group(1) if match is not None else None
+
+
 def event_type(data: str) -> str | None:
     """The top-level ``type`` of a JSON event, or None (not JSON, not an object, no type)."""
     match = _LEADING_TYPE.match(data)
