@@ -6,10 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
-from txaio._common import _BatchedTimer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from txaio._common import _BatchedTimer
 
 from cch.config import LimitsConfig
 from cch.edge.connection import CLOSE_GOING_AWAY, EdgeConnection
