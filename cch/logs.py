@@ -8,6 +8,7 @@ rendered to text instead of dumping their (often unserialisable) fields.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ def mask_query(url: str | bytes | None) -> str:
     return f"{path}?{query}" if query else path
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_sensitive(name: str) -> bool:
     normal = "".join(c for c in name.lower() if c.isalnum())
     return normal.endswith(_SENSITIVE_SUFFIXES)

@@ -132,8 +132,18 @@ class EdgeProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return 0
         payload = text.encode("utf-8")
-        self.sendMessage(payload, isBinary=False)
-        return len(payload)
+        # The per-event hot path. The edge never compresses or fragments and a server never
+        # masks, so a message is one final text frame: written here directly, it skips
+        # Autobahn's per-frame bookkeeping and eagerly formatted debug logging.
+        size = len(payload)
+        if size < 126:
+            header = bytes((0x81, size))
+        elif size < 65536:
+            header = b"\x81\x7e" + size.to_bytes(2, "big")
+        else:
+            header = b"\x81\x7f" + size.to_bytes(8, "big")
+        self.transport.writeSequence((header, payload))
+        return size
 
     def send_close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:

@@ -20,16 +20,17 @@ class IdleWatchdog:
         self.timeout = timeout
         self.on_idle = on_idle
         self._call: IDelayedCall | None = None
+        self._last = 0.0
         self._paused = False
         self._stopped = False
 
     def poke(self) -> None:
+        """Traffic seen. Cheap on purpose (called per event): it only notes the time; the
+        timer re-arms itself for the remainder when it fires early."""
         if self._stopped or self._paused:
             return
-        call = self._call
-        if call is not None and call.active():
-            call.reset(self.timeout)
-        else:
+        self._last = self.clock.seconds()
+        if self._call is None:
             self._call = self.clock.callLater(self.timeout, self._fire)
 
     start = poke
@@ -53,9 +54,14 @@ class IdleWatchdog:
 
     def _fire(self) -> None:
         self._call = None
-        if not self._stopped:
-            self._stopped = True
-            self.on_idle()
+        if self._stopped or self._paused:
+            return
+        quiet = self.clock.seconds() - self._last
+        if quiet < self.timeout:
+            self._call = self.clock.callLater(self.timeout - quiet, self._fire)
+            return
+        self._stopped = True
+        self.on_idle()
 
 
 @implementer(IPushProducer)

@@ -77,8 +77,12 @@ class _ClientProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.owner._opened(self)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.owner._message(payload)
+    def onMessageEnd(self) -> None:
+        # The per-event hot path: hand the message over directly, skipping Autobahn's
+        # per-message signal (a txaio future and callbacks nobody listens to).
+        if not self.failedByMe:
+            self.owner._message(b"".join(self.message_data))
+        self.message_data = None
 
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
         # The upstream is closing: never hand this socket to another request meanwhile.
