@@ -18,9 +18,13 @@ def leading_type(data: str) -> str | None:
 
 
 def event_type(data: str) -> str | None:
-    """The top-level ``type`` of a JSON event, or None (not JSON, not an object, no type)."""
+    """The top-level ``type`` of a JSON event, or None (not JSON, not an object, no type).
+
+    Fast for the common case (``type`` first, not terminal); a terminal type is only believed
+    once the whole event parses, since ending a turn on garbage would lose the real terminal.
+    """
     match = _LEADING_TYPE.match(data)
-    if match is not None:
+    if match is not None and match.group(1) not in TERMINAL_EVENT_TYPES:
         return match.group(1)
     try:
         value = loads(data)

@@ -786,10 +786,12 @@ async def test_abort_after_open_before_first_event_closes_1000(
     pool = make_pool()
     d = ask(pool, fake.ws_url)
     await fake.wait_for_requests(1)
+    (conn,) = pool.sockets
     d.cancel()
     with pytest.raises(CancelledError):
         await d
     assert (await fake.wait_for_ws_close(0)).close_code == 1000
+    await gone(conn)
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
 
 

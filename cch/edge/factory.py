@@ -9,12 +9,12 @@ from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from txaio._common import _BatchedTimer
 
 from cch.config import LimitsConfig
 from cch.edge.connection import CLOSE_GOING_AWAY, EdgeConnection
 from cch.edge.protocol import EdgeProtocol
 from cch.metrics import EdgeStats
+from cch.timers import batched_timer
 from cch.turn import Tunnel
 
 log = Logger()
@@ -36,9 +36,7 @@ class EdgeFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=reactor)
         # Autobahn's own timers (keepalive pings, close handshake) on the injected clock too.
-        self._batched_timer = _BatchedTimer(
-            200, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
-        )
+        self._batched_timer = batched_timer(clock)
         self.stats = stats if stats is not None else EdgeStats()
         self.tunnel = tunnel
         self.limits = limits

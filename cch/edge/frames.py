@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cch.events import leading_type
 from cch.jsoncodec import dumps, loads
 from cch.turn import TERMINAL_EVENT_TYPES
 
@@ -94,18 +93,13 @@ def translate_sse_data(data: str) -> OutFrame:
     raw value; other JSON scalars as their text; non-JSON data becomes an
     ``output_text.delta``. ``[DONE]`` is handled by the caller.
     """
-    if data[:1] == "{" and data[-1:] == "}":
-        # Hot path: an upstream event object with "type" first is forwarded without decoding.
-        kind = leading_type(data)
-        if kind is not None:
-            return OutFrame(data, kind if kind in TERMINAL_EVENT_TYPES else None)
     try:
         value = loads(data)
     except ValueError:
         return OutFrame(dumps({"type": "response.output_text.delta", "delta": data}))
     if isinstance(value, dict):
         event_type = value.get("type")
-        terminal = event_type if event_type in TERMINAL_EVENT_TYPES else None
+        terminal = event_type if isinstance(event_type, str) and event_type in TERMINAL_EVENT_TYPES else None
         return OutFrame(data, terminal)
     if isinstance(value, str):
         return OutFrame(value)

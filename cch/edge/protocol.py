@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from cch.edge.connection import EdgeConnection
 from cch.logs import mask_query
+from cch.timers import cancel_close_timer
 
 if TYPE_CHECKING:
     from cch.edge.factory import EdgeFactory
@@ -118,6 +119,7 @@ class EdgeProtocol(WebSocketServerProtocol):
         super().dropConnection(abort)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        cancel_close_timer(self)
         edge = self.edge
         if edge is not None:
             if not wasClean and not edge.closed:

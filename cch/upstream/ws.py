@@ -22,6 +22,8 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cch.timers import batched_timer, cancel_close_timer
+
 log = Logger()
 
 CONNECTING = "connecting"
@@ -98,14 +100,7 @@ class _ClientProtocol(WebSocketClientProtocol):
             if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
                 status = int(parts[1])
                 self.owner.status_text = " ".join(parts[1:])
-        # Autobahn leaves its close-handshake timer behind when the TCP dies mid-close.
-        call = getattr(self, "closeHandshakeTimeoutCall", None)
-        if call is not None:
-            try:
-                call.cancel()
-            except Exception:
-                pass
-            self.closeHandshakeTimeoutCall = None
+        cancel_close_timer(self)
         self.owner._closed(code, reason, wasClean, status, getattr(self, "wasNotCleanReason", None))
 
 
@@ -149,6 +144,7 @@ class UpstreamConnection:
         headers = dict(self.headers)
         useragent = headers.pop("user-agent", None)
         factory = WebSocketClientFactory(self.url, headers=headers, useragent=useragent, reactor=self.reactor)
+        factory._batched_timer = batched_timer(self.clock)
         factory.setProtocolOptions(
             maxMessagePayloadSize=self.max_message_bytes,
             maxFramePayloadSize=self.max_message_bytes,
@@ -235,6 +231,8 @@ class UpstreamConnection:
             return
         self.state = CLOSING
         self.close_code_sent = code
+        # If the client side paused our reads, the peer's close reply would never be read.
+        self.resume()
         proto = self._proto
         if proto is None:
             self._finish_closed(None, None, None, None)
