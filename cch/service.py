@@ -163,6 +163,7 @@ class GatewayService(MultiService):
             hostname=host,
             port=getattr(address, "port", None),
             tunnel=self.config.tunnel.mode,
+            internalTunnelUrl=self.tunnel.url if isinstance(self.tunnel, HttpTunnel) else None,
             wsEnabled=self.config.server.websocket,
         )
 

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -188,7 +189,7 @@ class _InternalResponseReader(Protocol):
         if self._cancelled:
             return
         self.sink.unregister_producer()
-        if reason.check(ResponseDone):
+        if reason.check(ResponseDone, PotentialDataLoss):
             if self.decoder is None:
                 self.sink.json_body(self.response.code, b"".join(self.chunks), self.content_type)
             else:

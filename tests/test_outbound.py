@@ -68,7 +68,7 @@ def test_headers_without_provider_key_send_no_authorization_and_a_default_agent(
     headers = upstream_headers({"authorization": "Bearer c"}, _provider(), stream=False)
     assert "authorization" not in headers
     assert headers["accept"] == "application/json"
-    assert headers["user-agent"].startswith("cch/")
+    assert headers["user-agent"].startswith("codex_cli_rs/")
 
 
 @pytest.mark.parametrize(

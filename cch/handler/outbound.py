@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 from cch.handler.routing import Provider
 
-DEFAULT_USER_AGENT = "cch/0.1"
+# What the reference sends when the client sent no User-Agent (Codex backends expect one).
+DEFAULT_USER_AGENT = "codex_cli_rs/0.93.0 (Windows 10.0.26200; x86_64) vscode/1.108.1"
 
 # Never forwarded: hop-by-hop, the client's own credentials, framing, WebSocket handshake,
 # and headers that would leak the client's network identity or tracing to a provider.
