@@ -1,0 +1,792 @@
+"""From raw runs to the summary (medians, ratios vs the direct baseline, targets), the plot and
+docs/benchmarks.md. Everything here is a pure function of the results JSON, so
+``python -m benchmarks report`` can regenerate the doc and the plot without re-running."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BASELINE = "direct"
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def _get(obj: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def metrics_of(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, float | None]:
+    """The flat metrics of one target's run; names are stable keys of the summary."""
+    m: dict[str, float | None] = {}
+    for q in ("p50", "p95", "p99"):
+        m[f"seq_ttfe_{q}_ms"] = _get(run, "sequential", "ttfe_ms", q)
+        m[f"seq_turn_{q}_ms"] = _get(run, "sequential", "turn_ms", q)
+    for n in settings["connections"]:
+        c = _get(run, "concurrent", str(n)) or {}
+        m[f"c{n}_turns_per_s"] = c.get("turns_per_s")
+        m[f"c{n}_events_per_s"] = c.get("events_per_s")
+        m[f"c{n}_turn_p50_ms"] = _get(c, "turn_ms", "p50")
+        m[f"c{n}_turn_p99_ms"] = _get(c, "turn_ms", "p99")
+        m[f"c{n}_cpu_s_per_1k_events"] = _get(c, "cpu_s_per_1k_events", "server")
+        m[f"c{n}_upstream_cpu_s_per_1k_events"] = _get(c, "cpu_s_per_1k_events", "upstream")
+        for role in ("server", "upstream", "client", "other_processes"):
+            m[f"c{n}_{role}_cpu_util"] = _get(c, "cpu_utilization", role)
+    m["idle_rss_mib"] = _get(run, "idle", "idle_rss_mib")
+    m["startup_rss_mib"] = run.get("startup_rss_mib")
+    for n in settings["idle_counts"]:
+        m[f"idle{n}_kib_per_conn"] = _get(run, "idle", "held", str(n), "rss_kib_per_connection")
+        m[f"idle{n}_rss_mib"] = _get(run, "idle", "held", str(n), "rss_mib")
+    for variant in ("reuse", "no_reuse"):
+        m[f"{variant}_turn_mean_ms"] = _get(run, "reuse", variant, "turn_ms", "mean")
+        m[f"{variant}_turn_p50_ms"] = _get(run, "reuse", variant, "turn_ms", "p50")
+        m[f"{variant}_ttfe_p50_ms"] = _get(run, "reuse", variant, "ttfe_ms", "p50")
+    return m
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Median (and min/max) over runs of every metric, per target; ratios vs the baseline."""
+    settings = results["settings"]
+    per_target: dict[str, list[dict[str, float | None]]] = {}
+    for run in results["runs"]:
+        per_target.setdefault(run["target"], []).append(metrics_of(run, settings))
+    medians: dict[str, dict[str, float | None]] = {}
+    spread: dict[str, dict[str, list[float]]] = {}
+    for target, rows in per_target.items():
+        medians[target], spread[target] = {}, {}
+        for key in rows[0]:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            medians[target][key] = statistics.median(values) if values else None
+            spread[target][key] = [min(values), max(values)] if values else []
+    base = medians.get(BASELINE, {})
+    ratios = {
+        target: {
+            key: (value / base[key] if value is not None and base.get(key) else None)
+            for key, value in values.items()
+        }
+        for target, values in medians.items()
+    }
+    summary = {
+        "runs_per_target": {t: len(rows) for t, rows in per_target.items()},
+        "median": medians,
+        "min_max": spread,
+        "ratio_vs_direct": ratios,
+    }
+    summary["targets"] = evaluate_targets(summary, settings)
+    return summary
+
+
+def evaluate_targets(summary: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on the medians."""
+    med, ratio = summary["median"], summary["ratio_vs_direct"]
+    base = med.get(BASELINE, {})
+    checks: list[dict[str, Any]] = []
+
+    def add(
+        name: str, target: str, value: float | None, limit: float, higher_is_better: bool, unit: str
+    ) -> None:
+        if value is None:
+            checks.append(
+                {
+                    "name": name,
+                    "target": target,
+                    "value": None,
+                    "limit": limit,
+                    "met": None,
+                    "unit": unit,
+                }
+            )
+            return
+        met = value >= limit if higher_is_better else value <= limit
+        margin = (value - limit) if higher_is_better else (limit - value)
+        checks.append(
+            {
+                "name": name,
+                "target": target,
+                "value": value,
+                "limit": limit,
+                "met": met,
+                "margin": margin,
+                "unit": unit,
+            }
+        )
+
+    gateways = [t for t in med if t != BASELINE]
+    if 16 in settings["connections"]:
+        for t in gateways:
+            if t in ("pooled-ws", "external"):
+                add(
+                    "turns/s at 16 connections vs direct",
+                    t,
+                    ratio[t].get("c16_turns_per_s"),
+                    0.6,
+                    True,
+                    "× direct",
+                )
+    for t in gateways:
+        if True:  # every gateway mode; the target is about the default (pooled-ws)
+            value = med[t].get("seq_ttfe_p50_ms")
+            added = (
+                value - base["seq_ttfe_p50_ms"]
+                if value is not None and base.get("seq_ttfe_p50_ms") is not None
+                else None
+            )
+            add("time to first event added, p50 (sequential)", t, added, 0.5, False, "ms")
+    for t in gateways:
+        if 5000 in settings["idle_counts"]:
+            add(
+                "RSS per idle client connection at 5,000",
+                t,
+                med[t].get("idle5000_kib_per_conn"),
+                32.0,
+                False,
+                "KiB",
+            )
+        add("idle gateway RSS", t, med[t].get("idle_rss_mib"), 80.0, False, "MiB")
+    return checks
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    if 0 < abs(value) < 0.1:
+        return f"{value:.3g}"
+    return f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+# (key, label, lower is better?)
+def table_rows(settings: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    rows: list[tuple[str, str, bool]] = [
+        ("seq_ttfe_p50_ms", "sequential: time to first event p50 (ms)", True),
+        ("seq_ttfe_p95_ms", "sequential: time to first event p95 (ms)", True),
+        ("seq_ttfe_p99_ms", "sequential: time to first event p99 (ms)", True),
+        ("seq_turn_p50_ms", "sequential: turn time p50 (ms)", True),
+        ("seq_turn_p95_ms", "sequential: turn time p95 (ms)", True),
+        ("seq_turn_p99_ms", "sequential: turn time p99 (ms)", True),
+    ]
+    for n in settings["connections"]:
+        rows += [
+            (f"c{n}_turns_per_s", f"{n} connections: turns/s", False),
+            (f"c{n}_events_per_s", f"{n} connections: events/s", False),
+            (f"c{n}_turn_p50_ms", f"{n} connections: turn time p50 (ms)", True),
+            (f"c{n}_cpu_s_per_1k_events", f"{n} connections: server CPU s per 1,000 events", True),
+        ]
+    rows.append(("idle_rss_mib", "idle server RSS (MiB)", True))
+    for n in settings["idle_counts"]:
+        rows.append(
+            (f"idle{n}_kib_per_conn", f"{n:,} idle connections: RSS per connection (KiB)", True)
+        )
+    rows += [
+        (
+            "reuse_turn_mean_ms",
+            f"turns 2..{settings['reuse_turns']}, socket reused: mean turn time (ms)",
+            True,
+        ),
+        (
+            "no_reuse_turn_mean_ms",
+            f"turns 2..{settings['reuse_turns']}, no socket reuse: mean turn time (ms)",
+            True,
+        ),
+    ]
+    return rows
+
+
+def markdown_tables(results: dict[str, Any], summary: dict[str, Any]) -> tuple[str, str]:
+    settings = results["settings"]
+    targets = list(results["targets"])
+    gateways = [t for t in targets if t != BASELINE]
+    med, ratio = summary["median"], summary["ratio_vs_direct"]
+    head = "| metric | direct (absolute) | " + " | ".join(gateways) + " |\n"
+    head += "|---|---:|" + "---:|" * len(gateways) + "\n"
+    ratio_table = head
+    for key, label, _lower in table_rows(settings):
+        cells = [_ratio(ratio.get(t, {}).get(key)) for t in gateways]
+        ratio_table += (
+            f"| {label} | {_fmt(med.get(BASELINE, {}).get(key))} | " + " | ".join(cells) + " |\n"
+        )
+    spread = summary["min_max"]
+    abs_table = "| metric | " + " | ".join(targets) + " |\n|---|" + "---:|" * len(targets) + "\n"
+
+    def cell(t: str, key: str) -> str:
+        value = med.get(t, {}).get(key)
+        lo_hi = spread.get(t, {}).get(key) or []
+        if value is None or len(lo_hi) != 2 or summary["runs_per_target"].get(t, 0) < 2:
+            return _fmt(value)
+        return f"{_fmt(value)} ({_fmt(lo_hi[0])}–{_fmt(lo_hi[1])})"
+
+    for key, label, _lower in table_rows(settings):
+        cells = [cell(t, key) for t in targets]
+        abs_table += f"| {label} | " + " | ".join(cells) + " |\n"
+    return ratio_table, abs_table
+
+
+def utilization_table(results: dict[str, Any], summary: dict[str, Any]) -> str:
+    settings = results["settings"]
+    med = summary["median"]
+    cores = results["machine"].get("cores") or 1
+    out = (
+        f"| target | connections | gateway | fake upstream | load client | benchmark total (of {cores} cores) "
+        "| other programs |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{v * 100:.0f}%"
+
+    for t in results["targets"]:
+        for n in settings["connections"]:
+            s, u, c, o = (
+                med.get(t, {}).get(f"c{n}_{r}_cpu_util")
+                for r in ("server", "upstream", "client", "other_processes")
+            )
+            if t == BASELINE:
+                s = None  # the server is the upstream itself
+            total = sum(v for v in (s, u, c) if v is not None)
+            out += f"| {t} | {n} | {pct(s)} | {pct(u)} | {pct(c)} | {pct(total / cores)} | {pct(o)} |\n"
+    return out
+
+
+def limits_paragraph(results: dict[str, Any], summary: dict[str, Any]) -> str:
+    """What the utilization table says, in words, from the medians of the first connection count."""
+    n = results["settings"]["connections"][0]
+    med = summary["median"]
+    cores = results["machine"].get("cores") or 1
+
+    def util(target: str, role: str) -> str:
+        value = med.get(target, {}).get(f"c{n}_{role}_cpu_util")
+        return "?" if value is None else f"{value * 100:.0f}%"
+
+    gateway = next((t for t in ("pooled-ws", "external") if t in med), None)
+    text = (
+        f"The load client, the gateway and the fake upstream are single-threaded Python processes. "
+        f"In the baseline at {n} connections the fake upstream runs at {util(BASELINE, 'upstream')} of a "
+        f"core and the client at {util(BASELINE, 'client')}: **the baseline is limited by the fake "
+        f"upstream's own CPU**, not by the client, so one load-client process is enough."
+    )
+    if gateway is not None:
+        text += (
+            f" Through `{gateway}` the gateway runs at {util(gateway, 'server')}, the upstream at "
+            f"{util(gateway, 'upstream')} and the client at {util(gateway, 'client')}: the gateway is the "
+            f"bottleneck. It stays below 100% because three processes share {cores} cores and every turn "
+            f"passes through all three in turn, so there are moments where the gateway waits for the "
+            f"upstream or the client."
+        )
+    text += (
+        " The throughput ratios therefore measure how much CPU the gateway spends per event relative "
+        "to what the fake upstream spends producing it, on a machine where CPU is the limit, not the "
+        "network. The fake upstream is not cheap per event (it builds each event as a dict, "
+        "serialises it and decodes it again for its own bookkeeping) and the load client does the "
+        "minimum (it decodes only terminal events): a faster upstream (C, Go) would make the "
+        "baseline faster and every gateway ratio smaller; more cores would let the three processes "
+        "run in parallel without contending. The last column is CPU used by other programs during "
+        "the phase (the machine may be shared). Before each target the run waits (up to "
+        f"{results['settings'].get('quiet_wait', 0):g} s) for other programs to go quiet, and a timed "
+        "phase (sequential, throughput) during which they used more than "
+        f"{results['settings'].get('quiet_cores', 0):g} cores is run again "
+        f"(at most {results['settings'].get('noise_retries', 0)} time(s), within "
+        f"{results['settings'].get('retry_budget', 0):g} s per run), keeping the less disturbed "
+        f"attempt; {retried(results)}. The min/max of every metric over the runs is in the JSON "
+        "(`summary.min_max`)."
+    )
+    return text
+
+
+def retried(results: dict[str, Any]) -> str:
+    phases = []
+    for run in results["runs"]:
+        phases.append(run.get("sequential"))
+        phases.extend((run.get("concurrent") or {}).values())
+    phases = [p for p in phases if isinstance(p, dict)]
+    again = sum(1 for p in phases if p.get("attempts", 1) > 1)
+    return f"{again} of {len(phases)} timed phases were run again in this run"
+
+
+def targets_list(summary: dict[str, Any]) -> str:
+    lines = []
+    for check in summary["targets"]:
+        value, limit, unit = check["value"], check["limit"], check["unit"]
+        if value is None:
+            lines.append(
+                f"- **n/a** — {check['name']} ({check['target']}): not measured in this run"
+            )
+            continue
+        op = "≥" if check["name"].startswith("turns/s") else "≤"
+        verdict = "met" if check["met"] else "**missed**"
+        if check["met"]:
+            how = f"margin {abs(check['margin']):.2f} {unit}"
+        else:
+            how = f"short by {abs(check['margin']):.2f} {unit}"
+        lines.append(
+            f"- {verdict} — {check['name']} ({check['target']}): {_fmt(value)} {unit} (target {op} {_fmt(limit)} {unit}; {how})"
+        )
+    return "\n".join(lines)
+
+
+def profile_section(profile: dict[str, Any] | None, top: int = 25) -> str:
+    if not profile or not profile.get("cumulative"):
+        return "_No profile in this run (`--no-profile`)._\n"
+    load = profile["load"]
+    out = (
+        f"Gateway process (pooled upstream WS, in-process tunnel) under cProfile, "
+        f"{load['connections']} connections for {load['seconds']:.1f} s: {load['turns']:,} turns, "
+        f"{load['events']:,} forwarded events. The profiler runs only during the measured window "
+        f"(`benchmarks/profiled_gateway.py`: started by SIGUSR2 after the warm-up turns, written on "
+        f"SIGUSR1), so start-up and connection set-up are not in it. cProfile slows the process down: "
+        f"compare entries with each other, not with the tables above. `calls/1k ev` is calls per "
+        f"1,000 forwarded events.\n\n"
+        "Top by cumulative time:\n\n"
+        "| cumtime (s) | tottime (s) | calls | calls/1k ev | function |\n|---:|---:|---:|---:|---|\n"
+    )
+    for row in profile["cumulative"][:top]:
+        out += (
+            f"| {row['cumtime']:.2f} | {row['tottime']:.2f} | {row['ncalls']:,} | "
+            f"{_fmt(row['calls_per_1k_events'], 0)} | `{row['function']}` |\n"
+        )
+    if profile.get("shares"):
+        out += (
+            "\nWhere the time goes, grouped (share of all profiled time in the gateway process; "
+            "the groups do not overlap):\n\n| share | seconds | what |\n|---:|---:|---|\n"
+        )
+        for row in profile["shares"]:
+            share = "–" if row["share"] is None else f"{row['share'] * 100:.1f}%"
+            out += f"| {share} | {row['seconds']:.2f} | {row['what']} |\n"
+    out += "\nTop by own time (tottime):\n\n"
+    out += "| tottime (s) | cumtime (s) | calls | calls/1k ev | function |\n|---:|---:|---:|---:|---|\n"
+    for row in profile["tottime"][:20]:
+        out += (
+            f"| {row['tottime']:.2f} | {row['cumtime']:.2f} | {row['ncalls']:,} | "
+            f"{_fmt(row['calls_per_1k_events'], 0)} | `{row['function']}` |\n"
+        )
+    return out
+
+
+# --- plot ----------------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> bool:
+    """Four panels of medians per target; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    settings = results["settings"]
+    targets = list(results["targets"])
+    med = summary["median"]
+    colors = ["#777777", "#1f77b4", "#2ca02c", "#d62728", "#9467bd"]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+
+    def bars(ax: Any, keys: list[tuple[str, str]], title: str, ylabel: str) -> None:
+        width = 0.8 / len(targets)
+        for i, t in enumerate(targets):
+            raw = [med.get(t, {}).get(k) for k, _ in keys]
+            values = [v or 0.0 for v in raw]
+            xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(keys))]
+            rects = ax.bar(xs, values, width, label=t, color=colors[i % len(colors)])
+            if t != BASELINE:
+                base = [med.get(BASELINE, {}).get(k) for k, _ in keys]
+                labels = [
+                    "n/a" if v is None else (f"{v / b:.2f}×" if b else "")
+                    for v, b in zip(raw, base, strict=True)
+                ]
+                ax.bar_label(rects, labels=labels, fontsize=7, rotation=90, padding=2)
+        ax.set_xticks(range(len(keys)), [label for _, label in keys])
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.2)
+
+    bars(
+        axes[0][0],
+        [
+            ("seq_ttfe_p50_ms", "TTFE p50"),
+            ("seq_ttfe_p99_ms", "TTFE p99"),
+            ("seq_turn_p50_ms", "turn p50"),
+            ("seq_turn_p99_ms", "turn p99"),
+        ],
+        "Sequential turns on one connection",
+        "ms (lower is better)",
+    )
+    bars(
+        axes[0][1],
+        [(f"c{n}_turns_per_s", f"{n} conns") for n in settings["connections"]],
+        "Throughput",
+        "turns/s (higher is better)",
+    )
+    bars(
+        axes[1][0],
+        [(f"c{n}_cpu_s_per_1k_events", f"{n} conns") for n in settings["connections"]],
+        "Server CPU per 1,000 forwarded events",
+        "CPU seconds (lower is better)",
+    )
+    bars(
+        axes[1][1],
+        [(f"idle{n}_kib_per_conn", f"{n:,} idle") for n in settings["idle_counts"]],
+        "RSS per idle client connection",
+        "KiB (lower is better)",
+    )
+    bars(
+        axes[0][2],
+        [("reuse_turn_mean_ms", "socket reused"), ("no_reuse_turn_mean_ms", "no reuse")],
+        f"Turns 2..{settings['reuse_turns']}: mean turn time",
+        "ms (lower is better)",
+    )
+    bars(
+        axes[1][2],
+        [
+            ("idle_rss_mib", "idle"),
+            *((f"idle{n}_rss_mib", f"{n:,} conns") for n in settings["idle_counts"]),
+        ],
+        "Server RSS",
+        "MiB",
+    )
+    axes[0][0].legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(
+        f"cch vs direct fake upstream — medians of {settings['runs']} runs, {m.get('cores')} cores "
+        f"({m.get('cpu_model') or 'unknown CPU'}); labels: ratio vs direct; absolute numbers are machine-dependent",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --- the document ---------------------------------------------------------------------------------
+
+COMMAND = ".venv/bin/python -m benchmarks run"
+
+# Written by hand from the profile of the 16-connection pooled-WS scenario at commit 8b5967c (the
+# "where the time goes" table is recomputed from the profile of each run); kept here so that
+# regenerating the document does not lose it. Not applied.
+OPTIMIZATIONS = """\
+The hot path already forwards events without JSON-decoding them (`e1e1057`), writes client
+frames itself, hands upstream messages over without Autobahn's per-message signal, runs the
+stall watchdog on a timestamp and memoizes log-field masking (`8b5967c`). For the code measured
+here, in order of expected gain:
+
+1. **A lean receive path for upstream frames.** Autobahn's receive path is now the largest cost.
+   For every upstream event `consumeData` calls `processData` twice (once for the frame, once
+   to find that no complete frame is left: 2,050 calls per 1,000 events in the profile),
+   `onFrameBegin` builds a frame-header object and a null XOR masker (upstream frames are not
+   masked), `onFrameData` feeds the UTF-8 validator, and `onFrameEnd` → `_onMessageFrameEnd` →
+   `_onMessageEnd` → `onMessageEnd` updates traffic statistics on the way. Override
+   `processData` in `cch/upstream/ws._ClientProtocol` while the connection is open: slice
+   complete, final, unmasked text frames with no RSV bits and a 7- or 16-bit length (what
+   Responses upstreams send) straight out of `self.data` and hand each payload to
+   `owner._message`; leave everything else (control frames, fragments, an incomplete frame, RSV
+   bits, 64-bit lengths) to Autobahn's `processData`.
+2. **Flatten the per-event chain and find the type once.** Each event passes
+   `_ClientProtocol.onMessageEnd` → `UpstreamConnection._message` (bytes → str) →
+   `_Request.ws_message` → `WSStream.forward` (`IdleWatchdog.poke`, `event_type`) →
+   `RecordingSink.sse_event` (`event_type` again) → `_Turn.sse_event` → `translate_sse_data`
+   (`leading_type`: a third match of the same regex on the same prefix) → `_Turn._send` →
+   `EdgeProtocol.send_text`. Find the type once in `forward` and pass it down
+   (`sse_event(data, kind)`), let `RecordingSink` look only at terminal kinds, and let
+   `translate_sse_data` trust a kind it is given.
+3. **Write a read's worth of client frames at once.** `EdgeProtocol.send_text` encodes each
+   event, builds its header and calls `transport.writeSequence` once per event, whose
+   per-call bookkeeping (buffer list, size checks, producer checks) is now a visible share.
+   Upstream events arrive many to a TCP read (here a whole 40-event turn per read: the upstream
+   socket's `dataReceived` runs 25 times per 1,000 events): collect each
+   client connection's frames while one upstream read is processed and write them with a single
+   `transport.write(b"".join(frames))` when that read is done (flow control sees the same bytes).
+   The one frame per turn sent upstream still goes through Autobahn's `sendMessage` (masking,
+   statistics, eagerly formatted debug logging): about a fifth of the per-turn set-up before
+   the first event, and worth framing directly too (a client frame is masked with a random key).
+4. **Make per-turn logging cheaper.** Each turn writes four `info` lines
+   (`ws_request_started`, `upstream_attempt_started`, `ws_terminal_event_sent`,
+   `ws_turn_completed`), each rendered by `cch.logs.json_line` and written and flushed on its
+   own (a `write` syscall per line). Two of them (`ws_request_started`,
+   `upstream_attempt_started`) are written before the first event is forwarded, where they are
+   about a third of the per-turn set-up before the first event in the profile: this is the
+   biggest lever for the time-to-first-event target. Buffer the observer's output and flush it on a short
+   timer or at a size, and write the two early lines after the first event has been forwarded
+   (or log each turn once, at its end, with what the four lines carry).
+5. **Handle the upstream payload's text once.** Autobahn validates UTF-8 for every upstream
+   message, `UpstreamConnection._message` then decodes the bytes with `errors="replace"`, and
+   `EdgeProtocol.send_text` encodes the `str` back to bytes. Keep the payload as bytes from the
+   upstream socket to the client transport (decoding only what is inspected: the type prefix,
+   terminal events), and pick one of Autobahn's validation (a 1007 close on bad UTF-8) or
+   replacement characters instead of paying for both.
+"""
+
+
+def optimizations_intro(summary: dict[str, Any]) -> str:
+    """How much the gateway must shed for the targets it misses, from this run's medians."""
+    ratio = summary["ratio_vs_direct"].get("pooled-ws", {}).get("c16_turns_per_s")
+    parts = []
+    if ratio:
+        if ratio < 0.6:
+            cut = 1 - ratio / 0.6
+            parts.append(
+                f"At 16 connections `pooled-ws` reaches {ratio:.2f}× direct; since the gateway is the "
+                f"bottleneck there, reaching 0.6× needs its CPU per turn about {cut * 100:.0f}% lower "
+                f"(a bit less if it also gets closer to 100% busy)."
+            )
+        else:
+            parts.append(f"At 16 connections `pooled-ws` reaches {ratio:.2f}× direct (target met).")
+    for check in summary["targets"]:
+        if check["target"] == "pooled-ws" and check["name"].startswith("time to first event"):
+            if check["value"] is not None:
+                parts.append(
+                    f"The sequential time to first event is {check['value']:.2f} ms above direct "
+                    f"(target ≤ 0.5 ms): that is per-turn work before the first event is forwarded, "
+                    f"where item 4 matters most."
+                )
+    parts.append(
+        "Items are ordered by their share of the gateway's time in the profile above (the "
+        '"where the time goes" table, recomputed on every run).'
+    )
+    return " ".join(parts)
+
+
+def headline_paragraph(results: dict[str, Any], summary: dict[str, Any]) -> str:
+    med, ratio = summary["median"], summary["ratio_vs_direct"]
+    settings = results["settings"]
+    if "pooled-ws" not in med or BASELINE not in med:
+        return ""
+    p, d = med["pooled-ws"], med[BASELINE]
+    text = "**Headline (default mode, `pooled-ws`, medians):** "
+    bits = []
+    if p.get("seq_ttfe_p50_ms") is not None and d.get("seq_ttfe_p50_ms") is not None:
+        bits.append(
+            f"time to first event p50 {_fmt(p['seq_ttfe_p50_ms'])} ms vs {_fmt(d['seq_ttfe_p50_ms'])} ms "
+            f"direct (+{p['seq_ttfe_p50_ms'] - d['seq_ttfe_p50_ms']:.2f} ms)"
+        )
+    for n in settings["connections"]:
+        r = ratio["pooled-ws"].get(f"c{n}_turns_per_s")
+        if r is not None:
+            bits.append(f"{n} connections {_fmt(p[f'c{n}_turns_per_s'])} turns/s ({r:.2f}× direct)")
+    n = settings["connections"][0]
+    if p.get(f"c{n}_cpu_s_per_1k_events") is not None:
+        bits.append(
+            f"{p[f'c{n}_cpu_s_per_1k_events'] * 1000:.0f} ms of gateway CPU per 1,000 forwarded events "
+            f"({ratio['pooled-ws'][f'c{n}_cpu_s_per_1k_events']:.2f}× what the fake upstream spends producing them)"
+        )
+    big = max(settings["idle_counts"])
+    if p.get(f"idle{big}_kib_per_conn") is not None:
+        bits.append(
+            f"{_fmt(p[f'idle{big}_kib_per_conn'])} KiB RSS per idle connection at {big:,}, "
+            f"idle RSS {_fmt(p['idle_rss_mib'])} MiB"
+        )
+    met = sum(1 for c in summary["targets"] if c["met"])
+    missed = sum(1 for c in summary["targets"] if c["met"] is False)
+    return text + "; ".join(bits) + f". Targets: {met} met, {missed} missed (see below).\n"
+
+
+def code_line(results: dict[str, Any]) -> str:
+    code = results["machine"].get("code") or {}
+    commit = (code.get("commit") or "unknown")[:12]
+    text = f"`{commit}`" + (" (with uncommitted changes to `cch/`)" if code.get("dirty") else "")
+    from benchmarks.processes import REPO
+
+    source = code.get("source")
+    if source and source != str(REPO):
+        text += " (measured from a separate clean clone of that commit, `--cch-src`)"
+    return text
+
+
+def document(
+    results: dict[str, Any], summary: dict[str, Any], plot_name: str | None, json_name: str
+) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    client = s["client"]
+    ratio_table, abs_table = markdown_tables(results, summary)
+    runs = s["runs"]
+    load = m.get("loadavg_at_start")
+    plot_md = (
+        f"![benchmark plot](benchmarks/{plot_name})\n"
+        if plot_name
+        else "_Plot skipped: matplotlib is not installed._\n"
+    )
+    quick = (
+        "\n> **This document was generated by a `--quick` run: the numbers are not meaningful.**\n"
+        if s.get("quick")
+        else ""
+    )
+    deltas = max(1, s["events"] - 8)
+    return (
+        f"""# Benchmarks
+{quick}
+`cch` measured against a baseline taken **in the same run on the same machine**: the load
+client talking to the fake upstream directly. Read the ratios; absolute numbers depend on the
+machine (cores, CPU, what else runs on it) and are here only to make the ratios concrete.
+
+Reproduce everything below — numbers, plot ([`benchmarks/{json_name}`](benchmarks/{json_name}))
+and this page — from a fresh checkout (this run took {results["wall_seconds"] / 60:.1f} minutes on {m.get("cores")} cores):
+
+```sh
+python3 -m venv .venv && .venv/bin/pip install -e '.[bench]' && {COMMAND}
+```
+
+(`bench` installs matplotlib and psutil; without matplotlib the plot is skipped, without psutil
+the numbers come from `/proc`.) `{COMMAND} --help` lists the knobs (runs, targets, events per
+turn, delta size, delay, connections, idle counts, durations); `--target ws://127.0.0.1:PORT/v1/responses`
+adds another gateway as a target (give `--target-pid` for its CPU and RSS, and point it at the
+fake upstream started with `--upstream-port`). `python -m benchmarks report` rebuilds this page
+and the plot from the JSON without re-running. The suite is not part of the test suite;
+`tests/test_benchmarks_smoke.py` runs it for a few seconds in a tiny configuration.
+
+{headline_paragraph(results, summary)}
+## Machine and run
+
+- {m.get("cores")} cores, {m.get("cpu_model") or "unknown CPU"}; {m.get("platform")}; Python {m.get("python")};
+  Twisted {m["versions"].get("twisted")}, Autobahn {m["versions"].get("autobahn")}, treq {m["versions"].get("treq")}
+- cch at commit {code_line(results)}
+- started {results["started_at"]}, {results["wall_seconds"] / 60:.1f} minutes; load average at start
+  {", ".join(f"{x:.2f}" for x in load) if load else "unknown"}
+- every number is the **median of {runs} runs**; each run starts fresh processes (upstream and
+  gateway), and targets are interleaved within a run
+
+## What is measured
+
+Processes: the fake upstream (`python -m benchmarks.upstream`: `cch.testing.FakeUpstream` with a
+configurable default script), the gateway (`python -m cch.cli --config <generated toml>`, i.e.
+`twistd -n cch`, JSON logs at level `{s["log_level"]}` to a file) and the load client (the
+`python -m benchmarks` process itself: a minimal WebSocket client on the Twisted reactor,
+`benchmarks/wsclient.py`) each run on their own, on 127.0.0.1 only.
+CPU seconds and RSS are read from `/proc/<pid>` of the **server** process: the gateway for cch
+targets, the fake upstream for `direct`.
+
+Targets:
+
+| target | what |
+|---|---|
+"""
+        + "".join(f"| `{k}` | {v} |\n" for k, v in results["targets"].items())
+        + f"""
+Every turn is a Codex-like `response.create` (`store: {str(client["store"]).lower()}`, {client["request_bytes"]:,}-byte
+`instructions`, conversations of {client["chain"]} turns chained with `previous_response_id`) answered with
+{s["events"]} events: 8 framing events (`response.created` … `response.completed`) and {deltas} `output_text.delta`
+events of {s["delta_bytes"]} bytes of text; {s["delay"]:g} s between events.
+
+Scenarios:
+
+- **sequential**: one connection, {s["seq_turns"]} turns one after the other (after {s["warmup"]} warm-up
+  turns): time to first event (TTFE: frame sent → first event received) and turn time
+  (→ terminal event), p50/p95/p99. For this scenario the fake upstream pauses
+  {s["seq_gap_ms"]:g} ms after `response.created` (asked for in the frame's `metadata`), as a real
+  upstream sends its first event long before the rest: otherwise the whole response arrives in
+  one TCP read and the first event reaches the client only after the gateway has processed all
+  of them. TTFE is therefore the path of one event plus the turn set-up; turn time includes the
+  pause.
+- **{" and ".join(str(n) for n in s["connections"])} connections**: every connection runs turns back to back for
+  {s["duration"]:g} s after one warm-up turn each: turns/s, events/s, and CPU seconds of the server
+  process per 1,000 forwarded events (for `direct` that is the fake upstream's own cost of
+  producing them).
+- **idle connections**: {" then ".join(f"{n:,}" for n in s["idle_counts"])} upgraded connections held open, no turns:
+  (RSS − idle RSS) / connections, measured a moment after the last one opened (at most
+  {s["client"]["connect_concurrency"]} handshakes in flight at a time). Idle RSS is taken after one turn
+  on a fresh process, before any of these connections.
+- **socket reuse**: one conversation of {s["reuse_turns"]} turns; mean turn time of turns 2..N. With reuse:
+  the gateway keeps its upstream WebSocket (default). Without: `upstream_websocket.max_socket_age`
+  is set to 1 µs so every turn gets a fresh upstream socket and, since `store: false` responses
+  live on the socket that produced them, the gateway replays the conversation from its
+  transcript. The `direct` row without reuse opens a new connection per turn and sends the whole
+  conversation itself (timed from the connect). `inproc-http` has no upstream socket to keep
+  (HTTP keep-alive is always on), so it has no "without" number.
+
+Note on `inproc-http`: an HTTP upstream cannot resolve a `store: false` `previous_response_id`,
+so cch replays the conversation from its transcript on every turn (DESIGN "beyond" 9): its
+request bodies grow along each {client["chain"]}-turn conversation. That cost is real for Codex on an
+HTTP-only upstream and is part of its numbers.
+
+## Results: ratios vs direct
+
+Median of {runs} runs. `direct (absolute)` is the baseline's own number; the other columns are
+target ÷ direct (for times and CPU lower is better, for throughput higher is better).
+
+{ratio_table}
+Absolute medians (min–max over the runs in parentheses):
+
+{abs_table}
+{plot_md}
+## Targets (2-core machine, medians of ≥ 3 runs)
+
+{targets_list(summary)}
+
+## What limits these numbers
+
+CPU used by each process during the throughput phases (median; 100% = one core):
+
+{utilization_table(results, summary)}
+{limits_paragraph(results, summary)}
+
+## Profile: the per-event path
+
+{profile_section(results.get("profile"))}
+## Five optimizations worth trying (not applied)
+
+{optimizations_intro(summary)}
+
+{OPTIMIZATIONS}"""
+    )
+
+
+def write_outputs(
+    results: dict[str, Any], out_dir: Path, doc_path: Path | None, *, make_plot: bool = True
+) -> dict[str, Any]:
+    """Write results.json, the plot and the document; returns the summary."""
+    import json
+
+    summary = summarize(results)
+    results["summary"] = summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot_name = None
+    if make_plot and plot(results, summary, out_dir / "benchmarks.png"):
+        plot_name = "benchmarks.png"
+    if doc_path is not None:
+        doc_path.parent.mkdir(parents=True, exist_ok=True)
+        doc_path.write_text(document(results, summary, plot_name, json_path.name))
+    return summary
+
+
+Printer = Callable[[str], None]
+
+
+def headline(summary: dict[str, Any], settings: dict[str, Any], say: Printer = print) -> None:
+    med, ratio = summary["median"], summary["ratio_vs_direct"]
+    keys = ["seq_ttfe_p50_ms", "seq_turn_p50_ms"] + [
+        f"c{n}_turns_per_s" for n in settings["connections"]
+    ]
+    keys += [f"c{n}_cpu_s_per_1k_events" for n in settings["connections"]]
+    keys += ["idle_rss_mib"] + [f"idle{n}_kib_per_conn" for n in settings["idle_counts"]]
+    keys += ["reuse_turn_mean_ms", "no_reuse_turn_mean_ms"]
+    targets = list(med)
+    say("metric".ljust(28) + "".join(t.rjust(22) for t in targets))
+    for key in keys:
+        cells = []
+        for t in targets:
+            v = med[t].get(key)
+            r = ratio[t].get(key)
+            cell = _fmt(v) + ("" if t == BASELINE or r is None else f" ({r:.2f}x)")
+            cells.append(cell.rjust(22))
+        say(key.ljust(28) + "".join(cells))
+    say("")
+    say(targets_list(summary))
