@@ -8,6 +8,7 @@ rendered to text instead of dumping their (often unserialisable) fields.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, LogLevel, formatEvent
 from zope.interface import implementer
 
@@ -202,20 +204,47 @@ class _LineObserver:
 
     _render: Callable[[LogEvent], str | None]
 
-    def __init__(self, out: TextIO, min_level: LogLevel = LogLevel.info) -> None:
+    def __init__(
+        self, out: TextIO, min_level: LogLevel = LogLevel.info, *, batch: IReactorTime | None = None
+    ) -> None:
         self._out = out
         self._min_level = min_level
+        # With ``batch`` (a clock), events are rendered and written a moment later, together:
+        # a turn's log lines then cost nothing before its first event reaches the client.
+        self._batch = batch
+        self._pending: list[LogEvent] = []
+        self._flush_call: Any = None
+        if batch is not None:
+            atexit.register(self.flush)
 
     def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level", LogLevel.info)
         if getattr(level, "name", None) in _LEVEL_NAMES and level < self._min_level:
             return
-        line = self._render(event)
-        if line is None:
+        if self._batch is None:
+            self._write([event])
             return
-        # Flush per line: stdout is block-buffered when it is a pipe (containers),
-        # and a log line that sits in a buffer is no use when the process dies.
-        self._out.write(line + "\n")
+        self._pending.append(event)
+        if len(self._pending) >= _BATCH_LINES or level >= LogLevel.error:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self._batch.callLater(_BATCH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        pending, self._pending = self._pending, []
+        if pending:
+            self._write(pending)
+
+    def _write(self, events: list[LogEvent]) -> None:
+        lines = [line for line in map(self._render, events) if line is not None]
+        if not lines:
+            return
+        # Flush at once: stdout is block-buffered when it is a pipe (containers), and a log
+        # line that sits in a buffer is no use when the process dies.
+        self._out.write("\n".join(lines) + "\n")
         self._out.flush()
 
 
@@ -240,7 +269,7 @@ def _parse_level(name: str) -> LogLevel:
 
 
 def make_observer(
-    out: TextIO, fmt: str = "auto", min_level: str | LogLevel = "info"
+    out: TextIO, fmt: str = "auto", min_level: str | LogLevel = "info", *, batch: IReactorTime | None = None
 ) -> ILogObserver:
     """Build the log observer for ``out``: ``fmt`` is ``"json"``, ``"text"`` or ``"auto"``.
 
@@ -253,10 +282,14 @@ def make_observer(
         except (AttributeError, ValueError):
             fmt = "json"
     if fmt == "json":
-        return JsonLinesObserver(out, level)
+        return JsonLinesObserver(out, level, batch=batch)
     if fmt == "text":
-        return TextLinesObserver(out, level)
+        return TextLinesObserver(out, level, batch=batch)
     raise ValueError(f"log format must be 'json', 'text' or 'auto', not {fmt!r}")
+
+
+_BATCH_SECONDS = 0.05
+_BATCH_LINES = 256
 
 
 def twistd_observer() -> ILogObserver:
@@ -265,8 +298,11 @@ def twistd_observer() -> ILogObserver:
     import os
     import sys
 
+    from twisted.internet import reactor
+
     return make_observer(
         sys.stdout,
         os.environ.get("CCH_LOG_FORMAT", "auto"),
         os.environ.get("CCH_LOG_LEVEL", "info"),
+        batch=reactor,
     )

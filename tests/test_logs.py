@@ -465,3 +465,24 @@ def test_make_observer_level_name_is_case_insensitive() -> None:
     log.info("i")
     log.error("e")
     assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()] == ["e"]
+
+
+def test_batched_observer_writes_a_moment_later_in_order() -> None:
+    import io
+
+    from twisted.internet.task import Clock
+
+    from cch.logs import make_observer
+
+    out, clock = io.StringIO(), Clock()
+    observer = make_observer(out, "json", batch=clock)
+    observer({"log_format": "first", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
+    observer({"log_format": "second", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
+    assert out.getvalue() == ""
+    clock.advance(0.05)
+    assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()] == ["first", "second"]
+    assert clock.getDelayedCalls() == []
+    observer({"log_format": "third", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
+    observer({"log_format": "boom", "log_level": LogLevel.error, "log_time": 0.0, "log_namespace": "t"})
+    assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()][-2:] == ["third", "boom"]
+    assert clock.getDelayedCalls() == []
