@@ -149,6 +149,8 @@ class UpstreamConnection:
             maxMessagePayloadSize=self.max_message_bytes,
             maxFramePayloadSize=self.max_message_bytes,
             openHandshakeTimeout=0,  # our own deadline runs on the injected clock
+            # Payloads are decoded once, with replacement, where they are used.
+            utf8validateIncoming=False,
             closeHandshakeTimeout=5,
             autoFragmentSize=0,
         )
