@@ -82,6 +82,7 @@ class ProviderConfig:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 60.0
     idle_timeout: float = 300.0
+    tls_ca: str | None = None  # PEM file of CA certificates trusted for this provider (private CA)
 
 
 @dataclass(frozen=True)
@@ -354,6 +355,17 @@ def _http_url(value: str) -> str | None:
     return None if ok else f"must be an http:// or https:// URL with a host (got {value!r})"
 
 
+def _pem_file(path: str) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read()
+    except OSError as exc:
+        return f"cannot read {path!r}: {exc.strerror or exc}"
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        return f"{path!r} holds no PEM certificate"
+    return None
+
+
 def _extra_headers(headers: tuple[tuple[str, str], ...]) -> str | None:
     for name, value in headers:
         lowered = name.lower()
@@ -401,6 +413,7 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ProviderConfig, "api_key_env"): _not_empty,
     (ProviderConfig, "headers"): _extra_headers,
     (ProviderConfig, "websocket"): _one_of("auto", "on", "off"),
+    (ProviderConfig, "tls_ca"): _pem_file,
     (TunnelConfig, "mode"): _one_of("in-process", "http"),
     (TunnelConfig, "url"): _http_url,
     (TunnelConfig, "secret_env"): _not_empty,

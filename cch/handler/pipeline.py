@@ -182,7 +182,7 @@ class ResponsesHandler:
         self.ws_stats["attempts"] += 1
         provider.breaker.attempt_started()
         try:
-            stream = await pool.request(frame=_ws_frame(send), **target)
+            stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, **target)
             problem = _first_event_problem(stream)
             if problem == "limit" or (
                 problem == "previous" and send is body and transcript is not None and transcript.knows(body["previous_response_id"])
@@ -198,7 +198,7 @@ class ResponsesHandler:
                 if send is None:
                     _send_events(sink, [lost])
                     return True
-                stream = await pool.request(frame=_ws_frame(send), **target)
+                stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, **target)
         except WSFailure as failure:
             if failure.cacheable:
                 self.unsupported.mark(provider.name, None, failure.reason)
@@ -263,6 +263,7 @@ class ResponsesHandler:
                 dumps_bytes(body),
                 connect_timeout=config.connect_timeout,
                 first_byte_timeout=config.first_byte_timeout,
+                tls_ca=config.tls_ca,
             )
         except CancelledError:
             breaker.attempt_abandoned()

@@ -23,11 +23,14 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import directlyProvides, providedBy
 
 from cch.testing.scripts import (
     Event,
@@ -98,6 +101,7 @@ class FakeUpstream:
 
     def __init__(self, clock: IReactorTime | None = None, *, id_prefix: str = "resp_fake"):
         self._clock = clock
+        self._secure = False
         self._id_prefix = id_prefix
         self._served = 0
         self._queue: deque[ScriptSource] = deque()
@@ -135,10 +139,16 @@ class FakeUpstream:
         return self._resource
 
     def listen(
-        self, reactor: IReactorTCP, interface: str = "127.0.0.1", port: int = 0
+        self, reactor: IReactorTCP, interface: str = "127.0.0.1", port: int = 0, *, tls: Any = None
     ) -> Deferred[IListeningPort]:
-        """Serve `resource()` on a TCP port (0 = any free one); see `base_url`."""
-        from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+        """Serve `resource()` on a TCP port (0 = any free one); see `base_url`. With `tls`
+        (a Twisted TLS context factory, e.g. `PrivateCertificate.options()`) it serves
+        https/wss instead."""
+        from twisted.internet.endpoints import (
+            SSL4ServerEndpoint,
+            TCP4ServerEndpoint,
+            TCP6ServerEndpoint,
+        )
 
         if self._port is not None:
             raise RuntimeError("FakeUpstream is already listening")
@@ -146,8 +156,12 @@ class FakeUpstream:
         site.noisy = False
         factory = _ConnectionTracker(site, self)
         self._factory = factory
-        endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        endpoint = endpoint_type(reactor, port, interface=interface)
+        if tls is not None:
+            self._secure = True
+            endpoint: Any = SSL4ServerEndpoint(reactor, port, tls, interface=interface)
+        else:
+            endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+            endpoint = endpoint_type(reactor, port, interface=interface)
 
         def listening(listening_port: IListeningPort) -> IListeningPort:
             self._port = listening_port
@@ -158,12 +172,12 @@ class FakeUpstream:
     @property
     def base_url(self) -> str:
         """The OpenAI-style base URL, e.g. http://127.0.0.1:PORT/v1."""
-        return f"http://{self._authority()}/v1"
+        return f"{'https' if self._secure else 'http'}://{self._authority()}/v1"
 
     @property
     def ws_url(self) -> str:
         """The Responses WebSocket URL, e.g. ws://127.0.0.1:PORT/v1/responses."""
-        return f"ws://{self._authority()}/v1/responses"
+        return f"{'wss' if self._secure else 'ws'}://{self._authority()}/v1/responses"
 
     def stop(self) -> Deferred[None]:
         """Stop listening, abort every connection (held ones included) and cancel every script.
@@ -425,6 +439,15 @@ class _TrackedConnection(ProtocolWrapper):
     """One tracked TCP connection; reports its loss once the wrapped protocol has seen it."""
 
     factory: _ConnectionTracker
+
+    def makeConnection(self, transport: Any) -> None:
+        # ProtocolWrapper claims every interface of the transport; with TLS that includes
+        # ISSLTransport, which Autobahn then takes at its word and asks for TLS details this
+        # wrapper cannot give. The fake needs none of them.
+        directlyProvides(self, providedBy(transport) - ISSLTransport)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         try:

@@ -12,7 +12,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
@@ -22,6 +28,7 @@ from cch.handler.errors import error_body
 from cch.sse import SSEDecoder
 from cch.turn import ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
+from cch.upstream.tls import trust_root
 
 
 class UpstreamTimeout(Exception):
@@ -36,13 +43,14 @@ class HttpUpstream:
         self.clock = clock
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
-        self._clients: dict[float, HTTPClient] = {}
+        self._clients: dict[tuple[float, str | None], HTTPClient] = {}
 
-    def _client(self, connect_timeout: float) -> HTTPClient:
-        client = self._clients.get(connect_timeout)
+    def _client(self, connect_timeout: float, tls_ca: str | None) -> HTTPClient:
+        client = self._clients.get((connect_timeout, tls_ca))
         if client is None:
-            agent = Agent(self._reactor, connectTimeout=connect_timeout, pool=self.pool)
-            client = self._clients[connect_timeout] = HTTPClient(agent)
+            policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(tls_ca))
+            agent = Agent(self._reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self.pool)
+            client = self._clients[(connect_timeout, tls_ca)] = HTTPClient(agent)
         return client
 
     def post(
@@ -53,9 +61,10 @@ class HttpUpstream:
         *,
         connect_timeout: float,
         first_byte_timeout: float,
+        tls_ca: str | None = None,
     ) -> Deferred[IResponse]:
         """POST and fire with the response once its headers arrived (body not read yet)."""
-        d = self._client(connect_timeout).request(
+        d = self._client(connect_timeout, tls_ca).request(
             "POST",
             url,
             headers=Headers({k: [v] for k, v in headers.items()}),

@@ -23,6 +23,7 @@ from cch.config import UpstreamWebSocketConfig
 from cch.events import error_event, event_type
 from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
+from cch.upstream.tls import trust_root
 from cch.upstream.ws import OPEN, UpstreamConnection
 
 log = Logger()
@@ -105,6 +106,7 @@ class UpstreamWSPool:
         headers: dict[str, str],
         frame: str,
         session_id: str | None,
+        tls_ca: str | None = None,
     ) -> Deferred[WSStream]:
         """Send ``frame`` on a socket for ``session_id`` (reference §6.5.3 acquire rules)."""
         print_ = fingerprint(provider, endpoint, url, headers)
@@ -138,20 +140,21 @@ class UpstreamWSPool:
                 self._forget(entry)
                 entry.conn.safe_close(1000)
                 entry = None
-        conn = self._open(url, headers)
+        conn = self._open(url, headers, tls_ca)
         req = _Request(self, conn, None, frame, session_id, reused=False, retainable=retainable)
         req.fingerprint = print_
         req.start()
         conn.connect()
         return req.result
 
-    def _open(self, url: str, headers: dict[str, str]) -> UpstreamConnection:
+    def _open(self, url: str, headers: dict[str, str], tls_ca: str | None = None) -> UpstreamConnection:
         conn = UpstreamConnection(
             self.reactor,
             self.clock,
             url,
             headers,
             handshake_timeout=self.config.handshake_timeout,
+            trust=trust_root(tls_ca),
         )
         self.sockets.add(conn)
         conn.on_gone.append(self.sockets.discard)

@@ -119,6 +119,7 @@ class UpstreamConnection:
         *,
         handshake_timeout: float,
         max_message_bytes: int = 0,
+        trust: Any = None,
     ) -> None:
         self.id = next(_ids)
         self.reactor = reactor
@@ -127,6 +128,7 @@ class UpstreamConnection:
         self.headers = headers
         self.handshake_timeout = handshake_timeout
         self.max_message_bytes = max_message_bytes
+        self.trust = trust
         self.state = CONNECTING
         self.consumer: SocketConsumer | None = None
         self.on_gone: list[Callable[[UpstreamConnection], None]] = []
@@ -169,7 +171,7 @@ class UpstreamConnection:
         port = parts.port or (443 if secure else 80)
         endpoint: Any = HostnameEndpoint(self.reactor, host, port)
         if secure:
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self.trust), endpoint)
         self._handshake_timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
         d = self._connecting = endpoint.connect(factory)
         d.addCallbacks(self._tcp_connected, self._connect_failed)
