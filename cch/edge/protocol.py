@@ -9,6 +9,7 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
 from cch.edge.connection import EdgeConnection
+from cch.headers import EDGE_NOT_FORWARDED
 from cch.logs import mask_query
 from cch.timers import cancel_close_timer
 
@@ -17,20 +18,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-# Upgrade-request headers that describe the hop, not the client; never forwarded (§2.6).
-_HOP_HEADERS = frozenset(
-    {
-        "host",
-        "connection",
-        "upgrade",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "content-length",
-        "transfer-encoding",
-    }
-)
 
 
 def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -38,7 +25,7 @@ def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
     return {
         name: value
         for name, value in headers.items()
-        if name not in _HOP_HEADERS and not name.startswith("x-cch-")
+        if name not in EDGE_NOT_FORWARDED and not name.startswith("x-cch-")
     }
 
 

@@ -22,6 +22,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cch.headers import UPGRADE_NOT_FORWARDED
 from cch.timers import batched_timer, cancel_close_timer
 
 log = Logger()
@@ -31,26 +32,6 @@ OPEN = "open"
 CLOSING = "closing"
 CLOSED = "closed"
 
-# Never sent in the upgrade request (reference §6.3); the library writes its own.
-_NOT_FORWARDED = frozenset(
-    {
-        "connection",
-        "upgrade",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "accept",
-        "content-type",
-        "x-cch-client-transport",
-        "x-cch-responses-ws-forward",
-        "x-cch-responses-ws-session",
-        "x-cch-internal-secret",
-    }
-)
 
 
 def ws_url(http_url: str) -> str:
@@ -62,7 +43,7 @@ def ws_url(http_url: str) -> str:
 
 def upgrade_headers(headers: dict[str, str]) -> dict[str, str]:
     """The outbound HTTP headers minus what must not go into a WebSocket upgrade."""
-    return {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+    return {k: v for k, v in headers.items() if k.lower() not in UPGRADE_NOT_FORWARDED}
 
 
 class SocketConsumer(Protocol):
