@@ -17,7 +17,6 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseDone,
-    ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -71,24 +70,39 @@ class HttpUpstream:
             data=body,
             unbuffered=True,
         )
-        timed_out: list[bool] = []
+        # Why the request stopped, when we stopped it: the Agent reports a cancelled request
+        # as whatever it was doing (DNSLookupError, ConnectingCancelledError,
+        # RequestGenerationFailed, ResponseNeverReceived, ...), none of them the provider's fault.
+        stopped: list[str] = []
 
         def _timeout() -> None:
-            timed_out.append(True)
+            stopped.append("timeout")
+            d.cancel()
+
+        def _cancel(_: Deferred[IResponse]) -> None:
+            stopped.append("cancelled")
             d.cancel()
 
         timer = self.clock.callLater(first_byte_timeout, _timeout)
+        result: Deferred[IResponse] = Deferred(_cancel)
 
-        def _done(result: Any) -> Any:
+        def _done(outcome: Any) -> None:
             if timer.active():
                 timer.cancel()
-            if isinstance(result, Failure) and _was_cancelled(result):
-                if timed_out:
-                    return Failure(UpstreamTimeout(f"no response within {first_byte_timeout:g}s"))
-                return Failure(CancelledError())  # the client went away: not the provider's fault
-            return result
+            if result.called:
+                return  # cancelled by the caller, already answered
+            if isinstance(outcome, Failure) and stopped:
+                if stopped[0] == "timeout":
+                    outcome = Failure(UpstreamTimeout(f"no response within {first_byte_timeout:g}s"))
+                else:
+                    outcome = Failure(CancelledError())
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
 
-        return d.addBoth(_done)
+        d.addBoth(_done)
+        return result
 
     def close(self) -> Deferred[None]:
         return self.pool.closeCachedConnections()
@@ -256,15 +270,6 @@ def collect_body(
     collector = _Collector(max_bytes, clock, idle_timeout)
     response.deliverBody(collector)
     return collector.finished
-
-
-def _was_cancelled(failure: Failure) -> bool:
-    """The Agent reports a cancelled request as ResponseNeverReceived([CancelledError])."""
-    if failure.check(CancelledError):
-        return True
-    if failure.check(ResponseNeverReceived):
-        return any(f.check(CancelledError) for f in failure.value.reasons)
-    return False
 
 
 def _content_type(response: IResponse) -> str:
