@@ -24,7 +24,7 @@ def self_signed(directory: Path) -> tuple[Path, bytes]:
     """A CA-less self-signed certificate for localhost: (PEM path, cert+key PEM)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
