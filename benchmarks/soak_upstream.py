@@ -23,12 +23,11 @@ its records every second the same way). 127.0.0.1 only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.upstream import output_text, raise_nofile_limit, trim
+from benchmarks.upstream import output_text, raise_nofile_limit, serve
 from cch.testing import (
     Close,
     Delay,
@@ -138,24 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
 
     from twisted.internet import reactor
-    from twisted.internet.task import LoopingCall
 
     fake = FakeUpstream(reactor, id_prefix="resp_soak")
     fake.default = script_factory(args.events, args.delta_bytes)
-    status = {"code": 0}
-
-    def listening(port: Any) -> None:
-        print(json.dumps({"ready": True, "port": port.getHost().port}), flush=True)
-
-    def failed(failure: Any) -> None:
-        print(json.dumps({"ready": False, "error": str(failure.value)}), flush=True)
-        status["code"] = 1
-        reactor.stop()
-
-    fake.listen(reactor, "127.0.0.1", args.port).addCallbacks(listening, failed)
-    LoopingCall(trim, fake).start(1.0, now=False)
-    reactor.run()
-    return status["code"]
+    return serve(fake, args.port)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,28 @@ def trim(fake: FakeUpstream) -> None:
     fake._responses.clear()  # only FakeUpstream.conversation() reads it
 
 
+def serve(fake: FakeUpstream, port: int) -> int:
+    """Listen on 127.0.0.1:``port``, announce the port as a JSON line on stdout, trim the
+    fake's records every second, and run the reactor; the exit status."""
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+
+    status = {"code": 0}
+
+    def listening(listening_port: Any) -> None:
+        print(json.dumps({"ready": True, "port": listening_port.getHost().port}), flush=True)
+
+    def failed(failure: Any) -> None:
+        print(json.dumps({"ready": False, "error": str(failure.value)}), flush=True)
+        status["code"] = 1
+        reactor.stop()
+
+    fake.listen(reactor, "127.0.0.1", port).addCallbacks(listening, failed)
+    LoopingCall(trim, fake).start(1.0, now=False)
+    reactor.run()
+    return status["code"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.upstream", description=__doc__.split("\n")[0]
@@ -114,24 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
 
     from twisted.internet import reactor
-    from twisted.internet.task import LoopingCall
 
     fake = FakeUpstream(reactor, id_prefix="resp_bench")
     fake.default = script_factory(args.events, args.delta_bytes, args.delay)
-    status = {"code": 0}
-
-    def listening(port: Any) -> None:
-        print(json.dumps({"ready": True, "port": port.getHost().port}), flush=True)
-
-    def failed(failure: Any) -> None:
-        print(json.dumps({"ready": False, "error": str(failure.value)}), flush=True)
-        status["code"] = 1
-        reactor.stop()
-
-    fake.listen(reactor, "127.0.0.1", args.port).addCallbacks(listening, failed)
-    LoopingCall(trim, fake).start(1.0, now=False)
-    reactor.run()
-    return status["code"]
+    return serve(fake, args.port)
 
 
 if __name__ == "__main__":

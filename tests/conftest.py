@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from cch.config import Config, LimitsConfig, ProviderConfig, ServerConfig, TunnelConfig
 from cch.service import GatewayService, makeService
@@ -132,3 +134,25 @@ async def no_leaks() -> Any:
             return
         await deferLater(global_reactor, 0, lambda: None)
     pytest.fail(f"DelayedCalls left behind: {leftover!r}")
+
+
+class LogWatch:
+    """Within ``with``: ``seen`` fires (on the next reactor turn) at the first log event named
+    ``name``, so the caller may advance a clock right after the code that logged it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: Deferred[dict[str, Any]] = Deferred()
+        self.fired = False
+
+    def __enter__(self) -> LogWatch:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_format") == self.name and not self.fired:
+            self.fired = True
+            global_reactor.callLater(0, self.seen.callback, event)

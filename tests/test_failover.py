@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import RunningGateway, gateway_config, start_gateway
+from conftest import LogWatch, RunningGateway, gateway_config, start_gateway
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -91,29 +91,6 @@ async def closed_port_url() -> str:
     number = port.getHost().port
     await port.stopListening()
     return f"http://127.0.0.1:{number}/v1"
-
-
-class LogWatch:
-    """Within ``with``: ``seen`` fires with the first log event of the given name, once the
-    code that logged it has returned to the reactor (so what it does right after logging, such
-    as arming a timer, has been done)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.seen: Deferred[dict[str, Any]] = Deferred()
-        self.fired = False
-
-    def __enter__(self) -> LogWatch:
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        globalLogPublisher.removeObserver(self)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_format") == self.name and not self.fired:
-            self.fired = True
-            reactor.callLater(0, self.seen.callback, event)
 
 
 def sse_script(*steps: Any) -> Script:

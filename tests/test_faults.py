@@ -25,12 +25,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import RunningGateway, gateway_config, start_gateway
+from conftest import LogWatch, RunningGateway, gateway_config, start_gateway
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import globalLogPublisher
 
 from cch.config import ProviderConfig
 from cch.edge.connection import EdgeConnection
@@ -102,28 +101,6 @@ async def eventually(check: Callable[[], bool], what: str, seconds: float = 10.0
         if reactor.seconds() > deadline:
             pytest.fail(f"never happened: {what}")
         await deferLater(reactor, 0.002, lambda: None)
-
-
-class LogWatch:
-    """Within ``with``: ``seen`` fires (on the next reactor turn) at the first log event named
-    ``name``, so the caller may advance a clock right after the code that logged it."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.seen: Deferred[dict[str, Any]] = Deferred()
-        self.fired = False
-
-    def __enter__(self) -> LogWatch:
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        globalLogPublisher.removeObserver(self)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_format") == self.name and not self.fired:
-            self.fired = True
-            reactor.callLater(0, self.seen.callback, event)
 
 
 async def closed_port_url() -> str:
