@@ -1,31 +1,19 @@
-"""Cheap facts about Responses events without decoding them whole."""
+"""Facts about Responses events, and the error event the gateway emits itself."""
 
 from __future__ import annotations
 
-import re
-
 from cch.jsoncodec import dumps, loads
 from cch.turn import TERMINAL_EVENT_TYPES
-
-# Upstreams write "type" first; when they do, the type is read without parsing the event.
-_LEADING_TYPE = re.compile(r'\{\s*"type"\s*:\s*"([A-Za-z0-9_.]+)"\s*[,}]')
-
-
-def leading_type(data: str) -> str | None:
-    """The ``type`` of an event object that starts with it (how upstreams write events)."""
-    match = _LEADING_TYPE.match(data)
-    return match.group(1) if match is not None else None
 
 
 def event_type(data: str) -> str | None:
     """The top-level ``type`` of a JSON event, or None (not JSON, not an object, no type).
 
-    Fast for the common case (``type`` first, not terminal); a terminal type is only believed
-    once the whole event parses, since ending a turn on garbage would lose the real terminal.
+    Always a full parse: an event is only an event once it all parses (an upstream's garbage
+    with a plausible prefix is not a terminal, and the edge forwards it as text). Whoever has
+    the type passes it along with the event (``ResponseSink.sse_event(data, kind)``) so it is
+    found once per event.
     """
-    match = _LEADING_TYPE.match(data)
-    if match is not None and match.group(1) not in TERMINAL_EVENT_TYPES:
-        return match.group(1)
     try:
         value = loads(data)
     except ValueError:

@@ -22,10 +22,24 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=
 _encode_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
 
 
+_scan_once = _decoder.scan_once
+
+
 def loads(text: str | bytes) -> Any:
     """Parse like ``JSON.parse``: no NaN/Infinity; absurd nesting is a ValueError, not a crash."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
     try:
-        return _decoder.decode(text.decode("utf-8") if isinstance(text, bytes) else text)
+        # One call into the C scanner for the common case (a value with no whitespace
+        # around it, like every upstream event); anything else takes the whole decoder,
+        # which also words the errors.
+        try:
+            value, end = _scan_once(text, 0)
+        except StopIteration:
+            return _decoder.decode(text)
+        if end == len(text):
+            return value
+        return _decoder.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 

@@ -23,8 +23,13 @@ class ResponseSink(Protocol):
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
         """The response is an event stream; events follow."""
 
-    def sse_event(self, data: str) -> None:
-        """One SSE event's data text (``data:`` lines joined, trimmed)."""
+    def sse_event(self, data: str, kind: str | None = None) -> None:
+        """One SSE event's data text (``data:`` lines joined, trimmed).
+
+        ``kind``, when given, is the event's ``type`` as found by :func:`cch.events.event_type`
+        (the data is a JSON object with that string type): whoever parsed the event passes it
+        on so nobody parses it again. None means not known.
+        """
 
     def json_body(self, status: int, body: bytes, content_type: str) -> None:
         """The response is one complete non-SSE body."""

@@ -85,7 +85,7 @@ class HttpResponseSink:
         request.setHeader(b"cache-control", b"no-cache, no-transform")
         request.setHeader(b"x-accel-buffering", b"no")
 
-    def sse_event(self, data: str) -> None:
+    def sse_event(self, data: str, kind: str | None = None) -> None:
         self.request.write(encode_event(data))
 
     def json_body(self, status: int, body: bytes, content_type: str) -> None:

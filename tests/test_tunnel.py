@@ -22,7 +22,7 @@ class Sink:
 
     def sse_started(self, status: int, headers: dict[str, str]) -> None: ...
 
-    def sse_event(self, data: str) -> None:
+    def sse_event(self, data: str, kind: str | None = None) -> None:
         self.events.append(data)
 
     def json_body(self, status: int, body: bytes, content_type: str) -> None:

@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cch.config import Config, ProviderConfig, UpstreamWebSocketConfig
+from cch.events import event_type
 from cch.testing import FakeUpstream
 from cch.testing.scripts import (
     Close,
@@ -282,7 +283,9 @@ class RecordingSink:
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
         self.status, self.headers = status, dict(headers)
 
-    def sse_event(self, data: str) -> None:
+    def sse_event(self, data: str, kind: str | None = None) -> None:
+        # The pool finds each event's type once and passes it on: it must be the real one.
+        assert kind is None or kind == event_type(data), (kind, data)
         self.texts.append(data)
 
     def json_body(self, status: int, body: bytes, content_type: str) -> None:

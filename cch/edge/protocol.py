@@ -12,6 +12,7 @@ from cch.edge.connection import EdgeConnection
 from cch.headers import EDGE_NOT_FORWARDED
 from cch.logs import mask_query
 from cch.timers import cancel_close_timer
+from cch.writes import write_batch
 
 if TYPE_CHECKING:
     from cch.edge.factory import EdgeFactory
@@ -34,6 +35,7 @@ class EdgeProtocol(WebSocketServerProtocol):
 
     factory: EdgeFactory
     edge: EdgeConnection | None = None
+    _pending: list[bytes] | None = None  # frames collected during a write batch
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         self._request = request
@@ -103,7 +105,13 @@ class EdgeProtocol(WebSocketServerProtocol):
     def dropConnection(self, abort: bool = False) -> None:
         if self.edge is not None:
             self.edge.connection_lost()
+        self.flush_writes()
         super().dropConnection(abort)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Everything Autobahn writes (close frames, pongs) goes after the frames collected.
+        self.flush_writes()
+        super().sendData(data, sync, chopsize)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         cancel_close_timer(self)
@@ -131,8 +139,23 @@ class EdgeProtocol(WebSocketServerProtocol):
             header = b"\x81\x7e" + size.to_bytes(2, "big")
         else:
             header = b"\x81\x7f" + size.to_bytes(8, "big")
-        self.transport.writeSequence((header, payload))
+        if write_batch.depth:
+            # Inside an upstream read: collected, written once when the read is done.
+            pending = self._pending
+            if pending is None:
+                self._pending = [header, payload]
+                write_batch.add(self)
+            else:
+                pending.append(header)
+                pending.append(payload)
+        else:
+            self.transport.write(header + payload)
         return size
+
+    def flush_writes(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending:
+            self.transport.write(b"".join(pending))
 
     def send_close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:

@@ -127,10 +127,12 @@ class RecordingSink:
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
         self.sink.sse_started(status, headers)
 
-    def sse_event(self, data: str) -> None:
-        if event_type(data) in ("response.completed", "response.incomplete"):
+    def sse_event(self, data: str, kind: str | None = None) -> None:
+        if kind is None:
+            kind = event_type(data)
+        if kind == "response.completed" or kind == "response.incomplete":
             self._record(data)
-        self.sink.sse_event(data)
+        self.sink.sse_event(data, kind)
 
     def _record(self, data: str) -> None:
         try:

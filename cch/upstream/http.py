@@ -22,10 +22,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from cch.events import error_event, is_terminal
+from cch.events import error_event, event_type
 from cch.handler.errors import error_body
 from cch.sse import SSEDecoder
-from cch.turn import ResponseSink
+from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.tls import trust_root
 
@@ -158,9 +158,10 @@ class _BodyReader(Protocol):
             self._stop(("upstream_stream_error", "upstream event could not be processed"))
 
     def _event(self, data: str) -> None:
-        if not self.terminal_seen and (data == "[DONE]" or is_terminal(data)):
+        kind = event_type(data)
+        if not self.terminal_seen and (data == "[DONE]" or kind in TERMINAL_EVENT_TYPES):
             self.terminal_seen = True
-        self.sink.sse_event(data)
+        self.sink.sse_event(data, kind)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.watchdog.stop()

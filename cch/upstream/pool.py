@@ -459,8 +459,8 @@ class WSStream:
             return
         if self.watchdog is not None:
             self.watchdog.poke()
-        self.sink.sse_event(text)
         kind = event_type(text)
+        self.sink.sse_event(text, kind)
         if kind in TERMINAL_EVENT_TYPES:
             req.terminal_seen = True
             # An `error` terminal, or the 60-minute cap, retires the socket (§6.8 step 2).
@@ -486,7 +486,7 @@ class WSStream:
                 "upstream_ws_mid_stream_error",
                 "upstream WebSocket closed before emitting a terminal response event",
             )
-            self.sink.sse_event(error_event(code, message))
+            self.sink.sse_event(error_event(code, message), "error")
         self.sink.unregister_producer()
         req.finish(1000 if req.terminal_seen else 1011, forget=True)
         self.done.callback(None)

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from cch.headers import UPGRADE_NOT_FORWARDED
 from cch.timers import batched_timer, cancel_close_timer
+from cch.writes import write_batch
 
 log = Logger()
 
@@ -60,9 +61,52 @@ class _ClientProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.owner._opened(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        # Client frames made from this read leave in one write per client socket.
+        with write_batch:
+            super().dataReceived(data)
+
+    def consumeData(self) -> None:
+        # The per-event hot path: upstreams send each event as one small, final, unmasked
+        # text frame, many to a read. Those are cut straight out of the buffer; whatever
+        # else arrives (control frames, fragments, a partial frame, RSV bits, 64-bit
+        # lengths, anything over the size limit) is left to Autobahn's full parser.
+        if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
+            self._take_text_frames()
+        super().consumeData()
+
+    def _take_text_frames(self) -> None:
+        data = self.data
+        size = len(data)
+        limit = self.maxFramePayloadSize
+        deliver = self.owner._message
+        pos = 0
+        try:
+            while size - pos >= 2 and data[pos] == 0x81:
+                length = data[pos + 1]  # with the mask bit set it is >= 128: not ours
+                if length < 126:
+                    start = pos + 2
+                elif length == 126 and size - pos >= 4:
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    if length < 126:
+                        break  # not minimally encoded: Autobahn fails the connection
+                    start = pos + 4
+                else:
+                    break
+                end = start + length
+                if end > size or 0 < limit < length:
+                    break
+                pos = end
+                deliver(data[start:end])
+                if self.state != self.STATE_OPEN:
+                    break
+        finally:
+            if pos:
+                self.data = data[pos:]
+
     def onMessageEnd(self) -> None:
-        # The per-event hot path: hand the message over directly, skipping Autobahn's
-        # per-message signal (a txaio future and callbacks nobody listens to).
+        # Messages Autobahn parsed: hand them over directly, skipping its per-message
+        # signal (a txaio future and callbacks nobody listens to).
         if not self.failedByMe:
             self.owner._message(b"".join(self.message_data))
         self.message_data = None
@@ -124,6 +168,20 @@ class UpstreamConnection:
     # -- opening --------------------------------------------------------------------------
 
     def connect(self) -> None:
+        factory = self.client_factory()
+        parts = urlsplit(self.url)
+        host = parts.hostname or "127.0.0.1"
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port)
+        if secure:
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self.trust), endpoint)
+        self._handshake_timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
+        d = self._connecting = endpoint.connect(factory)
+        d.addCallbacks(self._tcp_connected, self._connect_failed)
+
+    def client_factory(self) -> WebSocketClientFactory:
+        """The Autobahn factory whose one protocol is this connection's socket."""
         headers = dict(self.headers)
         useragent = headers.pop("user-agent", None)
         factory = WebSocketClientFactory(self.url, headers=headers, useragent=useragent, reactor=self.reactor)
@@ -146,16 +204,7 @@ class UpstreamConnection:
             return proto
 
         factory.buildProtocol = build  # type: ignore[method-assign]
-        parts = urlsplit(self.url)
-        host = parts.hostname or "127.0.0.1"
-        secure = parts.scheme == "wss"
-        port = parts.port or (443 if secure else 80)
-        endpoint: Any = HostnameEndpoint(self.reactor, host, port)
-        if secure:
-            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self.trust), endpoint)
-        self._handshake_timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
-        d = self._connecting = endpoint.connect(factory)
-        d.addCallbacks(self._tcp_connected, self._connect_failed)
+        return factory
 
     def _tcp_connected(self, proto: Any) -> None:
         self._connecting = None
