@@ -7,64 +7,16 @@ import struct
 from typing import Any
 
 import pytest
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
+from wire import open_edge, read_frames
 
-from cch.config import LimitsConfig
-from cch.edge.factory import EdgeFactory
-from cch.edge.protocol import EdgeProtocol
 from cch.writes import WriteBatch, write_batch
-
-
-class CountingTransport(StringTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-        super().write(data)
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-def open_edge() -> tuple[EdgeProtocol, CountingTransport]:
-    clock = Clock()
-    factory = EdgeFactory(tunnel=None, limits=LimitsConfig(), clock=clock, reactor=clock)  # type: ignore[arg-type]
-    proto = factory.buildProtocol(None)
-    transport = CountingTransport()
-    proto.makeConnection(transport)
-    proto.dataReceived(
-        b"GET /v1/responses HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    assert proto.state == proto.STATE_OPEN
-    transport.clear()
-    transport.writes = 0
-    return proto, transport
-
-
-def frames(data: bytes) -> list[tuple[int, bytes]]:
-    """(opcode, payload) of each unmasked server frame in ``data``."""
-    out = []
-    pos = 0
-    while pos < len(data):
-        opcode, length = data[pos] & 0x0F, data[pos + 1] & 0x7F
-        pos += 2
-        if length == 126:
-            (length,) = struct.unpack("!H", data[pos : pos + 2])
-            pos += 2
-        out.append((opcode, data[pos : pos + length]))
-        pos += length
-    return out
 
 
 def test_without_a_batch_every_frame_is_written_at_once() -> None:
     proto, transport = open_edge()
     proto.send_text("one")
-    assert frames(transport.value()) == [(1, b"one")]
+    assert read_frames(transport.value()) == [(1, b"one")]
     proto.send_text("two")
     assert transport.writes == 2
 
@@ -77,7 +29,7 @@ def test_frames_of_a_batch_leave_in_one_write_when_it_ends() -> None:
             assert proto.send_text(text) == len(text.encode())
         assert transport.value() == b""
     assert transport.writes == 1
-    assert frames(transport.value()) == [(1, t.encode()) for t in texts]
+    assert read_frames(transport.value()) == [(1, t.encode()) for t in texts]
 
 
 def test_nested_batches_write_when_the_outermost_ends() -> None:
@@ -87,7 +39,7 @@ def test_nested_batches_write_when_the_outermost_ends() -> None:
             proto.send_text("a")
         proto.send_text("b")
         assert transport.value() == b""
-    assert frames(transport.value()) == [(1, b"a"), (1, b"b")]
+    assert read_frames(transport.value()) == [(1, b"a"), (1, b"b")]
     assert transport.writes == 1
 
 
@@ -96,7 +48,7 @@ def test_a_batch_ended_by_an_exception_still_writes() -> None:
     with pytest.raises(RuntimeError), write_batch:
         proto.send_text("kept")
         raise RuntimeError("handler blew up")
-    assert frames(transport.value()) == [(1, b"kept")]
+    assert read_frames(transport.value()) == [(1, b"kept")]
     assert not write_batch.open
 
 
@@ -105,7 +57,7 @@ def test_a_close_inside_a_batch_goes_after_the_collected_frames() -> None:
     with write_batch:
         proto.send_text("last event")
         proto.send_close(1011, "internal_error")
-    sent = frames(transport.value())
+    sent = read_frames(transport.value())
     assert sent[0] == (1, b"last event")
     assert sent[1][0] == 8 and struct.unpack("!H", sent[1][1][:2])[0] == 1011
     assert proto.send_text("after close") == 0
@@ -116,7 +68,7 @@ def test_a_dropped_connection_still_gets_the_collected_frames_first() -> None:
     with write_batch:
         proto.send_text("before drop")
         proto.dropConnection(abort=False)
-        assert frames(transport.value()) == [(1, b"before drop")]
+        assert read_frames(transport.value()) == [(1, b"before drop")]
     assert transport.disconnecting
 
 
@@ -126,8 +78,8 @@ def test_two_sockets_in_one_batch_each_get_their_own_frames() -> None:
         a.send_text("for a 1")
         b.send_text("for b")
         a.send_text("for a 2")
-    assert frames(ta.value()) == [(1, b"for a 1"), (1, b"for a 2")]
-    assert frames(tb.value()) == [(1, b"for b")]
+    assert read_frames(ta.value()) == [(1, b"for a 1"), (1, b"for a 2")]
+    assert read_frames(tb.value()) == [(1, b"for b")]
     assert ta.writes == tb.writes == 1
 
 

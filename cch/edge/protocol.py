@@ -13,6 +13,7 @@ from cch.headers import EDGE_NOT_FORWARDED
 from cch.logs import mask_query
 from cch.timers import cancel_close_timer
 from cch.writes import write_batch
+from cch.wsframes import take_text_frames, text_frame_header
 
 if TYPE_CHECKING:
     from cch.edge.factory import EdgeFactory
@@ -69,6 +70,23 @@ class EdgeProtocol(WebSocketServerProtocol):
         transport.registerProducer(self.edge, True)
         self.factory.connection_opened(self)
         log.info("ws_client_connected", path=mask_query(self.http_request_uri))
+
+    def consumeData(self) -> None:
+        # The per-turn hot path: a turn's frame is one final masked text frame, cut straight
+        # out of the buffer (cch.wsframes); Autobahn handles everything else.
+        if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
+            take_text_frames(self, masked=True, deliver=self._text_frame)
+        super().consumeData()
+
+    def _text_frame(self, payload: bytes) -> bool:
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return False  # Autobahn's validator fails the connection with 1007
+        if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+            self._cancelAutoPingTimeoutCall()  # what Autobahn does on any data frame
+        self.onMessage(payload, False)
+        return True
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         edge = self.edge
@@ -133,12 +151,7 @@ class EdgeProtocol(WebSocketServerProtocol):
         # masks, so a message is one final text frame: written here directly, it skips
         # Autobahn's per-frame bookkeeping and eagerly formatted debug logging.
         size = len(payload)
-        if size < 126:
-            header = bytes((0x81, size))
-        elif size < 65536:
-            header = b"\x81\x7e" + size.to_bytes(2, "big")
-        else:
-            header = b"\x81\x7f" + size.to_bytes(8, "big")
+        header = text_frame_header(size)
         if write_batch.depth:
             # Inside an upstream read: collected, written once when the read is done.
             pending = self._pending

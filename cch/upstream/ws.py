@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from cch.headers import UPGRADE_NOT_FORWARDED
 from cch.timers import batched_timer, cancel_close_timer
 from cch.writes import write_batch
+from cch.wsframes import masked_text_frame, take_text_frames
 
 log = Logger()
 
@@ -67,42 +68,15 @@ class _ClientProtocol(WebSocketClientProtocol):
             super().dataReceived(data)
 
     def consumeData(self) -> None:
-        # The per-event hot path: upstreams send each event as one small, final, unmasked
-        # text frame, many to a read. Those are cut straight out of the buffer; whatever
-        # else arrives (control frames, fragments, a partial frame, RSV bits, 64-bit
-        # lengths, anything over the size limit) is left to Autobahn's full parser.
+        # The per-event hot path: upstreams send each event as one small final text frame,
+        # many to a read; those are cut straight out of the buffer (cch.wsframes).
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
-            self._take_text_frames()
+            take_text_frames(self, masked=False, deliver=self._deliver)
         super().consumeData()
 
-    def _take_text_frames(self) -> None:
-        data = self.data
-        size = len(data)
-        limit = self.maxFramePayloadSize
-        deliver = self.owner._message
-        pos = 0
-        try:
-            while size - pos >= 2 and data[pos] == 0x81:
-                length = data[pos + 1]  # with the mask bit set it is >= 128: not ours
-                if length < 126:
-                    start = pos + 2
-                elif length == 126 and size - pos >= 4:
-                    length = (data[pos + 2] << 8) | data[pos + 3]
-                    if length < 126:
-                        break  # not minimally encoded: Autobahn fails the connection
-                    start = pos + 4
-                else:
-                    break
-                end = start + length
-                if end > size or 0 < limit < length:
-                    break
-                pos = end
-                deliver(data[start:end])
-                if self.state != self.STATE_OPEN:
-                    break
-        finally:
-            if pos:
-                self.data = data[pos:]
+    def _deliver(self, payload: bytes) -> bool:
+        self.owner._message(payload)
+        return True
 
     def onMessageEnd(self) -> None:
         # Messages Autobahn parsed: hand them over directly, skipping its per-message
@@ -235,7 +209,9 @@ class UpstreamConnection:
     def send(self, text: str) -> None:
         if self.state != OPEN or self._proto is None:
             raise ConnectionError("websocket is not open")
-        self._proto.sendMessage(text.encode("utf-8"), isBinary=False)
+        # One final masked text frame, written directly (cch.wsframes): Autobahn's
+        # sendMessage adds only bookkeeping and eagerly formatted debug logging.
+        self._proto.transport.write(masked_text_frame(text.encode("utf-8")))
 
     def _message(self, payload: bytes) -> None:
         if self.consumer is not None and self.state == OPEN:

@@ -1,17 +1,17 @@
-"""The upstream socket's receive path, frame by frame.
+"""The hot-path WebSocket frames (cch.wsframes), in both directions.
 
-:class:`cch.upstream.ws._ClientProtocol` cuts the common frames (final, unmasked text, 7- or
-16-bit length) straight out of the read buffer and leaves everything else to Autobahn. These
-tests feed crafted server bytes, in any split, to a handshaken protocol on a
-``StringTransport`` and check that the owner sees exactly the messages a WebSocket peer sent,
-in order, and that protocol errors still fail the connection with the right close code.
+Upstream sockets and client sockets cut the common frames (final text, 7- or 16-bit length;
+unmasked from an upstream, masked from a client) straight out of the read buffer and leave
+everything else to Autobahn. These tests feed crafted bytes, in any split, to handshaken
+protocols on a StringTransport and check that exactly the messages a peer sent arrive, in
+order, and that protocol errors still fail the connection the way Autobahn does.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
+import json
 import struct
 from typing import Any
 
@@ -20,12 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, split
 
+from cch.config import LimitsConfig
+from cch.edge.protocol import EdgeProtocol
 from cch.upstream.ws import CLOSED, OPEN, UpstreamConnection
-
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+from cch.wsframes import masked_text_frame, text_frame_header
 
 
 class Consumer:
@@ -44,41 +45,10 @@ class Consumer:
         self.closed.append((code, reason, failure, status))
 
 
-def frame(
-    payload: bytes,
-    *,
-    opcode: int = 1,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = None,
-    length_bytes: int | None = None,
-) -> bytes:
-    """One WebSocket frame as a server would write it (or, with the options, should not)."""
-    size = len(payload)
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if length_bytes is None:
-        length_bytes = 0 if size < 126 else 2 if size < 65536 else 8
-    if length_bytes == 0:
-        header = bytes((first, mask_bit | size))
-    elif length_bytes == 2:
-        header = bytes((first, mask_bit | 126)) + struct.pack("!H", size)
-    else:
-        header = bytes((first, mask_bit | 127)) + struct.pack("!Q", size)
-    if mask is not None:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        header += mask
-    return header + payload
+# --- upstream sockets: unmasked frames from a server ------------------------------------------
 
 
-class Transport(StringTransport):
-    """A TCP transport's leniency: unregistering when no producer is registered is fine."""
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
-class Harness:
+class Upstream:
     """An upstream connection whose socket is a StringTransport, handshake done."""
 
     def __init__(self, max_message_bytes: int = 0) -> None:
@@ -132,13 +102,8 @@ class Harness:
         self.proto.connectionLost(Failure(ConnectionDone()))
 
 
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in itertools.pairwise(points)]
-
-
 def test_many_small_and_medium_text_frames_in_one_read_arrive_in_order() -> None:
-    h = Harness()
+    h = Upstream()
     events = [f'{{"type":"response.output_text.delta","n":{i},"delta":"{"x" * (i * 7)}"}}' for i in range(60)]
     h.feed(b"".join(frame(e.encode()) for e in events))
     assert h.texts() == events
@@ -146,7 +111,7 @@ def test_many_small_and_medium_text_frames_in_one_read_arrive_in_order() -> None
 
 
 def test_a_frame_split_byte_by_byte_arrives_once_and_whole() -> None:
-    h = Harness()
+    h = Upstream()
     event = '{"type":"response.output_text.delta","delta":"' + "é" * 200 + '"}'
     data = frame(event.encode()) + frame(b'{"type":"response.completed"}')
     h.feed(*(data[i : i + 1] for i in range(len(data))))
@@ -154,14 +119,14 @@ def test_a_frame_split_byte_by_byte_arrives_once_and_whole() -> None:
 
 
 def test_large_frames_with_64_bit_lengths_and_empty_frames_arrive() -> None:
-    h = Harness()
+    h = Upstream()
     big = b'"' + b"y" * 70000 + b'"'
     h.feed(frame(b"a") + frame(big) + frame(b"") + frame(b"b"))
     assert h.texts() == ["a", big.decode(), "", "b"]
 
 
 def test_pings_between_events_are_answered_and_do_not_reorder_events() -> None:
-    h = Harness()
+    h = Upstream()
     h.feed(frame(b"one") + frame(b"hi", opcode=9) + frame(b"two"))
     assert h.texts() == ["one", "two"]
     pong = h.transport.value()
@@ -169,7 +134,7 @@ def test_pings_between_events_are_answered_and_do_not_reorder_events() -> None:
 
 
 def test_a_fragmented_message_is_assembled_between_whole_ones() -> None:
-    h = Harness()
+    h = Upstream()
     h.feed(
         frame(b"first")
         + frame(b"par", fin=False)
@@ -181,7 +146,7 @@ def test_a_fragmented_message_is_assembled_between_whole_ones() -> None:
 
 
 def test_invalid_utf8_is_replaced_not_fatal() -> None:
-    h = Harness()
+    h = Upstream()
     h.feed(frame(b'{"delta":"\xff"}') + frame(b"ok"))
     assert h.texts() == ['{"delta":"\ufffd"}', "ok"]
     assert h.conn.state == OPEN
@@ -200,7 +165,7 @@ def test_invalid_utf8_is_replaced_not_fatal() -> None:
     ids=["masked", "non-minimal-64", "non-minimal-16", "rsv", "reserved-opcode", "stray-continuation"],
 )
 def test_protocol_errors_drop_the_socket_and_nothing_after_them_is_delivered(bad: bytes, why: str) -> None:
-    h = Harness()
+    h = Upstream()
     h.feed(frame(b"before") + bad + frame(b"after"))
     assert h.texts() == ["before"]
     assert h.transport.disconnecting
@@ -212,7 +177,7 @@ def test_protocol_errors_drop_the_socket_and_nothing_after_them_is_delivered(bad
 
 @pytest.mark.parametrize("size", [101, 300, 70000])
 def test_a_frame_over_the_size_limit_drops_the_socket(size: int) -> None:
-    h = Harness(max_message_bytes=100)
+    h = Upstream(max_message_bytes=100)
     h.feed(frame(b"x" * 100) + frame(b"y" * size) + frame(b"after"))
     assert h.texts() == ["x" * 100]
     h.lose()
@@ -221,7 +186,7 @@ def test_a_frame_over_the_size_limit_drops_the_socket(size: int) -> None:
 
 
 def test_a_close_frame_after_events_delivers_them_then_the_close() -> None:
-    h = Harness()
+    h = Upstream()
     h.feed(frame(b"one") + frame(b"two") + frame(struct.pack("!H", 1001) + b"bye", opcode=8))
     assert h.texts() == ["one", "two"]
     h.lose()
@@ -229,7 +194,7 @@ def test_a_close_frame_after_events_delivers_them_then_the_close() -> None:
 
 
 def test_a_consumer_closing_the_socket_mid_read_gets_nothing_more_from_that_read() -> None:
-    h = Harness()
+    h = Upstream()
 
     class Closer(Consumer):
         def ws_message(self, text: str, size: int) -> None:
@@ -253,7 +218,7 @@ _message = st.tuples(
 @settings(max_examples=60, deadline=None)
 @given(messages=st.lists(_message, max_size=12), cuts=st.lists(st.integers(min_value=0), max_size=8))
 def test_any_mix_of_frames_in_any_split_arrives_as_sent(messages: list[tuple[str, int]], cuts: list[int]) -> None:
-    h = Harness()
+    h = Upstream()
     wire = b""
     expected: list[str] = []
     pings = 0
@@ -276,3 +241,150 @@ def test_any_mix_of_frames_in_any_split_arrives_as_sent(messages: list[tuple[str
     assert h.texts() == expected
     assert h.transport.value().count(b"\x8a") >= pings
     assert h.conn.state == OPEN and not h.consumer.closed
+
+
+# --- client sockets: masked frames into the edge --------------------------------------------
+
+
+class Edge:
+    """A production edge protocol, upgraded; what reaches the connection's rules is recorded."""
+
+    def __init__(self, max_message_bytes: int | None = None) -> None:
+        limits = LimitsConfig() if max_message_bytes is None else LimitsConfig(max_message_bytes=max_message_bytes)
+        self.proto: EdgeProtocol
+        self.proto, self.transport = open_edge(limits)
+        self.texts: list[str] = []
+        self.sizes: list[int] = []
+        self.binary = 0
+        edge = self.proto.edge
+        assert edge is not None
+        edge.text_received = self._text  # type: ignore[method-assign]
+        edge.binary_received = self._binary  # type: ignore[method-assign]
+
+    def _text(self, text: str, size: int) -> None:
+        self.texts.append(text)
+        self.sizes.append(size)
+
+    def _binary(self) -> None:
+        self.binary += 1
+
+    def feed(self, *chunks: bytes) -> None:
+        for chunk in chunks:
+            self.proto.dataReceived(chunk)
+
+    def close_code(self) -> int | None:
+        closes = [payload for opcode, payload in read_frames(self.transport.value()) if opcode == 8]
+        return struct.unpack("!H", closes[0][:2])[0] if closes else None
+
+
+def test_client_frames_in_one_read_reach_the_edge_in_order() -> None:
+    e = Edge()
+    texts = [json.dumps({"type": "response.create", "n": i, "x": "é" * (i * 9)}) for i in range(20)]
+    e.feed(b"".join(client_frame(t.encode()) for t in texts))
+    assert e.texts == texts
+    assert e.sizes == [len(t.encode()) for t in texts]
+
+
+def test_a_client_frame_split_byte_by_byte_arrives_once() -> None:
+    e = Edge()
+    data = client_frame(b"x" * 300) + client_frame(b"")
+    e.feed(*(data[i : i + 1] for i in range(len(data))))
+    assert e.texts == ["x" * 300, ""]
+
+
+@pytest.mark.parametrize(
+    "bad, code",
+    [
+        (frame(b"unmasked"), 1002),
+        (client_frame(b"\xff\xfe"), 1007),
+        (client_frame(b"\xed\xa0\x80"), 1007),  # a UTF-16 surrogate encoded as UTF-8
+        (client_frame(b"short", length_bytes=2), 1002),
+        (client_frame(b"rsv", rsv=2), 1002),
+    ],
+    ids=["unmasked", "invalid-utf8", "surrogate", "non-minimal-16", "rsv"],
+)
+def test_bad_client_frames_close_the_connection_like_autobahn(bad: bytes, code: int) -> None:
+    e = Edge()
+    e.feed(client_frame(b"ok") + bad + client_frame(b"never"))
+    assert e.texts == ["ok"]
+    assert e.close_code() == code
+
+
+def test_a_client_frame_over_the_limit_closes_1009_and_one_at_the_limit_passes() -> None:
+    e = Edge(max_message_bytes=200)
+    e.feed(client_frame(b"a" * 200) + client_frame(b"b" * 201) + client_frame(b"never"))
+    assert e.texts == ["a" * 200]
+    assert e.close_code() == 1009
+
+
+def test_fragmented_binary_and_ping_frames_from_a_client_still_work() -> None:
+    e = Edge()
+    e.feed(
+        client_frame(b"one")
+        + client_frame(b"pi", opcode=9)
+        + client_frame(b"fr", fin=False)
+        + client_frame(b"ag", opcode=0)
+        + client_frame(b"\x00\x01", opcode=2)
+        + client_frame(b"two")
+    )
+    assert e.texts == ["one", "frag", "two"]
+    assert e.binary == 1
+    assert (10, b"pi") in read_frames(e.transport.value())
+
+
+def test_a_data_frame_on_the_fast_path_counts_as_traffic_for_the_keepalive() -> None:
+    e = Edge()
+    cancelled: list[bool] = []
+    e.proto.autoPingTimeoutCall = object()  # a pong is awaited
+    e.proto._cancelAutoPingTimeoutCall = lambda: cancelled.append(True)  # type: ignore[method-assign]
+    e.feed(client_frame(b"traffic"))
+    assert cancelled == [True] and e.texts == ["traffic"]
+
+
+_client_message = st.tuples(
+    st.sampled_from(["text", "fragmented", "ping"]),
+    st.integers(min_value=0, max_value=3000),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=st.lists(_client_message, max_size=10), cuts=st.lists(st.integers(min_value=0), max_size=8))
+def test_any_mix_of_client_frames_in_any_split_arrives_as_sent(
+    messages: list[tuple[str, int]], cuts: list[int]
+) -> None:
+    e = Edge()
+    wire = b""
+    expected: list[str] = []
+    pings = []
+    for i, (kind, size) in enumerate(messages):
+        payload = (f"{i}:" + "é" * (size // 2)).encode()
+        if kind == "text":
+            wire += client_frame(payload)
+            expected.append(payload.decode())
+        elif kind == "fragmented":
+            half = len(payload) // 2
+            wire += client_frame(payload[:half], fin=False) + client_frame(payload[half:], opcode=0)
+            expected.append(payload.decode("utf-8"))  # a code point may straddle the fragments
+        else:
+            wire += client_frame(payload[:100], opcode=9)
+            pings.append(payload[:100])
+    e.feed(*split(wire, cuts))
+    assert e.texts == expected
+    assert [p for op, p in read_frames(e.transport.value()) if op == 10] == pings
+
+
+# --- frames the gateway writes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_frames_the_gateway_writes_are_read_back_whole(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    assert read_frames(text_frame_header(size) + payload) == [(1, payload)]
+    masked = masked_text_frame(payload)
+    assert masked[1] & 0x80  # a client's frames are masked
+    assert read_frames(masked) == [(1, payload)]
+
+
+def test_every_masked_frame_gets_a_fresh_key() -> None:
+    keys = {bytes(masked_text_frame(b"same text")[2:6]) for _ in range(20)}
+    assert len(keys) > 1
