@@ -208,7 +208,8 @@ class _LineObserver:
         self, out: TextIO, min_level: LogLevel = LogLevel.info, *, batch: IReactorTime | None = None
     ) -> None:
         self._out = out
-        self._min_level = min_level
+        # Set lookups: comparing LogLevel constants walks their list on every event.
+        self._dropped = frozenset(level for level in LogLevel.iterconstants() if level < min_level)
         # With ``batch`` (a clock), events are rendered and written a moment later, together:
         # a turn's log lines then cost nothing before its first event reaches the client.
         self._batch = batch
@@ -219,13 +220,13 @@ class _LineObserver:
 
     def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level", LogLevel.info)
-        if getattr(level, "name", None) in _LEVEL_NAMES and level < self._min_level:
+        if level in self._dropped:
             return
         if self._batch is None:
             self._write([event])
             return
         self._pending.append(event)
-        if len(self._pending) >= _BATCH_LINES or level >= LogLevel.error:
+        if len(self._pending) >= _BATCH_LINES or level in _URGENT:
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self._batch.callLater(_BATCH_SECONDS, self.flush)
@@ -290,6 +291,7 @@ def make_observer(
 
 _BATCH_SECONDS = 0.05
 _BATCH_LINES = 256
+_URGENT = frozenset((LogLevel.error, LogLevel.critical))  # written at once, with what is pending
 
 
 def twistd_observer() -> ILogObserver:

@@ -52,15 +52,18 @@ class Metrics(EdgeStats):
             "cch_time_to_first_event_seconds", "Time from a turn's start to its first event.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.open_connections = Gauge("cch_client_connections", "Open client WebSocket connections.", registry=r)
+        # Children of the per-turn series, looked up once (labels() takes a lock each time).
+        self._frames_in, self._frames_out = self.frames.labels("in"), self.frames.labels("out")
+        self._bytes_in, self._bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
 
     # EdgeStats
     def frame_in(self, size: int) -> None:
-        self.frames.labels("in").inc()
-        self.bytes.labels("in").inc(size)
+        self._frames_in.inc()
+        self._bytes_in.inc(size)
 
     def frame_out(self, size: int) -> None:
-        self.frames.labels("out").inc()
-        self.bytes.labels("out").inc(size)
+        self._frames_out.inc()
+        self._bytes_out.inc(size)
 
     def turn_started(self) -> None:
         self.turns_started.inc()
@@ -70,8 +73,8 @@ class Metrics(EdgeStats):
         self.turn_seconds.observe(seconds)
         if first_event is not None:
             self.first_event_seconds.observe(first_event)
-        self.frames.labels("out").inc(frames)
-        self.bytes.labels("out").inc(size)
+        self._frames_out.inc(frames)
+        self._bytes_out.inc(size)
 
     def closed(self, code: int, reason: str) -> None:
         self.closes.labels(str(code), reason).inc()

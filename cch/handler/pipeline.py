@@ -332,11 +332,11 @@ def _stored(body: dict[str, Any]) -> bool:
     return body.get("store") is not False
 
 
-def _ws_frame(body: dict[str, Any]) -> str:
-    """The upstream frame: ``type`` first, transport-only fields removed (reference §6.4)."""
+def _ws_frame(body: dict[str, Any]) -> bytes:
+    """The upstream frame (UTF-8): ``type`` first, transport-only fields removed (reference §6.4)."""
     frame: dict[str, Any] = {"type": "response.create"}
     frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
-    return dumps_bytes(frame).decode("utf-8")
+    return dumps_bytes(frame)
 
 
 def _first_event_problem(stream: WSStream) -> str | None:

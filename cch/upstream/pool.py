@@ -9,6 +9,7 @@ first upstream event arrived (with a :class:`WSStream` to deliver into a sink) o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import deque
@@ -44,7 +45,13 @@ class WSFailure(Exception):
 
 def fingerprint(provider: str, endpoint: str | None, url: str, headers: dict[str, str]) -> str:
     """SHA-256 over what makes a socket reusable: provider, endpoint, URL, upgrade headers."""
-    pairs = sorted([k.lower(), v] for k, v in headers.items())
+    # Every turn asks (twice) with what is nearly always the same target as last time.
+    return _fingerprint(provider, endpoint, url, tuple(headers.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(provider: str, endpoint: str | None, url: str, headers: tuple[tuple[str, str], ...]) -> str:
+    pairs = sorted([k.lower(), v] for k, v in headers)
     blob = json.dumps(
         {"providerId": provider, "endpointId": endpoint, "upstreamUrl": url, "headers": pairs},
         separators=(",", ":"),
@@ -104,7 +111,7 @@ class UpstreamWSPool:
         endpoint: str | None,
         url: str,
         headers: dict[str, str],
-        frame: str,
+        frame: str | bytes,
         session_id: str | None,
         tls_ca: str | None = None,
     ) -> Deferred[WSStream]:
@@ -260,7 +267,7 @@ class _Request:
         pool: UpstreamWSPool,
         conn: UpstreamConnection,
         entry: PoolEntry | None,
-        frame: str,
+        frame: str | bytes,
         session_id: str | None,
         *,
         reused: bool,
