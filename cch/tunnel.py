@@ -15,20 +15,19 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from cch import secret as markers
 from cch.handler.pipeline import ResponsesHandler
+from cch.httpclient import HttpClient
 from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
@@ -112,7 +111,7 @@ class HttpTunnel:
         self.secret = secret
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self._client = HTTPClient(Agent(reactor, pool=self.pool))
+        self._client = HttpClient(reactor, self.pool)
 
     def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Deferred[None]:
         body = dict(turn.body)
@@ -130,13 +129,7 @@ class HttpTunnel:
     async def _run(self, headers: dict[str, str], payload: bytes, sink: ResponseSink) -> None:
         body = _DeadlineBody(payload, self.clock, BODY_DRAIN_TIMEOUT)
         try:
-            response = await self._client.request(
-                "POST",
-                self.url,
-                headers=Headers({k: [v] for k, v in headers.items()}),
-                data=body,
-                unbuffered=True,
-            )
+            response = await self._client.post(self.url, headers, body)
         except CancelledError:
             raise
         except Exception as exc:

@@ -29,6 +29,7 @@ from cch.metrics import Metrics
 from cch.sse import encode_event
 from cch.tunnel import REQUEST_ID
 from cch.turn import RequestContext
+from cch.writes import write_batch
 
 log = Logger()
 
@@ -76,6 +77,7 @@ class HttpResponseSink:
         self.request = request
         self.started = False
         self.producer: IPushProducer | None = None
+        self._pending: list[bytes] | None = None  # events collected during a write batch
 
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
         self.started = True
@@ -86,9 +88,23 @@ class HttpResponseSink:
         request.setHeader(b"x-accel-buffering", b"no")
 
     def sse_event(self, data: str, kind: str | None = None) -> None:
+        if write_batch.open:
+            # The events of one upstream read go out as one chunk (cch.writes).
+            if self._pending is None:
+                self._pending = [encode_event(data)]
+                write_batch.add(self)
+            else:
+                self._pending.append(encode_event(data))
+            return
         self.request.write(encode_event(data))
 
+    def flush_writes(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self.request.finished and not self.request._disconnected:
+            self.request.write(b"".join(pending))
+
     def json_body(self, status: int, body: bytes, content_type: str) -> None:
+        self.flush_writes()
         self.started = True
         request = self.request
         request.setResponseCode(status)
@@ -192,11 +208,12 @@ class ResponsesResource(JsonResource):
         sink = HttpResponseSink(request)
         d = gateway.handler.handle(ctx, body, sink)
         request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallbacks(lambda _: self._finished(request), lambda f: self._failed(request, sink, f))
+        d.addCallbacks(lambda _: self._finished(request, sink), lambda f: self._failed(request, sink, f))
         return NOT_DONE_YET
 
     @staticmethod
-    def _finished(request: Request) -> None:
+    def _finished(request: Request, sink: HttpResponseSink) -> None:
+        sink.flush_writes()  # the last events of a batch go before the end of the body
         if not request.finished and not request._disconnected:
             request.finish()
 

@@ -1,16 +1,22 @@
 """HttpUpstream.post: a request the gateway itself stops is never reported as the provider's
-failure, however early it is stopped (reported by the soak)."""
+failure, however early it is stopped (reported by the soak); what goes out is exactly what the
+gateway decided (no redirect followed, no cookie kept, no encoding added)."""
 
 from __future__ import annotations
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
+from cch.httpclient import _BatchedReads
 from cch.upstream.http import HttpUpstream, UpstreamTimeout
+from cch.writes import write_batch
 
 
 class Silent(Protocol):
@@ -60,3 +66,79 @@ async def test_the_first_byte_deadline_is_a_timeout() -> None:
     finally:
         await upstream.close()
         await port.stopListening()
+
+
+# --- what goes out is what the gateway decided: nothing added, nothing followed -------------
+
+
+class Recorder(Resource):
+    """Answers the first POST with ``first`` (status, headers), later ones with 200."""
+
+    isLeaf = True
+
+    def __init__(self, first: tuple[int, dict[bytes, bytes]]) -> None:
+        super().__init__()
+        self.first = first
+        self.requests: list[tuple[bytes, dict[bytes, list[bytes]], bytes]] = []
+
+    def render(self, request: Request) -> bytes:
+        headers = {name.lower(): values for name, values in request.requestHeaders.getAllRawHeaders()}
+        assert request.content is not None
+        self.requests.append((request.path, headers, request.content.read()))
+        status, extra = self.first if len(self.requests) == 1 else (200, {})
+        request.setResponseCode(status)
+        for name, value in extra.items():
+            request.setHeader(name, value)
+        return b'{"ok":true}'
+
+
+async def _post_twice(first: tuple[int, dict[bytes, bytes]]) -> tuple[Recorder, list[int]]:
+    recorder = Recorder(first)
+    port = reactor.listenTCP(0, Site(recorder), interface="127.0.0.1")
+    upstream = HttpUpstream(reactor, Clock())
+    codes = []
+    try:
+        for body in (b'{"n":1}', b'{"n":2}'):
+            response = await upstream.post(
+                f"http://127.0.0.1:{port.getHost().port}/v1/responses",
+                {"accept-encoding": "identity", "content-type": "application/json"},
+                body,
+                connect_timeout=5,
+                first_byte_timeout=60,
+            )
+            await treq.content(response)
+            codes.append(response.code)
+    finally:
+        await upstream.close()
+        await port.stopListening()
+    return recorder, codes
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest_twisted.ensureDeferred
+async def test_redirects_are_reported_not_followed(status: int) -> None:
+    recorder, codes = await _post_twice((status, {b"location": b"/elsewhere"}))
+    assert codes == [status, 200]
+    assert [path for path, _, _ in recorder.requests] == [b"/v1/responses", b"/v1/responses"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_cookie_is_kept_and_no_encoding_is_added() -> None:
+    recorder, _ = await _post_twice((200, {b"set-cookie": b"session=upstream-a"}))
+    for _, headers, _ in recorder.requests:
+        assert b"cookie" not in headers
+        assert headers[b"accept-encoding"] == [b"identity"]
+    assert [body for _, _, body in recorder.requests] == [b'{"n":1}', b'{"n":2}']
+
+
+def test_each_read_of_an_upstream_connection_is_one_write_batch() -> None:
+    seen: list[bool] = []
+
+    class Reader(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            seen.append(write_batch.open)
+
+    proto = _BatchedReads(Factory.forProtocol(Reader)).buildProtocol(None)
+    assert proto is not None
+    proto.dataReceived(b"chunk")
+    assert seen == [True] and not write_batch.open

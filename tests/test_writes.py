@@ -1,5 +1,6 @@
 """Write coalescing: frames made during one upstream read leave in one write per client socket,
-in order, before anything Autobahn writes itself (close frames, pongs)."""
+in order, before anything Autobahn writes itself (close frames, pongs); over HTTP, the events of
+one read leave as one chunk, before the end of the body."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 
 import pytest
 from twisted.logger import globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
 from wire import open_edge, read_frames
 
+from cch.sse import encode_event
+from cch.web import HttpResponseSink, ResponsesResource
 from cch.writes import WriteBatch, write_batch
 
 
@@ -106,3 +110,31 @@ def test_one_writer_failing_to_flush_does_not_keep_the_others_from_writing() -> 
         globalLogPublisher.removeObserver(errors.append)
     assert flushed == ["first", "second"]
     assert any(e.get("log_format") == "write_batch_flush_failed" for e in errors)
+
+
+def _http_request() -> DummyRequest:
+    request = DummyRequest([b"v1", b"responses"])
+    request._disconnected = False  # what twisted.web's Request has and the sink checks
+    return request
+
+
+def test_sse_events_of_a_batch_go_out_as_one_chunk_before_the_body_ends() -> None:
+    request = _http_request()
+    sink = HttpResponseSink(request)
+    sink.sse_started(200, {})
+    events = ['{"type":"response.created"}', '{"type":"response.completed"}']
+    with write_batch:
+        for event in events:
+            sink.sse_event(event)
+        assert request.written == []
+        ResponsesResource._finished(request, sink)  # the turn ended inside the same read
+    assert request.written == [b"".join(encode_event(e) for e in events)]
+    assert request.finished
+
+
+def test_sse_events_outside_a_batch_are_written_one_by_one() -> None:
+    request = _http_request()
+    sink = HttpResponseSink(request)
+    sink.sse_event('{"type":"a"}')
+    sink.sse_event('{"type":"b"}')
+    assert request.written == [encode_event('{"type":"a"}'), encode_event('{"type":"b"}')]

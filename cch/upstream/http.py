@@ -1,29 +1,24 @@
 """Upstream over HTTP: one POST per attempt, the body streamed to the turn's sink.
 
-Built on treq with a persistent connection pool. Every timer runs on the injected clock.
+Built on a plain Twisted Agent (:mod:`cch.httpclient`) with a persistent connection pool.
+Every timer runs on the injected clock, except connecting (the Agent's own timeout).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    ResponseDone,
-)
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from cch.events import error_event, event_type
 from cch.handler.errors import error_body
+from cch.httpclient import BytesBody, HttpClient
 from cch.sse import SSEDecoder
 from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
@@ -42,14 +37,15 @@ class HttpUpstream:
         self.clock = clock
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
-        self._clients: dict[tuple[float, str | None], HTTPClient] = {}
+        self._clients: dict[tuple[float, str | None], HttpClient] = {}
 
-    def _client(self, connect_timeout: float, tls_ca: str | None) -> HTTPClient:
+    def _client(self, connect_timeout: float, tls_ca: str | None) -> HttpClient:
         client = self._clients.get((connect_timeout, tls_ca))
         if client is None:
             policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(tls_ca))
-            agent = Agent(self._reactor, contextFactory=policy, connectTimeout=connect_timeout, pool=self.pool)
-            client = self._clients[(connect_timeout, tls_ca)] = HTTPClient(agent)
+            client = self._clients[(connect_timeout, tls_ca)] = HttpClient(
+                self._reactor, self.pool, tls=policy, connect_timeout=connect_timeout
+            )
         return client
 
     def post(
@@ -63,13 +59,7 @@ class HttpUpstream:
         tls_ca: str | None = None,
     ) -> Deferred[IResponse]:
         """POST and fire with the response once its headers arrived (body not read yet)."""
-        d = self._client(connect_timeout, tls_ca).request(
-            "POST",
-            url,
-            headers=Headers({k: [v] for k, v in headers.items()}),
-            data=body,
-            unbuffered=True,
-        )
+        d = self._client(connect_timeout, tls_ca).post(url, headers, BytesBody(body))
         # Why the request stopped, when we stopped it: the Agent reports a cancelled request
         # as whatever it was doing (DNSLookupError, ConnectingCancelledError,
         # RequestGenerationFailed, ResponseNeverReceived, ...), none of them the provider's fault.

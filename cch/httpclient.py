@@ -1,0 +1,132 @@
+"""Outbound HTTP for the gateway: a plain Twisted ``Agent``, nothing layered on top.
+
+A gateway must pass traffic through as it is: no redirects followed (the reference does not
+follow them), no cookies kept between unrelated clients, no ``accept-encoding: gzip`` added to
+what the client asked for. A convenience client (treq) adds all three, plus URL parsing with
+IDNA and a cooperator round trip before a request body is written, on every turn. This module
+keeps the Agent and its persistent pool, and adds one thing: each read on a connection is
+handled inside a write batch (:mod:`cch.writes`), so the events of one read leave for each
+client in one write.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from hyperlink import URL
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from cch.writes import write_batch
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body already in memory, handed to the connection at once."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _BatchedReads(Factory):
+    """Builds the wrapped factory's protocol, reading each chunk inside a write batch."""
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self.wrapped = wrapped
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        proto = self.wrapped.buildProtocol(addr)
+        if proto is not None:
+            read = proto.dataReceived
+
+            def dataReceived(data: bytes) -> None:
+                with write_batch:
+                    read(data)
+
+            proto.dataReceived = dataReceived  # type: ignore[method-assign]
+        return proto
+
+
+@implementer(IStreamClientEndpoint)
+class _BatchedEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        return self.endpoint.connect(_BatchedReads(factory))
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """What Twisted's Agent builds for a URI (TCP, or TLS by policy), with batched reads."""
+
+    def __init__(self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float | None) -> None:
+        self.reactor = reactor
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        options: dict[str, Any] = {}
+        if self.connect_timeout is not None:
+            options["timeout"] = self.connect_timeout
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **options)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        return _BatchedEndpoint(endpoint)
+
+
+class HttpClient:
+    """POSTs over one persistent connection pool."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        pool: HTTPConnectionPool,
+        *,
+        tls: IPolicyForHTTPS | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
+        endpoints = _Endpoints(reactor, tls if tls is not None else BrowserLikePolicyForHTTPS(), connect_timeout)
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+
+    def post(self, url: str, headers: dict[str, str], body: IBodyProducer) -> Deferred[IResponse]:
+        """Fires with the response once its headers arrived; its body is read by the caller."""
+        return self.agent.request(
+            b"POST", request_uri(url), Headers({name: [value] for name, value in headers.items()}), body
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def request_uri(url: str) -> bytes:
+    """``url`` as the ASCII bytes the Agent takes (IDNA host, percent-encoded path)."""
+    return URL.from_text(url).to_uri().to_text().encode("ascii")
