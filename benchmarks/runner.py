@@ -487,70 +487,85 @@ def _where(func: tuple[str, int, str]) -> str:
     return f"{path}:{line}({name})"
 
 
-# Where the gateway's time goes, for the optimizations in docs/benchmarks.md: (what, functions
-# counted by cumulative time, functions counted by own time, functions whose cumulative time is
-# subtracted). The groups do not overlap (for the code as of commit 8b5967c).
+# Where the gateway's time goes, for docs/benchmarks.md: (what, functions counted by cumulative
+# time, functions counted by own time, functions whose cumulative time is subtracted). The groups
+# do not overlap (for the code as of this commit: frames cut by cch.wsframes, one parse per
+# event, client writes batched per upstream read).
 SHARES: list[tuple[str, list[str], list[str], list[str]]] = [
     (
-        "upstream frames in: Autobahn's receive path (`consumeData` → `processData` → "
-        "`onFrameBegin`/`onFrameData`/`onFrameEnd` → `_onMessage*`, per frame), without UTF-8 "
-        "validation and without what cch does with each message (see 1)",
-        [r"autobahn/websocket/protocol\.py:\d+\(consumeData\)$"],
+        "socket reads and frame cutting: Autobahn's `dataReceived`/`consumeData` and "
+        "`wsframes.take_text_frames` (own time; upstream events and client turn frames)",
         [],
         [
-            r"cch/upstream/ws\.py:\d+\((onMessage|onMessageEnd)\)$",
-            r"cch/edge/protocol\.py:\d+\(onMessage\)$",
-            r"_utf8validator\.py:\d+\(validate\)$",
+            r"autobahn/twisted/websocket\.py:\d+\(dataReceived\)$",
+            r"autobahn/websocket/protocol\.py:\d+\((_dataReceived|consumeData|processData)\)$",
+            r"cch/upstream/ws\.py:\d+\((dataReceived|consumeData)\)$",
+            r"cch/edge/protocol\.py:\d+\((consumeData|_text_frame)\)$",
+            r"cch/wsframes\.py:\d+\(take_text_frames\)$",
         ],
+        [],
     ),
     (
-        "cch's own per-event call chain: own time of `ws.onMessageEnd` → `_message` → "
-        "`ws_message` → `forward` → `RecordingSink.sse_event` → `_Turn.sse_event` → "
-        "`translate_sse_data` → `_send` (see 2)",
+        "parsing each event once (`events.event_type` → `jsoncodec.loads`)",
+        [r"cch/events\.py:\d+\(event_type\)$"],
+        [],
+        [],
+    ),
+    (
+        "cch's per-event call chain, own time: `UpstreamConnection._message` → `ws_message` → "
+        "`WSStream.forward` → `RecordingSink.sse_event` → `_Turn.sse_event` → `_Turn._send`",
         [],
         [
-            r"cch/upstream/ws\.py:\d+\((onMessage|onMessageEnd|_message)\)$",
+            r"cch/upstream/ws\.py:\d+\(_message\)$",
             r"cch/upstream/pool\.py:\d+\((ws_message|forward)\)$",
             r"cch/handler/continuity\.py:\d+\(sse_event\)$",
             r"cch/edge/connection\.py:\d+\((sse_event|_send)\)$",
-            r"cch/edge/frames\.py:\d+\(translate_sse_data\)$",
         ],
         [],
     ),
     (
-        "finding each event's type three times (`events.event_type` in `WSStream.forward` and "
-        "`RecordingSink.sse_event`, `events.leading_type` in `translate_sse_data`) and JSON "
-        "decoding (`jsoncodec.loads`) (see 2)",
-        [
-            r"cch/jsoncodec\.py:\d+\(loads\)$",
-            r"cch/events\.py:\d+\((event_type|leading_type)\)$",
-        ],
+        "client frames out: `EdgeProtocol.send_text` (encode, header, collect) and one "
+        "`flush_writes` per upstream read (Twisted `write`)",
+        [r"cch/edge/protocol\.py:\d+\((send_text|flush_writes)\)$"],
         [],
         [],
     ),
     (
-        "client frames out: `EdgeProtocol.send_text` (str → bytes, frame header, Twisted "
-        "`writeSequence` per event) (see 3)",
-        [r"cch/edge/protocol\.py:\d+\(send_text\)$"],
-        [],
-        [],
-    ),
-    (
-        "per-turn log lines (`cch.logs` observer: render JSON, write, flush) (see 4)",
-        [r"cch/logs\.py:\d+\(__call__\)$"],
-        [],
-        [],
-    ),
-    (
-        "upstream frames in: Autobahn UTF-8 validation per message (see 5)",
-        [r"_utf8validator\.py:\d+\(validate\)$"],
-        [],
-        [],
-    ),
-    (
-        "idle watchdog per event (`IdleWatchdog.poke`) (see 2)",
+        "idle watchdog per event (`IdleWatchdog.poke`)",
         [r"cch/upstream/idle\.py:\d+\(poke\)$"],
         [],
+        [],
+    ),
+    (
+        "per-turn set-up: client frame → upstream frame written (`EdgeConnection.text_received`: "
+        "parse, turn, logs, routing, pool, frame)",
+        [r"cch/edge/connection\.py:\d+\(text_received\)$"],
+        [],
+        [],
+    ),
+    (
+        "turn completion after the terminal event (`WSStream._complete`: pool bookkeeping, "
+        "pipeline and edge wrap-up, metrics, logs)",
+        [r"cch/upstream/pool\.py:\d+\(_complete\)$"],
+        [],
+        [],
+    ),
+    (
+        "log lines rendered and written in batches (`cch.logs` flush)",
+        [r"cch/logs\.py:\d+\(flush\)$"],
+        [],
+        [],
+    ),
+    (
+        "socket system calls (`send`, `recv`)",
+        [],
+        [r"method '(send|recv)' of '_socket\.socket' objects"],
+        [],
+    ),
+    (
+        "waiting for sockets (`epoll.poll`): the gateway is idle",
+        [],
+        [r"method 'poll' of 'select\.epoll' objects"],
         [],
     ),
 ]

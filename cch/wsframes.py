@@ -20,12 +20,12 @@ from autobahn.websocket.xormasker import create_xor_masker
 _FIN_TEXT = 0x81
 
 
-def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], bool]) -> None:
+def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], bool | None]) -> None:
     """Deliver the complete, final text frames at the head of ``proto.data`` and drop them.
 
     ``masked`` says which frames are ours (a server reads masked frames, a client unmasked
     ones). ``deliver`` gets each unmasked payload and returns False to leave that frame to
-    Autobahn. Stops at the first frame of any other kind, or once the protocol is no longer
+    Autobahn (anything else takes it). Stops at the first frame of any other kind, or once the protocol is no longer
     open (a message may close it).
     """
     data: bytes = proto.data
@@ -62,7 +62,7 @@ def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], boo
             if masked and length:
                 payload = create_xor_masker(key, length).process(payload)
             frame_start, pos = pos, end
-            if not deliver(payload):
+            if deliver(payload) is False:
                 pos = frame_start
                 break
             if proto.state != open_state:

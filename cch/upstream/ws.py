@@ -71,12 +71,8 @@ class _ClientProtocol(WebSocketClientProtocol):
         # The per-event hot path: upstreams send each event as one small final text frame,
         # many to a read; those are cut straight out of the buffer (cch.wsframes).
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
-            take_text_frames(self, masked=False, deliver=self._deliver)
+            take_text_frames(self, masked=False, deliver=self.owner._message)
         super().consumeData()
-
-    def _deliver(self, payload: bytes) -> bool:
-        self.owner._message(payload)
-        return True
 
     def onMessageEnd(self) -> None:
         # Messages Autobahn parsed: hand them over directly, skipping its per-message
