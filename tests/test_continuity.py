@@ -15,7 +15,14 @@ from twisted.internet.task import Clock
 
 from cch.config import ContinuityConfig, ProviderConfig, UpstreamWebSocketConfig
 from cch.testing import FakeUpstream
-from cch.testing.scripts import Close, Event, Script, codex_events, error_json
+from cch.testing.scripts import (
+    CONNECTION_LIMIT_ERROR,
+    Close,
+    Event,
+    Script,
+    codex_events,
+    error_json,
+)
 from cch.transcript import as_items
 
 DEVELOPER = {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be brief"}]}
@@ -120,19 +127,9 @@ async def test_connection_limit_is_never_seen_by_the_client(fake: FakeUpstream, 
     running = await start_gateway(gateway_config(fake, tunnel=tunnel_mode, upstream="websocket"))
     try:
         talk = Conversation(await running.connect())
-        limit = {
-            "type": "error",
-            "status": 400,
-            "error": {
-                "type": "invalid_request_error",
-                "code": "websocket_connection_limit_reached",
-                "message": "Responses websocket connection limit reached (60 minutes).",
-            },
-        }
-
         async def before(n: int) -> None:
             if n == 4:
-                fake.enqueue(Script((Event(limit),)))
+                fake.enqueue(Script((Event(CONNECTION_LIMIT_ERROR),)))
 
         await talk.run(6, before)
         assert_every_turn_whole(talk, fake)

@@ -36,6 +36,7 @@ from cch.config import Config, ProviderConfig, UpstreamWebSocketConfig
 from cch.events import event_type
 from cch.testing import FakeUpstream
 from cch.testing.scripts import (
+    CONNECTION_LIMIT_ERROR,
     Close,
     Delay,
     Drop,
@@ -51,15 +52,7 @@ from cch.upstream.ws import CLOSED, UpstreamConnection
 CREATED = {"type": "response.created", "response": {"id": "resp_u", "status": "in_progress"}}
 DELTA = {"type": "response.output_text.delta", "delta": "hello"}
 COMPLETED = {"type": "response.completed", "response": {"id": "resp_u", "status": "completed"}}
-LIMIT_ERROR = {
-    "type": "error",
-    "status": 400,
-    "error": {
-        "type": "invalid_request_error",
-        "code": "websocket_connection_limit_reached",
-        "message": "Responses websocket connection limit reached (60 minutes).",
-    },
-}
+LIMIT_ERROR = CONNECTION_LIMIT_ERROR
 SERVER_ERROR = {"type": "error", "status": 500, "error": {"type": "server_error", "code": "server_error", "message": "oops"}}
 FAILED = {"type": "response.failed", "response": {"id": "resp_u", "status": "failed"}}
 FAILED_AT_LIMIT = {

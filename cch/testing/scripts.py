@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from cch.testing.fake_upstream import Recorded
 
 __all__ = [
+    "CONNECTION_LIMIT_ERROR",
     "Body",
     "Close",
     "Delay",
@@ -50,6 +51,17 @@ SSE_HEADERS: tuple[tuple[str, str], ...] = (
 
 # Fixed so that scripted output is byte-for-byte reproducible (2026-01-01T00:00:00Z).
 CREATED_AT = 1767225600
+
+# What an OpenAI Responses WebSocket sends when the socket reached its 60-minute age cap.
+CONNECTION_LIMIT_ERROR: dict[str, Any] = {
+    "type": "error",
+    "status": 400,
+    "error": {
+        "type": "invalid_request_error",
+        "code": "websocket_connection_limit_reached",
+        "message": "Responses websocket connection limit reached (60 minutes).",
+    },
+}
 
 
 # --- steps -----------------------------------------------------------------------------------
