@@ -12,15 +12,14 @@ cancelling it aborts the turn all the way upstream.
 
 from __future__ import annotations
 
-from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed
-from twisted.web.client import FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
@@ -57,50 +56,64 @@ BODY_DRAIN_TIMEOUT = 30.0  # reference REQUEST_BODY_DRAIN_TIMEOUT_MS
 
 @implementer(IBodyProducer)
 class _DeadlineBody:
-    """The turn's body, written with the transport's backpressure, within a deadline."""
+    """The turn's body, handed to the connection at once, done when the connection took it.
+
+    The connection registers the body as its streaming producer: when the body leaves more in
+    the socket's buffer than it wants, the connection pauses it and resumes it once drained.
+    A body still paused after ``deadline`` seconds fails the request (reference
+    REQUEST_BODY_DRAIN_TIMEOUT). No cooperator, so the body goes out with the request headers.
+    """
 
     def __init__(self, payload: bytes, clock: IReactorTime, deadline: float) -> None:
-        self._inner = FileBodyProducer(BytesIO(payload))
+        self.payload = payload
         self.length = len(payload)
         self.clock = clock
         self.deadline = deadline
         self.timed_out = False
+        self._paused = False
+        self._done: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        # FileBodyProducer never fires its Deferred once stopped; this one fails instead, so
-        # the request (and the turn) ends.
-        self._done: Deferred[None] = Deferred()
-        timer = self.clock.callLater(self.deadline, self._expire)
+        done = self._done = Deferred()
+        consumer.write(self.payload)
+        if self._paused:
+            self._timer = self.clock.callLater(self.deadline, self._expire)
+        else:
+            self._finish()
+        return done
 
-        def _written(result: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if not self._done.called:
-                self._done.callback(None)
-
-        def _failed(failure: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if not self._done.called:
-                self._done.errback(failure)
-
-        self._inner.startProducing(consumer).addCallbacks(_written, _failed)
-        return self._done
+    def _finish(self) -> None:
+        self._cancel_timer()
+        done, self._done = self._done, None
+        if done is not None:
+            done.callback(None)
 
     def _expire(self) -> None:
+        self._timer = None
         self.timed_out = True
-        self._inner.stopProducing()
-        if not self._done.called:
-            self._done.errback(TimeoutError("request body backpressured past its deadline"))
+        done, self._done = self._done, None
+        if done is not None:
+            done.errback(TimeoutError("request body backpressured past its deadline"))
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def pauseProducing(self) -> None:
-        self._inner.pauseProducing()
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        self._inner.resumeProducing()
+        self._paused = False
+        if self._timer is not None:
+            self._finish()  # drained within the deadline
 
     def stopProducing(self) -> None:
-        self._inner.stopProducing()
+        # The request is over (the connection went away); like FileBodyProducer, the
+        # Deferred is left unfired: the request reports the failure.
+        self._cancel_timer()
+        self._done = None
 
 
 class HttpTunnel:

@@ -1,8 +1,10 @@
 """The HTTP tunnel's own failure paths (reference §2.7): a body that cannot be written in time,
-a peer that goes away while it is written, a peer that refuses the connection."""
+a peer that goes away while it is written, a peer that refuses the connection; and a body the
+peer reads, small or large, arrives whole with no deadline left running."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -11,6 +13,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
 
 from cch.tunnel import HttpTunnel
 from cch.turn import TurnRequest, TurnTransportError
@@ -111,3 +115,31 @@ async def test_a_refused_connection_is_an_internal_request_error() -> None:
         assert caught.value.code == "internal_request_error"
     finally:
         await tunnel.close()
+
+
+class Echo(Resource):
+    """Answers every POST with the body it received, as JSON bytes."""
+
+    isLeaf = True
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        request.setHeader(b"content-type", b"application/json")
+        return request.content.read()
+
+
+@pytest.mark.parametrize("size", [10, 200_000])
+@pytest_twisted.ensureDeferred
+async def test_a_body_the_peer_reads_arrives_whole_and_leaves_no_deadline_behind(size: int) -> None:
+    port = reactor.listenTCP(0, Site(Echo()), interface="127.0.0.1")
+    clock = Clock()
+    tunnel = HttpTunnel(reactor, f"http://127.0.0.1:{port.getHost().port}/v1/responses", "secret", clock)
+    sink = Sink()
+    try:
+        await tunnel.run_turn(turn(size), sink)
+        [(status, body)] = sink.events
+        assert status == 200 and json.loads(body)["input"] == "x" * size
+        assert clock.getDelayedCalls() == []
+    finally:
+        await tunnel.close()
+        await port.stopListening()
