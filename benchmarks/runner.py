@@ -67,7 +67,7 @@ NO_REUSE_SOCKET_AGE = 1e-6  # upstream_websocket.max_socket_age: retire the sock
 
 @dataclass
 class Settings:
-    runs: int = 3
+    runs: int = 5
     targets: tuple[str, ...] = DEFAULT_TARGETS
     external_url: str | None = None
     external_pid: int | None = None
