@@ -92,8 +92,20 @@ class _Endpoints:
         self.reactor = reactor
         self.tls = tls
         self.connect_timeout = connect_timeout
+        # The Agent asks for an endpoint on every request, pooled connection or not; building
+        # one (IDNA host handling, TLS options) costs more than the rest of the request.
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= 256:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._build(uri)
+        return endpoint
+
+    def _build(self, uri: URI) -> IStreamClientEndpoint:
         options: dict[str, Any] = {}
         if self.connect_timeout is not None:
             options["timeout"] = self.connect_timeout

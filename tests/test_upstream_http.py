@@ -11,10 +11,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+from twisted.web.error import SchemeNotSupported
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from cch.httpclient import _BatchedReads
+from cch.httpclient import _BatchedReads, _Endpoints
 from cch.upstream.http import HttpUpstream, UpstreamTimeout
 from cch.writes import write_batch
 
@@ -142,3 +144,13 @@ def test_each_read_of_an_upstream_connection_is_one_write_batch() -> None:
     assert proto is not None
     proto.dataReceived(b"chunk")
     assert seen == [True] and not write_batch.open
+
+
+def test_endpoints_are_built_once_per_origin() -> None:
+    endpoints = _Endpoints(reactor, BrowserLikePolicyForHTTPS(), 5.0)
+    a = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/v1/responses"))
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8080/other")) is a
+    assert endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8081/v1/responses")) is not a
+    assert endpoints.endpointForURI(URI.fromBytes(b"https://127.0.0.1:8080/v1/responses")) is not a
+    with pytest.raises(SchemeNotSupported):
+        endpoints.endpointForURI(URI.fromBytes(b"ftp://127.0.0.1/v1/responses"))
