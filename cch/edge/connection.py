@@ -6,6 +6,7 @@ reference specifies for a connection (§2.3-§2.12) lives here, testable without
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -61,7 +62,7 @@ class _Turn:
         self.dead = False
         self.sent = False  # has any frame of this turn reached the client?
         self.reported = False
-        self.request_id = uuid.uuid4().hex  # in every log line of this turn
+        self.request_id = os.urandom(16).hex()  # in every log line of this turn
         self.started_at = conn.clock.seconds()
         self.first_event_at: float | None = None
         self.frames = 0

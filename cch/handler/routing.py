@@ -108,10 +108,11 @@ class ProviderRouter:
         ordered: list[Provider] = []
         for priority in sorted({p.config.priority for p in usable}):
             group = [p for p in usable if p.config.priority == priority]
-            while group:
+            while len(group) > 1:
                 pick = self._rng.choices(group, weights=[p.config.weight for p in group])[0]
                 group.remove(pick)
                 ordered.append(pick)
+            ordered.extend(group)  # the last one left needs no draw
         return ordered
 
     def models(self) -> list[str]:
