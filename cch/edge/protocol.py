@@ -167,7 +167,7 @@ class EdgeProtocol(WebSocketServerProtocol):
 
     def flush_writes(self) -> None:
         pending, self._pending = self._pending, None
-        if pending:
+        if pending and self.transport is not None:
             self.transport.write(b"".join(pending))
 
     def send_close(self, code: int, reason: str) -> None:

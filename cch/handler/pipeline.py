@@ -13,7 +13,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from cch.config import LimitsConfig
-from cch.events import event_type
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
 from cch.handler.continuity import RecordingSink
@@ -342,9 +341,10 @@ def _ws_frame(body: dict[str, Any]) -> bytes:
 def _first_event_problem(stream: WSStream) -> str | None:
     """"limit" (the 60-minute cap) or "previous" (unknown previous_response_id) when the
     upstream's first event is that error, else None."""
-    first = stream.first_event()
-    if first is None or event_type(first) != "error":
+    if stream.first_event_type() != "error":
         return None
+    first = stream.first_event()
+    assert first is not None
     if continuity.is_previous_not_found(first):
         return "previous"
     if CONNECTION_LIMIT in first:

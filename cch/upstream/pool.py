@@ -419,6 +419,7 @@ class WSStream:
         self.sink: ResponseSink | None = None
         self.done: Deferred[None] = Deferred(self._cancel)
         self.watchdog: IdleWatchdog | None = None
+        self._typed: tuple[str, str | None] | None = None  # the first event and its type
 
     @property
     def reused(self) -> bool:
@@ -431,6 +432,15 @@ class WSStream:
     def first_event(self) -> str | None:
         """The first upstream event, while it has not been delivered yet."""
         return self.req.queue[0][0] if self.req.queue and self.sink is None else None
+
+    def first_event_type(self) -> str | None:
+        """The type of :meth:`first_event` (parsed once: delivering it reuses the result)."""
+        first = self.first_event()
+        if first is None:
+            return None
+        if self._typed is None or self._typed[0] is not first:
+            self._typed = (first, event_type(first))
+        return self._typed[1]
 
     def discard(self) -> None:
         """Do not deliver this response: retire the socket (1000) and release everything."""
@@ -452,21 +462,24 @@ class WSStream:
             producer = WatchedProducer(producer, self.watchdog)
             self.watchdog.start()
         sink.register_producer(producer)
+        typed, self._typed = self._typed, None
         while req.queue and not self.done.called:
             text, size = req.queue.popleft()
             req.queued_bytes -= size
-            self.forward(text)
+            self.forward(text, typed[1] if typed is not None and typed[0] is text else None)
         if not self.done.called and req.closed:
             self.ended()
         return self.done
 
-    def forward(self, text: str) -> None:
+    def forward(self, text: str, kind: str | None = None) -> None:
+        """One upstream event to the sink; ``kind`` is its type when already known."""
         req = self.req
         if self.done.called or self.sink is None:
             return
         if self.watchdog is not None:
             self.watchdog.poke()
-        kind = event_type(text)
+        if kind is None:
+            kind = event_type(text)
         self.sink.sse_event(text, kind)
         if kind in TERMINAL_EVENT_TYPES:
             req.terminal_seen = True
