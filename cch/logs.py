@@ -40,6 +40,8 @@ _SENSITIVE_SUFFIXES = ("authorization", "key", "secret", "token", "password", "c
 _HEAD_KEYS = frozenset({"ts", "level", "msg", "ns"})
 _LEVEL_NAMES = frozenset(level.name for level in LogLevel.iterconstants())
 _JSON_OPTS: dict[str, Any] = {"separators": (",", ":"), "ensure_ascii": False, "allow_nan": False}
+# Built once: json.dumps with options builds a new encoder on every call.
+_encode_record = json.JSONEncoder(default=lambda value: _safe_repr(value), **_JSON_OPTS).encode
 
 
 def mask_query(url: str | bytes | None) -> str:
@@ -75,7 +77,13 @@ def _iso_utc(t: float) -> str:
     """ISO-8601 UTC with milliseconds and ``Z``, like JavaScript's ``toISOString``."""
     seconds = int(t // 1)
     millis = min(int((t - seconds) * 1000), 999)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return _utc_second(seconds) + f".{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _utc_second(seconds: int) -> str:
+    # A busy gateway writes many lines per second; the formatted second is shared.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _level_name(event: LogEvent) -> str:
@@ -121,7 +129,7 @@ def _safe_repr(value: Any) -> str:
 
 def _dumps(record: dict[str, Any]) -> str:
     try:
-        return json.dumps(record, default=_safe_repr, **_JSON_OPTS)
+        return _encode_record(record)
     except (TypeError, ValueError, RecursionError):
         pass
     # Some field is not serialisable even with repr (NaN, a cycle, non-str keys):
