@@ -500,9 +500,9 @@ COMMAND = ".venv/bin/python -m benchmarks run"
 # regenerating the document does not lose it.
 APPLIED = """\
 Guided by the cProfile of the gateway under 16 connections, in the order of their share of the
-gateway's time (`d3baf9f` → `2828aea`: 16 connections 0.51× → 0.64× direct, 0.62–0.68× over
-the full runs made while working on it; gateway CPU per 1,000 events 23.5 → 14.4 ms; time to
-first event +0.69 → +0.45 ms, +0.39 to +0.47 ms over those runs; see
+gateway's time (`d3baf9f` → `97be7c7`: 16 connections 0.51× → 0.68× direct, 0.62–0.68× over
+the full runs made while working on it; gateway CPU per 1,000 events 23.5 → 13.1 ms; time to
+first event +0.69 → +0.39 ms, +0.39 to +0.47 ms over those runs; see
 [benchmarks-history.md](benchmarks-history.md)):
 
 1. **Frames cut straight out of the read buffer** (`cch/wsframes.py`, `9892a16`, `00a02b8`).
@@ -525,14 +525,15 @@ first event +0.69 → +0.45 ms, +0.39 to +0.47 ms over those runs; see
    with one `transport.write` when the read is done (before control returns to the reactor, so
    latency and order are unchanged; close frames and pongs flush first). The same for the
    HTTP surface: the events of one read leave as one chunk.
-4. **Per-turn set-up trimmed** (`4a6b468`, `f364ebd`, `4254ee1`): the pool's socket fingerprint
-   (a SHA-256 over JSON, twice per turn) is memoized, metric children are looked up once,
-   log levels are filtered by a set lookup (comparing Twisted `LogLevel` constants walks their
-   list), the upstream frame stays bytes, and outbound HTTP uses a plain Twisted `Agent`
-   (`cch/httpclient.py`): no treq URL parsing with IDNA, cookie jar, redirect and
-   content-decoding layers, or cooperator round trip before the body, per request (the HTTP
-   tunnel's body, too, now goes out with its headers; its drain deadline runs only while the
-   connection holds it paused).
+4. **Per-turn set-up trimmed** (`4a6b468`, `f364ebd`, `4254ee1`, `b3de73d`, `32624ce`,
+   `627a0f8`, `97be7c7`): the pool's socket fingerprint (a SHA-256 over JSON, twice per turn)
+   is memoized, metric children are looked up once, log levels are filtered by a set lookup
+   (comparing Twisted `LogLevel` constants walks their list), log lines share one JSON
+   encoder, the upstream frame stays bytes, the first event is typed once, and outbound HTTP
+   uses a plain Twisted `Agent` (`cch/httpclient.py`) with one endpoint per origin: no treq
+   URL parsing with IDNA, cookie jar, redirect and content-decoding layers, or cooperator
+   round trip before the body, per request (the HTTP tunnel's body, too, now goes out with its
+   headers; its drain deadline runs only while the connection holds it paused).
 """
 
 # What the profile of f364ebd shows is left; the shares come from the table above.
@@ -541,11 +542,13 @@ REMAINING = """\
   the turn's objects, two log lines, routing, continuity and the pool before the upstream frame
   is written. Most of it is many small steps; the time-to-first-event target is met for the
   default mode. For the HTTP modes (`inproc-http`, `http-tunnel`) Twisted's HTTP client is most
-  of the set-up: in a cProfile of the sequential scenario (1,000 turns, `f364ebd`), a turn's
-  set-up took 0.89 ms with an HTTP upstream against 0.35 ms with the pooled WebSocket, and
+  of the set-up: in a cProfile of the sequential scenario (1,000 turns, `b3de73d`), a turn's
+  set-up took about 0.53 ms with an HTTP upstream against about 0.35 ms with the pooled WebSocket, and
   `HttpUpstream.post` alone — `Agent.request` → connection pool → `HTTP11ClientProtocol`
-  writing the request — took 0.55 ms of it; reading the response adds status-line and header
-  parsing and a chunked-decoder state-machine call per event. `inproc-http` also replays the
+  writing the request — took 0.29 ms of it (0.55 ms before the endpoint was cached);
+  reading the response adds status-line and header parsing and a chunked-decoder
+  state-machine call per event. The `http-tunnel` time to first event also varies most from
+  run to run (1.3–1.9 ms over the five runs of this page). `inproc-http` also replays the
   conversation from the transcript on every turn (`store: false` on an HTTP upstream), so its
   request bodies grow along each conversation. A leaner HTTP/1.1 client for the one POST per
   turn is the lever there; the `http-tunnel` mode pays the HTTP client once more, on the edge.
