@@ -17,8 +17,10 @@ from typing import Any
 from hyperlink import URL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.error import TCPTimedOutError
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -75,6 +77,39 @@ class _BatchedReads(Factory):
         return proto
 
 
+class ConnectTimeout(TCPTimedOutError):
+    """No connection within the provider's connect timeout (counted on the injected clock)."""
+
+
+@implementer(IStreamClientEndpoint)
+class _DeadlineEndpoint:
+    """Gives up connecting after ``timeout`` seconds of ``clock`` (tests drive it with a Clock)."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.timeout = timeout
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        connecting = self.endpoint.connect(factory)
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            connecting.cancel()
+
+        timer = self.clock.callLater(self.timeout, expire)
+
+        def settled(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if expired and isinstance(result, Failure):
+                return Failure(ConnectTimeout(string=f"no connection within {self.timeout:g}s"))
+            return result
+
+        return connecting.addBoth(settled)
+
+
 @implementer(IStreamClientEndpoint)
 class _BatchedEndpoint:
     def __init__(self, endpoint: IStreamClientEndpoint) -> None:
@@ -88,8 +123,11 @@ class _BatchedEndpoint:
 class _Endpoints:
     """What Twisted's Agent builds for a URI (TCP, or TLS by policy), with batched reads."""
 
-    def __init__(self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float | None) -> None:
+    def __init__(
+        self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float | None, clock: IReactorTime | None = None
+    ) -> None:
         self.reactor = reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.tls = tls
         self.connect_timeout = connect_timeout
         # The Agent asks for an endpoint on every request, pooled connection or not; building
@@ -108,8 +146,12 @@ class _Endpoints:
     def _build(self, uri: URI) -> IStreamClientEndpoint:
         options: dict[str, Any] = {}
         if self.connect_timeout is not None:
-            options["timeout"] = self.connect_timeout
+            # The deadline that counts runs on the injected clock (below); the reactor's own
+            # connect timeout is only a backstop behind it.
+            options["timeout"] = max(30.0, self.connect_timeout + 1)
         endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **options)
+        if self.connect_timeout is not None:
+            endpoint = _DeadlineEndpoint(endpoint, self.clock, self.connect_timeout)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
         elif uri.scheme != b"http":
@@ -127,8 +169,10 @@ class HttpClient:
         *,
         tls: IPolicyForHTTPS | None = None,
         connect_timeout: float | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
-        endpoints = _Endpoints(reactor, tls if tls is not None else BrowserLikePolicyForHTTPS(), connect_timeout)
+        policy = tls if tls is not None else BrowserLikePolicyForHTTPS()
+        endpoints = _Endpoints(reactor, policy, connect_timeout, clock)
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
     def post(self, url: str, headers: dict[str, str], body: IBodyProducer) -> Deferred[IResponse]:

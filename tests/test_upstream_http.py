@@ -4,19 +4,21 @@ gateway decided (no redirect followed, no cookie kept, no encoding added)."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from cch.httpclient import _BatchedReads, _Endpoints
+from cch.httpclient import ConnectTimeout, _BatchedReads, _Endpoints
 from cch.upstream.http import HttpUpstream, UpstreamTimeout
 from cch.writes import write_batch
 
@@ -52,22 +54,62 @@ async def test_cancelling_at_any_moment_is_a_cancellation(turns_before_cancel: i
 
 @pytest_twisted.ensureDeferred
 async def test_the_first_byte_deadline_is_a_timeout() -> None:
-    from twisted.internet.task import deferLater
+    accepted: Deferred[None] = Deferred()
 
-    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+    class Accepting(Silent):
+        def connectionMade(self) -> None:
+            accepted.callback(None)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Accepting), interface="127.0.0.1")
     clock = Clock()
     upstream = HttpUpstream(reactor, clock)
     try:
         d = upstream.post(
             f"http://127.0.0.1:{port.getHost().port}/v1/responses", {}, b"{}", connect_timeout=5, first_byte_timeout=7
         )
-        await deferLater(reactor, 0, lambda: None)
+        await accepted  # connected in time: only the first-byte deadline is left
+        while len(clock.getDelayedCalls()) > 1:
+            await deferLater(reactor, 0, lambda: None)
         clock.advance(7)
         with pytest.raises(UpstreamTimeout, match="no response within 7s"):
             await d
     finally:
         await upstream.close()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_connect_deadline_runs_on_the_injected_clock() -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connecting
+    # hangs until someone gives up.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    clock = Clock()
+    upstream = HttpUpstream(reactor, clock)
+    try:
+        d = upstream.post(f"http://127.0.0.1:{address[1]}/v1/responses", {}, b"{}", connect_timeout=5, first_byte_timeout=60)
+        for _ in range(10_000):  # reactor turns, not time: until the connect deadline is armed
+            if len(clock.getDelayedCalls()) == 2:
+                break
+            await deferLater(reactor, 0, lambda: None)
+        clock.advance(4.9)
+        assert not d.called
+        clock.advance(0.1)
+        with pytest.raises(ConnectTimeout, match="no connection within 5s"):
+            await d
+        assert clock.getDelayedCalls() == []
+    finally:
+        await upstream.close()
+        for s in (listener, *fillers):
+            s.close()
 
 
 # --- what goes out is what the gateway decided: nothing added, nothing followed -------------

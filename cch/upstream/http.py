@@ -1,7 +1,7 @@
 """Upstream over HTTP: one POST per attempt, the body streamed to the turn's sink.
 
 Built on a plain Twisted Agent (:mod:`cch.httpclient`) with a persistent connection pool.
-Every timer runs on the injected clock, except connecting (the Agent's own timeout).
+Every timer runs on the injected clock, the connect timeout included.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class HttpUpstream:
         if client is None:
             policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(tls_ca))
             client = self._clients[(connect_timeout, tls_ca)] = HttpClient(
-                self._reactor, self.pool, tls=policy, connect_timeout=connect_timeout
+                self._reactor, self.pool, tls=policy, connect_timeout=connect_timeout, clock=self.clock
             )
         return client
 
