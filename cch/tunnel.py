@@ -75,7 +75,8 @@ class _DeadlineBody:
         self._timer: IDelayedCall | None = None
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        done = self._done = Deferred()
+        # Cancelled when the request is (the client left): no deadline may outlive it.
+        done = self._done = Deferred(self._cancelled)
         consumer.write(self.payload)
         if self._paused:
             self._timer = self.clock.callLater(self.deadline, self._expire)
@@ -86,15 +87,19 @@ class _DeadlineBody:
     def _finish(self) -> None:
         self._cancel_timer()
         done, self._done = self._done, None
-        if done is not None:
+        if done is not None and not done.called:
             done.callback(None)
 
     def _expire(self) -> None:
         self._timer = None
-        self.timed_out = True
         done, self._done = self._done, None
-        if done is not None:
+        if done is not None and not done.called:
+            self.timed_out = True
             done.errback(TimeoutError("request body backpressured past its deadline"))
+
+    def _cancelled(self, _: Deferred[None]) -> None:
+        self._cancel_timer()
+        self._done = None
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None

@@ -13,10 +13,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import Request as ClientRequest
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from cch.tunnel import HttpTunnel
+from cch.tunnel import BODY_DRAIN_TIMEOUT, HttpTunnel, _DeadlineBody
 from cch.turn import TurnRequest, TurnTransportError
 
 
@@ -143,3 +148,28 @@ async def test_a_body_the_peer_reads_arrives_whole_and_leaves_no_deadline_behind
     finally:
         await tunnel.close()
         await port.stopListening()
+
+
+class _PausingTransport(StringTransport):
+    """Pauses its streaming producer once more than a little is buffered (a slow peer)."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming and len(self.io.getvalue()) > 1000:
+            self.producer.pauseProducing()
+
+
+def test_a_turn_cancelled_while_its_body_is_held_leaves_no_deadline_running() -> None:
+    clock = Clock()
+    body = _DeadlineBody(b"x" * 5000, clock, BODY_DRAIN_TIMEOUT)
+    transport = _PausingTransport()
+    client = HTTP11ClientProtocol()
+    client.makeConnection(transport)
+    failures: list[Failure] = []
+    d = client.request(ClientRequest(b"POST", b"/v1/responses", Headers({b"host": [b"gw"]}), body))
+    d.addErrback(failures.append)
+    assert len(clock.getDelayedCalls()) == 1  # held: the drain deadline runs
+    d.cancel()  # the client left
+    assert failures and clock.getDelayedCalls() == []
+    clock.advance(BODY_DRAIN_TIMEOUT + 1)
+    assert not body.timed_out

@@ -204,12 +204,13 @@ class UpstreamConnection:
 
     def send(self, text: str | bytes) -> None:
         """One text message (``bytes`` are taken as its UTF-8 encoding)."""
-        if self.state != OPEN or self._proto is None:
+        proto = self._proto
+        if self.state != OPEN or proto is None or proto.state != proto.STATE_OPEN:
             raise ConnectionError("websocket is not open")
         # One final masked text frame, written directly (cch.wsframes): Autobahn's
         # sendMessage adds only bookkeeping and eagerly formatted debug logging.
         payload = text if isinstance(text, bytes) else text.encode("utf-8")
-        self._proto.transport.write(masked_text_frame(payload))
+        proto.transport.write(masked_text_frame(payload))
 
     def _message(self, payload: bytes) -> None:
         if self.consumer is not None and self.state == OPEN:
