@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -24,6 +26,7 @@ from twisted.python.failure import Failure
 from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, split
 
 from cch.config import LimitsConfig
+from cch.edge.factory import EdgeFactory
 from cch.edge.protocol import EdgeProtocol
 from cch.upstream.ws import CLOSED, OPEN, UpstreamConnection
 from cch.wsframes import masked_text_frame, text_frame_header
@@ -388,3 +391,138 @@ def test_frames_the_gateway_writes_are_read_back_whole(size: int) -> None:
 def test_every_masked_frame_gets_a_fresh_key() -> None:
     keys = {bytes(masked_text_frame(b"same text")[2:6]) for _ in range(20)}
     assert len(keys) > 1
+
+
+# --- differential: the fast path against Autobahn alone, on any bytes --------------------------
+#
+# The same random frames, in the same random split, go to the production protocol and to a copy
+# whose consumeData is Autobahn's own (no fast path). Everything observable must be the same:
+# the messages delivered, the bytes written back (close frames, pongs), the state, whether the
+# connection was dropped, and what is left in the buffer.
+
+_SIZES = [0, 1, 5, 99, 100, 101, 125, 126, 127, 129, 130, 131, 200, 299, 300, 301, 65535, 65536]
+
+
+@st.composite
+def _payload(draw: Any) -> bytes:
+    action = draw(st.sampled_from([None] * 9 + [b"close", b"drop", b"send"]))
+    if action is not None:
+        return action
+    size = draw(st.sampled_from(_SIZES))
+    kind = draw(st.sampled_from(["ascii"] * 8 + ["bytes", "truncated"]))
+    if kind == "bytes":
+        return draw(st.binary(min_size=min(size, 8), max_size=min(size, 8))) + b"a" * max(0, size - 8)
+    if kind == "truncated" and size >= 2:
+        return b"a" * (size - 1) + b"\xe2"  # ends inside a UTF-8 sequence
+    return b"a" * size
+
+
+@st.composite
+def _frames(draw: Any, masked: bool) -> bytes:
+    out = b""
+    for _ in range(draw(st.integers(min_value=1, max_value=6))):
+        payload = draw(_payload())
+        opcode = draw(st.sampled_from([1] * 8 + [0, 2, 8, 9, 10, 3, 11]))
+        if opcode >= 8 and len(payload) > 125:
+            payload = payload[: draw(st.sampled_from([0, 2, 125]))]
+        if opcode == 8 and len(payload) >= 2 and draw(st.booleans()):
+            payload = struct.pack("!H", draw(st.sampled_from([1000, 1001, 999, 3000]))) + payload[2:]
+        length_bytes = draw(st.sampled_from([None] * 6 + [0, 2, 8]))
+        if length_bytes == 0 and len(payload) >= 126:
+            length_bytes = None
+        if length_bytes == 2 and len(payload) >= 65536:
+            length_bytes = 8
+        mask = draw(st.sampled_from([masked] * 12 + [not masked]))
+        out += frame(
+            payload,
+            opcode=opcode,
+            fin=draw(st.sampled_from([True] * 6 + [False])),
+            rsv=draw(st.sampled_from([0] * 10 + [1, 4])),
+            mask=os.urandom(4) if mask else None,
+            length_bytes=length_bytes,
+        )
+    return out
+
+
+class _RecordingEdge(EdgeProtocol):
+    """The production edge protocol, minus turns: records messages, and some messages act."""
+
+    def _open(self) -> None:
+        self.messages: list[tuple[bytes, bool]] = []
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append((bytes(payload), isBinary))
+        if payload == b"close":
+            self.send_close(1000, "bye")
+        elif payload == b"drop":
+            self.dropConnection(abort=True)
+        elif payload == b"send":
+            self.send_text("x")
+
+
+class _AutobahnEdge(_RecordingEdge):
+    def consumeData(self) -> None:
+        WebSocketServerProtocol.consumeData(self)
+
+
+def _edge_outcome(cls: type[_RecordingEdge], limit: int, chunks: list[bytes]) -> tuple[Any, ...]:
+    clock = Clock()
+    factory = EdgeFactory(tunnel=None, limits=LimitsConfig(max_message_bytes=limit), clock=clock, reactor=clock)  # type: ignore[arg-type]
+    factory.protocol = cls
+    proto = factory.buildProtocol(None)
+    transport = Transport()
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        b"GET /v1/responses HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    transport.clear()
+    for chunk in chunks:
+        proto.dataReceived(chunk)
+    left = proto.data if proto.state != proto.STATE_CLOSED else None
+    return proto.messages, transport.value(), proto.state, transport.disconnecting, left
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=_frames(masked=True),
+    limit=st.sampled_from([0, 100, 130, 300]),
+    cuts=st.lists(st.integers(min_value=0), max_size=4),
+)
+@example(data=client_frame(b"drop") + client_frame(b"after"), limit=0, cuts=[])  # stops at once
+@example(data=client_frame(b"close") + client_frame(b"after"), limit=0, cuts=[])
+def test_the_edge_fast_path_behaves_exactly_like_autobahn(data: bytes, limit: int, cuts: list[int]) -> None:
+    chunks = split(data, cuts)
+    assert _edge_outcome(_RecordingEdge, limit, chunks) == _edge_outcome(_AutobahnEdge, limit, chunks)
+
+
+class _ActingConsumer(Consumer):
+    def __init__(self, conn: UpstreamConnection) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def ws_message(self, text: str, size: int) -> None:
+        super().ws_message(text, size)
+        if text == "close":
+            self.conn.safe_close(1000)
+
+
+def _upstream_outcome(autobahn_only: bool, limit: int, chunks: list[bytes]) -> tuple[Any, ...]:
+    upstream = Upstream(max_message_bytes=limit)
+    consumer = upstream.conn.consumer = _ActingConsumer(upstream.conn)
+    if autobahn_only:
+        upstream.proto.consumeData = lambda: WebSocketClientProtocol.consumeData(upstream.proto)  # type: ignore[method-assign]
+    upstream.feed(*chunks)
+    # A client masks its frames with random keys: compare what they say, not their bytes.
+    return consumer.messages, read_frames(upstream.transport.value()), upstream.proto.state, upstream.conn.state, upstream.transport.disconnecting
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=_frames(masked=False),
+    limit=st.sampled_from([0, 100, 130, 300]),
+    cuts=st.lists(st.integers(min_value=0), max_size=4),
+)
+def test_the_upstream_fast_path_behaves_exactly_like_autobahn(data: bytes, limit: int, cuts: list[int]) -> None:
+    chunks = split(data, cuts)
+    assert _upstream_outcome(False, limit, chunks) == _upstream_outcome(True, limit, chunks)
