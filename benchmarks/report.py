@@ -512,7 +512,8 @@ first event +0.69 → +0.39 ms, +0.39 to +0.47 ms over those runs; see
    7- or 16-bit lengths (unmasked from an upstream, masked from a client, within the size
    limit, valid UTF-8) out of the buffer themselves; anything else stays for Autobahn, which
    keeps the whole protocol and its close codes (the byte-level tests in
-   `tests/test_wsframes.py` and the Autobahn|Testsuite run in CI). The upstream
+   `tests/test_wsframes.py`, which also fuzz the fast path against Autobahn alone, and the
+   Autobahn|Testsuite run in CI). The upstream
    `response.create` frame is masked and written directly instead of through `sendMessage`.
 2. **Each event parsed once** (`9892a16`). The type was found three times per event (the pool,
    the transcript recorder, the edge), and the edge parsed every event in full anyway. Now the
