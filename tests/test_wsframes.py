@@ -26,7 +26,6 @@ from twisted.python.failure import Failure
 from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, split
 
 from cch.config import LimitsConfig
-from cch.edge.factory import EdgeFactory
 from cch.edge.protocol import EdgeProtocol
 from cch.upstream.ws import CLOSED, OPEN, UpstreamConnection
 from cch.wsframes import masked_text_frame, text_frame_header
@@ -466,17 +465,8 @@ class _AutobahnEdge(_RecordingEdge):
 
 
 def _edge_outcome(cls: type[_RecordingEdge], limit: int, chunks: list[bytes]) -> tuple[Any, ...]:
-    clock = Clock()
-    factory = EdgeFactory(tunnel=None, limits=LimitsConfig(max_message_bytes=limit), clock=clock, reactor=clock)  # type: ignore[arg-type]
-    factory.protocol = cls
-    proto = factory.buildProtocol(None)
-    transport = Transport()
-    proto.makeConnection(transport)
-    proto.dataReceived(
-        b"GET /v1/responses HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    transport.clear()
+    proto, transport = open_edge(LimitsConfig(max_message_bytes=limit), cls)
+    assert isinstance(proto, _RecordingEdge)
     for chunk in chunks:
         proto.dataReceived(chunk)
     left = proto.data if proto.state != proto.STATE_CLOSED else None

@@ -91,10 +91,15 @@ class Transport(StringTransport):
         self.producer = None
 
 
-def open_edge(limits: LimitsConfig | None = None) -> tuple[EdgeProtocol, Transport]:
-    """A production edge protocol on a Transport, upgraded, with the handshake bytes cleared."""
+def open_edge(
+    limits: LimitsConfig | None = None, protocol: type[EdgeProtocol] | None = None
+) -> tuple[EdgeProtocol, Transport]:
+    """A production edge protocol (or ``protocol``) on a Transport, upgraded, with the
+    handshake bytes cleared."""
     clock = Clock()
     factory = EdgeFactory(tunnel=None, limits=limits or LimitsConfig(), clock=clock, reactor=clock)  # type: ignore[arg-type]
+    if protocol is not None:
+        factory.protocol = protocol
     proto = factory.buildProtocol(None)
     transport = Transport()
     proto.makeConnection(transport)
