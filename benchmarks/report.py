@@ -551,8 +551,12 @@ REMAINING = """\
   state-machine call per event. The `http-tunnel` time to first event also varies most from
   run to run (1.3–1.9 ms over the five runs of this page). `inproc-http` also replays the
   conversation from the transcript on every turn (`store: false` on an HTTP upstream), so its
-  request bodies grow along each conversation. A leaner HTTP/1.1 client for the one POST per
-  turn is the lever there; the `http-tunnel` mode pays the HTTP client once more, on the edge.
+  request bodies grow along each conversation. Part of the gap is not the gateway's: the
+  fake upstream itself spends more per turn serving HTTP than WebSocket (in the sequential
+  runs of `97be7c7`, about 1.25 ms of CPU per turn over HTTP against 0.95 ms over WebSocket),
+  and the direct baseline, a WebSocket client, never pays that. A leaner HTTP/1.1 client for
+  the one POST per turn is the lever on the gateway's side; the `http-tunnel` mode pays the
+  HTTP client once more, on the edge.
 - **Parsing each event once** is the largest per-event cost left; a faster JSON parser (e.g.
   `orjson`, falling back to the standard library on what it rejects, since `JSON.parse`
   accepts big integers and lone surrogate escapes) would halve it.
