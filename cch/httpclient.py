@@ -1,12 +1,13 @@
 """Outbound HTTP for the gateway: a plain Twisted ``Agent``, nothing layered on top.
 
-A gateway must pass traffic through as it is: no redirects followed (the reference does not
-follow them), no cookies kept between unrelated clients, no ``accept-encoding: gzip`` added to
-what the client asked for. A convenience client (treq) adds all three, plus URL parsing with
-IDNA and a cooperator round trip before a request body is written, on every turn. This module
-keeps the Agent and its persistent pool, and adds one thing: each read on a connection is
-handled inside a write batch (:mod:`cch.writes`), so the events of one read leave for each
-client in one write.
+A gateway must pass traffic through as it is: no redirects followed (a provider's 3xx reaches
+the client as it is), no cookies kept between unrelated clients, no ``accept-encoding: gzip``
+added to what the client asked for. A convenience client (treq) adds all three, plus URL
+parsing with IDNA and a cooperator round trip before a request body is written, on every turn.
+This module keeps the Agent and its persistent pool, and adds three things: each read on a
+connection is handled inside a write batch (:mod:`cch.writes`), so the events of one read
+leave for each client in one write; endpoints are built once per origin; and the connect
+timeout runs on the injected clock.
 """
 
 from __future__ import annotations
