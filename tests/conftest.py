@@ -156,3 +156,19 @@ class LogWatch:
         if event.get("log_format") == self.name and not self.fired:
             self.fired = True
             global_reactor.callLater(0, self.seen.callback, event)
+
+
+def response_create(**fields: Any) -> dict[str, Any]:
+    """A Codex-like ``response.create`` frame (``store: false``, one user message), with ``fields``."""
+    frame: dict[str, Any] = {
+        "type": "response.create",
+        "model": "gpt-5.5",
+        "store": False,
+        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+    }
+    frame.update(fields)
+    return frame
+
+
+def event_types(events: list[Any]) -> list[str]:
+    return [e["type"] for e in events]

@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import pytest_twisted
+from conftest import event_types as types
+from conftest import response_create as create
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 
@@ -26,18 +28,6 @@ from cch.testing.scripts import (
 
 CREATED = {"type": "response.created", "response": {"id": "resp_x", "status": "in_progress"}}
 COMPLETED = {"type": "response.completed", "response": {"id": "resp_x", "status": "completed"}}
-
-
-def create(**fields: Any) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "response.create", "model": "gpt-5.5", "store": False, "input": [
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
-    ]}
-    frame.update(fields)
-    return frame
-
-
-def types(events: list[Any]) -> list[str]:
-    return [e["type"] for e in events]
 
 
 @pytest_twisted.ensureDeferred

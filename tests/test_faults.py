@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import LogWatch, RunningGateway, gateway_config, start_gateway
+from conftest import event_types as types
+from conftest import response_create as create
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -62,21 +64,6 @@ UNREACHABLE = {
     },
 }
 MIB = 1024 * 1024
-
-
-def create(**fields: Any) -> dict[str, Any]:
-    frame: dict[str, Any] = {
-        "type": "response.create",
-        "model": "gpt-5.5",
-        "store": False,
-        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
-    }
-    frame.update(fields)
-    return frame
-
-
-def types(events: list[Any]) -> list[str]:
-    return [e["type"] for e in events]
 
 
 # --- waiting without sleeping ------------------------------------------------------------------

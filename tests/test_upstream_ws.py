@@ -22,6 +22,8 @@ import pytest
 import pytest_twisted
 import treq
 from conftest import SECRET, RunningGateway, gateway_config, start_gateway
+from conftest import event_types as types
+from conftest import response_create as create
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -65,21 +67,6 @@ CACHEABLE = [400, 404, 405, 426, 501]
 NOT_CACHEABLE = [401, 403, 500]
 NOT_CACHEABLE_MORE = [301, 302, 429, 502, 503]
 PROVIDER_KEY = "sk-upstream-0123456789"
-
-
-def create(**fields: Any) -> dict[str, Any]:
-    frame: dict[str, Any] = {
-        "type": "response.create",
-        "model": "gpt-5.5",
-        "store": False,
-        "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
-    }
-    frame.update(fields)
-    return frame
-
-
-def types(events: list[Any]) -> list[str]:
-    return [e["type"] for e in events]
 
 
 # --- waiting on state changes without polling --------------------------------------------------
