@@ -172,18 +172,29 @@ async def start_upstream(
         repr(delay),
     ]
     child = Child(name, argv, workdir, src=src)
+    return child, await port_when_ready(reactor, child, upstream_ready(name))
+
+
+def upstream_ready(name: str) -> Callable[[dict[str, Any]], int | None]:
+    """Reads a fake upstream's ready line: its port, or why it could not start."""
 
     def ready(obj: dict[str, Any]) -> int | None:
         if obj.get("ready") is False:
             raise ChildFailed(f"{name}: {obj.get('error')}")
         return obj.get("port") if obj.get("ready") else None
 
+    return ready
+
+
+async def port_when_ready(
+    reactor: Any, child: Child, ready: Callable[[dict[str, Any]], int | None], timeout: float = 30.0
+) -> int:
+    """The port ``ready`` finds in the child's output; a child that never gets there is killed."""
     try:
-        port = await child.wait_for(reactor, ready, 30.0)
+        return await child.wait_for(reactor, ready, timeout)
     except BaseException:
         child.kill()
         raise
-    return child, port
 
 
 def gateway_toml(
@@ -246,9 +257,4 @@ async def start_gateway(
     def ready(obj: dict[str, Any]) -> int | None:
         return obj.get("port") if obj.get("msg") == "server_listening" else None
 
-    try:
-        port = await child.wait_for(reactor, ready, 30.0)
-    except BaseException:
-        child.kill()
-        raise
-    return child, port
+    return child, await port_when_ready(reactor, child, ready)

@@ -67,7 +67,7 @@ from twisted.internet.task import deferLater
 
 from benchmarks import procstats
 from benchmarks.load import TERMINAL, event_type
-from benchmarks.processes import Child, ChildFailed, start_gateway
+from benchmarks.processes import Child, port_when_ready, start_gateway, upstream_ready
 from benchmarks.runner import machine, make_workdir, prepare_process, remove_workdir
 from benchmarks.soak_upstream import AT_KEY, COMPLETING, DELAY_KEY, FAULT_KEY
 from benchmarks.wsclient import OP_CLOSE, WSClientProtocol, check_loopback
@@ -727,18 +727,7 @@ async def start_upstream(
         str(delta_bytes),
     ]
     child = Child("upstream", argv, workdir)
-
-    def ready(obj: dict[str, Any]) -> int | None:
-        if obj.get("ready") is False:
-            raise ChildFailed(f"upstream: {obj.get('error')}")
-        return obj.get("port") if obj.get("ready") else None
-
-    try:
-        port = await child.wait_for(reactor, ready, 30.0)
-    except BaseException:
-        child.kill()
-        raise
-    return child, port
+    return child, await port_when_ready(reactor, child, upstream_ready("upstream"))
 
 
 class Sampler:
