@@ -29,7 +29,7 @@ from cch.metrics import Metrics
 from cch.sse import encode_event
 from cch.tunnel import REQUEST_ID
 from cch.turn import RequestContext
-from cch.writes import write_batch
+from cch.writes import BatchedWriter
 
 log = Logger()
 
@@ -70,14 +70,13 @@ class JsonResource(Resource):
         return handler(request)
 
 
-class HttpResponseSink:
+class HttpResponseSink(BatchedWriter):
     """Writes a handler's response to a plain HTTP request: SSE events or one JSON body."""
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.started = False
         self.producer: IPushProducer | None = None
-        self._pending: list[bytes] | None = None  # events collected during a write batch
 
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
         self.started = True
@@ -88,20 +87,11 @@ class HttpResponseSink:
         request.setHeader(b"x-accel-buffering", b"no")
 
     def sse_event(self, data: str, kind: str | None = None) -> None:
-        if write_batch.open:
-            # The events of one upstream read go out as one chunk (cch.writes).
-            if self._pending is None:
-                self._pending = [encode_event(data)]
-                write_batch.add(self)
-            else:
-                self._pending.append(encode_event(data))
-            return
-        self.request.write(encode_event(data))
+        # The events of one upstream read go out as one chunk (cch.writes).
+        self.write_batched(encode_event(data))
 
-    def flush_writes(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and not self.request.finished and not self.request._disconnected:
-            self.request.write(b"".join(pending))
+    def write_now(self, data: bytes) -> None:
+        self.request.write(data)
 
     def json_body(self, status: int, body: bytes, content_type: str) -> None:
         self.flush_writes()

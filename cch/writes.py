@@ -10,16 +10,11 @@ they would be with one write per frame.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.logger import Logger
 
 log = Logger()
-
-
-class BatchedWriter(Protocol):
-    def flush_writes(self) -> None:
-        """Write what was collected during the batch."""
 
 
 class WriteBatch:
@@ -54,3 +49,32 @@ class WriteBatch:
 
 
 write_batch = WriteBatch()
+
+
+class BatchedWriter:
+    """Writes at once, or, while a batch is open, collects and writes once when it ends.
+
+    Subclasses say how bytes are written (:meth:`write_now`); anything they write another way
+    must call :meth:`flush_writes` first, to keep the order.
+    """
+
+    _pending: list[bytes] | None = None  # what was collected during the open batch
+
+    def write_batched(self, *parts: bytes) -> None:
+        if write_batch.depth:
+            pending = self._pending
+            if pending is None:
+                self._pending = list(parts)
+                write_batch.add(self)
+            else:
+                pending.extend(parts)
+        else:
+            self.write_now(b"".join(parts))
+
+    def flush_writes(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending:
+            self.write_now(b"".join(pending))
+
+    def write_now(self, data: bytes) -> None:
+        raise NotImplementedError

@@ -12,7 +12,7 @@ from cch.edge.connection import EdgeConnection
 from cch.headers import EDGE_NOT_FORWARDED
 from cch.logs import mask_query
 from cch.timers import cancel_close_timer
-from cch.writes import write_batch
+from cch.writes import BatchedWriter
 from cch.wsframes import take_text_frames, text_frame_header
 
 if TYPE_CHECKING:
@@ -31,12 +31,11 @@ def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
     }
 
 
-class EdgeProtocol(WebSocketServerProtocol):
+class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
     """One client WebSocket on ``/v1/responses``; stays thin on purpose."""
 
     factory: EdgeFactory
     edge: EdgeConnection | None = None
-    _pending: list[bytes] | None = None  # frames collected during a write batch
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         self._request = request
@@ -152,23 +151,13 @@ class EdgeProtocol(WebSocketServerProtocol):
         # Autobahn's per-frame bookkeeping and eagerly formatted debug logging.
         size = len(payload)
         header = text_frame_header(size)
-        if write_batch.depth:
-            # Inside an upstream read: collected, written once when the read is done.
-            pending = self._pending
-            if pending is None:
-                self._pending = [header, payload]
-                write_batch.add(self)
-            else:
-                pending.append(header)
-                pending.append(payload)
-        else:
-            self.transport.write(header + payload)
+        # Inside an upstream read: collected, written once when the read is done (cch.writes).
+        self.write_batched(header, payload)
         return size
 
-    def flush_writes(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and self.transport is not None:
-            self.transport.write(b"".join(pending))
+    def write_now(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     def send_close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:
