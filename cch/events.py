@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from cch.jsoncodec import dumps, loads
-from cch.turn import TERMINAL_EVENT_TYPES
 
 
 def event_type(data: str) -> str | None:
@@ -22,11 +21,6 @@ def event_type(data: str) -> str | None:
         found = value.get("type")
         return found if isinstance(found, str) else None
     return None
-
-
-def is_terminal(data: str) -> bool:
-    """True for ``response.completed|failed|incomplete`` and ``error`` events."""
-    return event_type(data) in TERMINAL_EVENT_TYPES
 
 
 def error_event(code: str, message: str) -> str:
