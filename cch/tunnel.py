@@ -21,12 +21,11 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from cch import secret as markers
 from cch.handler.pipeline import ResponsesHandler
-from cch.httpclient import HttpClient
+from cch.httpclient import BytesBody, HttpClient
 from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
@@ -54,8 +53,7 @@ class InProcessTunnel:
 BODY_DRAIN_TIMEOUT = 30.0  # reference REQUEST_BODY_DRAIN_TIMEOUT_MS
 
 
-@implementer(IBodyProducer)
-class _DeadlineBody:
+class _DeadlineBody(BytesBody):
     """The turn's body, handed to the connection at once, done when the connection took it.
 
     The connection registers the body as its streaming producer: when the body leaves more in
@@ -65,8 +63,7 @@ class _DeadlineBody:
     """
 
     def __init__(self, payload: bytes, clock: IReactorTime, deadline: float) -> None:
-        self.payload = payload
-        self.length = len(payload)
+        super().__init__(payload)
         self.clock = clock
         self.deadline = deadline
         self.timed_out = False
@@ -77,7 +74,7 @@ class _DeadlineBody:
     def startProducing(self, consumer: Any) -> Deferred[None]:
         # Cancelled when the request is (the client left): no deadline may outlive it.
         done = self._done = Deferred(self._cancelled)
-        consumer.write(self.payload)
+        consumer.write(self.data)
         if self._paused:
             self._timer = self.clock.callLater(self.deadline, self._expire)
         else:
