@@ -6,7 +6,9 @@ environment variable or the command line), the key and what is wrong, so a mista
 surfaces later as a traceback deep inside the running service.
 
 Validation is table-driven: each TOML table is checked against the fields of its dataclass
-(type by annotation, numbers positive), plus a few per-key rules in ``_RULES``.
+(type by annotation, numbers positive), plus per-key rules in ``_RULES`` and the form a value is
+stored in (``_NORMAL_FORMS``); the few rules that span tables are checked in ``_build``.
+Messages never show a secret (keys, tokens and secrets by their length, URLs without userinfo).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
+from cch.addresses import is_loopback_host
+from cch.headers import FRAMING, never_forwarded_reason
 from cch.secret import RESERVED_PREFIX, SECRET_ENV, new_secret
 
 __all__ = [
@@ -59,6 +63,15 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds in-flight turns may finish on stop
     metrics_listen: str | None = None  # separate endpoint for GET /metrics (no auth there)
     admin_token: str | None = None  # Bearer token for /metrics on the main port
+    # Browser origins ("https://app.example.com") whose requests are served; a request that
+    # carries any other Origin header is refused 403 (coding agents and SDKs send none).
+    allowed_origins: tuple[str, ...] = ()
+    # Without [[keys]]: Host names accepted besides loopback ones (DNS-rebinding guard).
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 10000  # open client sockets at once; beyond it 503 and close
+    # Proxies (addresses or CIDR ranges) whose X-Forwarded-For names the client address
+    # (for the failed-auth budget and logs).
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,9 @@ class ProviderConfig:
     first_byte_timeout: float = 60.0
     idle_timeout: float = 300.0
     tls_ca: str | None = None  # PEM file of CA certificates trusted for this provider (private CA)
+    # Client headers dropped by default that may reach this provider (openai-organization,
+    # openai-project: who is billed is the operator's choice, not the client's).
+    forward_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,10 @@ class LimitsConfig:
     max_json_response_bytes: int = 64 * 1024 * 1024  # non-SSE upstream body cap
     auto_ping_interval: float = 25.0
     auto_ping_timeout: float = 20.0
+    handshake_timeout: float = 10.0  # seconds for a whole request head (not reset per byte)
+    max_upstream_event_bytes: int = 32 * 1024 * 1024  # one SSE event or upstream WS message
+    auth_failure_limit: int = 20  # failed key checks per client address per window
+    auth_failure_window: float = 60.0  # seconds; past the limit the address gets 429 until it ends
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,10 @@ class UpstreamWebSocketConfig:
     # Retire an idle retained socket this old before the next turn (OpenAI caps a socket at
     # 60 minutes); the turn is made whole by transcript replay.
     max_socket_age: float = 3300.0
+    # Re-send a turn over HTTP when the upstream WebSocket took the frame but sent no event
+    # before first_event_timeout (off: the turn ends with upstream_first_event_timeout, since
+    # the provider may already be working on, and billing, the first copy).
+    fallback_after_send: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,15 +225,7 @@ def is_loopback_endpoint(description: str) -> bool:
         return False
     if kind == "unix":
         return True
-    interface = params.get("interface", "")
-    if interface.lower() == "localhost":
-        return True
-    try:
-        address = ip_address(interface)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return address.is_loopback or bool(mapped and mapped.is_loopback)
+    return is_loopback_host(params.get("interface", ""))
 
 
 def config_schema() -> list[tuple[str, str, Any, str | None]]:
@@ -308,7 +324,11 @@ def _keys_of(cls: type) -> dict[str, tuple[str, Any]]:
 # --- per-key rules -----------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_GATEWAY_HEADERS = ("authorization", "host", "content-length", "connection", "transfer-encoding")
+_GATEWAY_HEADERS = ("authorization", "connection", *sorted(FRAMING))
+_MIN_KEY_CHARS = 16  # client keys and server.admin_token
+_MIN_SECRET_CHARS = 32  # tunnel.secret; the generated one (a UUIDv4) has 36
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _ENDPOINT_PARAMS: dict[str, tuple[str, ...]] = {  # positional order, as twisted parses them
     "tcp": ("port", "interface", "backlog"),
     "tcp6": ("port", "backlog", "interface"),
@@ -341,8 +361,38 @@ def _not_empty(value: str) -> str | None:
 
 
 def _client_key(value: str) -> str | None:
-    # The length only, never the key itself: messages end up in logs.
-    return f"must be at least 8 characters (got {len(value)})" if len(value) < 8 else None
+    # Never the key itself (messages end up in logs): its length or a position only.
+    if len(value) < _MIN_KEY_CHARS:
+        return f"must be at least {_MIN_KEY_CHARS} characters (got {len(value)})"
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    odd = next((i for i, char in enumerate(value) if not " " <= char <= "~"), None)
+    if odd is not None:
+        return f"must be printable ASCII only (character {odd + 1} is not)"
+    return None
+
+
+def _tunnel_secret(value: str) -> str | None:
+    # Empty means "not given here" (_resolve_secret looks further). Never the secret itself.
+    if value and len(value) < _MIN_SECRET_CHARS:
+        return (
+            f"must be at least {_MIN_SECRET_CHARS} characters (got {len(value)}); make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return None
+
+
+def _shown_url(value: str) -> str:
+    """``value`` as a message may show it: any ``user:password@`` replaced by ``***@``.
+
+    Everything up to the last ``@`` counts as userinfo, so a password holding ``/`` or ``@``
+    is never half shown (a path with an ``@`` is over-masked, which is harmless here)."""
+    scheme, separator, rest = value.partition("://")
+    if not separator:
+        scheme, rest = "", value
+    if "@" not in rest:
+        return value
+    return f"{scheme}{separator}***@{rest.rpartition('@')[2]}"
 
 
 def _http_url(value: str) -> str | None:
@@ -352,7 +402,103 @@ def _http_url(value: str) -> str | None:
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
         ok = False
-    return None if ok else f"must be an http:// or https:// URL with a host (got {value!r})"
+    if ok:
+        return None
+    return f"must be an http:// or https:// URL with a host (got {_shown_url(value)!r})"
+
+
+def _tunnel_url(value: str) -> str | None:
+    problem = _http_url(value)
+    if problem is None:
+        parts = urlsplit(value)
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
+            return (
+                "must be an https:// URL, since every turn carries the internal secret; "
+                "http:// only to a loopback host (127.0.0.0/8, ::1, localhost) "
+                f"(got {_shown_url(value)!r})"
+            )
+    return problem
+
+
+def _origins(values: tuple[str, ...]) -> str | None:
+    example = "e.g. 'https://app.example.com'"
+    for value in values:
+        if value.strip() == "*":
+            return f"'*' is not accepted: list the browser origins one by one, {example}"
+        try:
+            parts = urlsplit(value.strip())
+            scheme, host, port = parts.scheme, parts.hostname, parts.port
+            if host and not host.isascii():
+                host = host.encode("idna").decode("ascii")  # what browsers send
+        except (ValueError, UnicodeError):
+            scheme, host, port = "", None, None
+        if scheme not in _DEFAULT_PORTS or not host:
+            return (
+                f"{_shown_url(value)!r} is not an origin: write scheme://host[:port] with "
+                f"scheme http or https, {example}"
+            )
+        shown_host = f"[{host}]" if ":" in host else host
+        expected = f"{scheme}://{shown_host}"
+        if port is not None and port != _DEFAULT_PORTS[scheme]:
+            expected += f":{port}"
+        if value != expected:
+            return (
+                f"{_shown_url(value)!r} is not an origin as browsers send it: write {expected!r} "
+                "(scheme://host[:port] in lower case; no path, query, trailing slash or default "
+                "port)"
+            )
+    return None
+
+
+def _hosts(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        if "*" in value:
+            return f"{value!r}: wildcards are not supported; list each host name"
+        if "/" in value:
+            return f"{value!r}: write the host name or IP address alone, without scheme or path"
+        bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        try:
+            ip_address(bare)
+            continue
+        except ValueError:
+            pass
+        if ":" in value:
+            return f"{value!r}: write the host name or IP address without a port (any port works)"
+        name = value.removesuffix(".")
+        if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+            return f"{value!r} is not a host name or IP address"
+    return None
+
+
+def _host_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """As a Host header's name part compares: lower case, IPv6 without brackets, no final dot."""
+    return tuple(value.strip("[]").removesuffix(".").lower() for value in values)
+
+
+def _networks(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        try:
+            ip_network(value, strict=False)
+        except ValueError:
+            return (
+                f"{value!r} is not an IP address or CIDR network "
+                "(e.g. '10.0.0.0/8', '192.0.2.7', '2001:db8::/32')"
+            )
+    return None
+
+
+def _forward_headers(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        if not _TOKEN.fullmatch(name):
+            return f"{name!r} is not a valid header name"
+        reason = never_forwarded_reason(name)
+        if reason is not None:
+            return f"{name!r} is never forwarded: {reason}"
+    return None
+
+
+def _lower_case(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(value.lower() for value in values)
 
 
 def _pem_file(path: str) -> str | None:
@@ -405,6 +551,9 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ServerConfig, "listen"): _listen,
     (ServerConfig, "metrics_listen"): _listen,
     (ServerConfig, "admin_token"): _client_key,
+    (ServerConfig, "allowed_origins"): _origins,
+    (ServerConfig, "allowed_hosts"): _hosts,
+    (ServerConfig, "trusted_proxies"): _networks,
     (ClientKey, "name"): _not_empty,
     (ClientKey, "key"): _client_key,
     (ProviderConfig, "name"): _not_empty,
@@ -412,11 +561,18 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ProviderConfig, "api_key"): _not_empty,
     (ProviderConfig, "api_key_env"): _not_empty,
     (ProviderConfig, "headers"): _extra_headers,
+    (ProviderConfig, "forward_headers"): _forward_headers,
     (ProviderConfig, "websocket"): _one_of("auto", "on", "off"),
     (ProviderConfig, "tls_ca"): _pem_file,
     (TunnelConfig, "mode"): _one_of("in-process", "http"),
-    (TunnelConfig, "url"): _http_url,
+    (TunnelConfig, "url"): _tunnel_url,
+    (TunnelConfig, "secret"): _tunnel_secret,
     (TunnelConfig, "secret_env"): _not_empty,
+}
+# Values stored in the one form their users compare against (after the rule accepted them).
+_NORMAL_FORMS: dict[tuple[type, str], Callable[[Any], Any]] = {
+    (ServerConfig, "allowed_hosts"): _host_names,
+    (ProviderConfig, "forward_headers"): _lower_case,
 }
 # Numbers must be positive (integers >= 1, durations > 0) except these.
 _ANY_INT = frozenset({(ProviderConfig, "priority")})
@@ -524,7 +680,8 @@ def _check_table(cls: type, table: Mapping[str, Any], scope: _Scope) -> dict[str
         problem = _problem(cls, key, kind_name, value)
         if problem:
             raise scope.error(key, problem)
-        values[key] = value
+        normal_form = _NORMAL_FORMS.get((cls, key))
+        values[key] = normal_form(value) if normal_form else value
     return values
 
 
@@ -657,13 +814,31 @@ def _build(
             f"anyone who can reach it could use your providers; add [[keys]] entries with a name "
             f"and key, or bind loopback only, e.g. tcp:{port}:interface=127.0.0.1",
         )
+    if server.metrics_listen and not server.admin_token:
+        if not is_loopback_endpoint(server.metrics_listen):
+            port = _parse_endpoint(server.metrics_listen)[1].get("port", "9100")
+            raise scopes["server"].error(
+                "metrics_listen",
+                f"{server.metrics_listen!r} is not loopback only, which needs server.admin_token "
+                f"set; or bind loopback only, e.g. tcp:{port}:interface=127.0.0.1",
+            )
+    tunnel_config = _make(TunnelConfig, tunnel)
+    if tunnel_config.mode == "http" and tunnel_config.url is None:
+        listener = _parse_endpoint(server.listen)[0]
+        if listener not in ("tcp", "tcp6"):
+            raise scopes["tunnel"].error(
+                "mode",
+                f'"http" without tunnel.url POSTs turns over plain http:// to this gateway\'s own '
+                f"listener, which must then be tcp: or tcp6: (server.listen is {server.listen!r}); "
+                'set tunnel.url, or use tunnel.mode = "in-process"',
+            )
     return Config(
         server=server,
         keys=keys,
         providers=providers,
         limits=_make(LimitsConfig, values["limits"]),
         breaker=_make(BreakerConfig, values["breaker"]),
-        tunnel=_make(TunnelConfig, tunnel),
+        tunnel=tunnel_config,
         upstream_websocket=_make(UpstreamWebSocketConfig, values["upstream_websocket"]),
         continuity=_make(ContinuityConfig, values["continuity"]),
         source=source,
@@ -699,6 +874,8 @@ def _client_keys(
                 raise scope.error("key_env", f"must be a non-empty string (got {_toml_type(variable)})")
             # The key lives in the environment (a Kubernetes Secret, a systemd credential).
             table = dict(table, key=_from_env(scope, "key_env", variable, env))
+            named = (source, f"keys[{index}].key_env ({variable})")
+            scope = _Scope(source, scope.path, {"key": named})
         keys.append(_make(ClientKey, _check_table(ClientKey, table, scope)))
     _refuse_duplicate(keys, "name", "keys", source)
     _refuse_duplicate(keys, "key", "keys", source, show=False)
@@ -724,10 +901,19 @@ def _providers(
 
 def _resolve_secret(values: Mapping[str, Any], scope: _Scope, env: Mapping[str, str]) -> str:
     """tunnel.secret, else the variable named by tunnel.secret_env (which must be set), else
-    CCH_RESPONSES_WS_INTERNAL_SECRET, else a fresh random secret for this process."""
+    CCH_RESPONSES_WS_INTERNAL_SECRET, else a fresh random secret for this process. A secret
+    from the environment is held to tunnel.secret's rule (_tunnel_secret)."""
     if values.get("secret"):
-        return str(values["secret"])
+        return str(values["secret"])  # checked with the table
     variable = values.get("secret_env")
     if variable is not None:
-        return _from_env(scope, "secret_env", variable, env)
-    return env.get(SECRET_ENV) or new_secret()
+        secret = _from_env(scope, "secret_env", variable, env)
+        if problem := _tunnel_secret(secret):
+            raise scope.error("secret_env", f"the secret in {variable} {problem}")
+        return secret
+    secret = env.get(SECRET_ENV)
+    if not secret:
+        return new_secret()
+    if problem := _tunnel_secret(secret):
+        raise ConfigError(f"environment: {SECRET_ENV}: {problem}")
+    return secret

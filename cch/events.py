@@ -26,3 +26,10 @@ def event_type(data: str) -> str | None:
 def error_event(code: str, message: str) -> str:
     """A terminal ``error`` event the gateway itself emits into a stream."""
     return dumps({"type": "error", "error": {"code": code, "message": message}})
+
+
+def event_too_large(limit: int) -> tuple[str, str]:
+    """Code and message of the error that ends a turn when one upstream event (an SSE event or
+    a WebSocket message) is over ``limits.max_upstream_event_bytes``: HTTP and WebSocket
+    upstreams report it alike."""
+    return "upstream_event_too_large", f"an upstream event exceeded the gateway's limit of {limit} bytes"

@@ -16,16 +16,20 @@ from collections.abc import Callable
 from typing import Any, TextIO
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, InvalidLogLevelError, LogEvent, LogLevel, formatEvent
-from zope.interface import implementer
+from twisted.web.iweb import IAccessLogFormatter
+from zope.interface import implementer, provider
 
 __all__ = [
     "JsonLinesObserver",
     "TextLinesObserver",
+    "access_log_formatter",
     "json_line",
     "make_observer",
     "mask_query",
+    "mask_url",
     "text_line",
 ]
 
@@ -65,6 +69,58 @@ def mask_query(url: str | bytes | None) -> str:
     except Exception:
         return "/"
     return f"{path}?{query}" if query else path
+
+
+def mask_url(url: str | bytes) -> str:
+    """A full URL (a Referer) with its userinfo dropped and its query masked (mask_query)."""
+    if isinstance(url, bytes):
+        url = url.decode("utf-8", "replace")
+    try:
+        parts = urlsplit(url)
+        if parts.scheme and parts.netloc:
+            host = parts.netloc.rpartition("@")[2]
+            return f"{parts.scheme}://{host}{mask_query(url)}"
+    except ValueError:
+        return "-"
+    return mask_query(url)
+
+
+# Access-log field bytes: printable ASCII as is, ``\\`` and ``"`` escaped, any other byte as
+# ``\\xNN``, so nothing in a field can end its quotes or the line.
+_LOG_FIELD_BYTES = [
+    "\\" + chr(byte) if byte in (0x22, 0x5C) else chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+    for byte in range(256)
+]
+
+
+def _escaped(value: str | bytes | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    return "".join([_LOG_FIELD_BYTES[byte] for byte in value])
+
+
+@provider(IAccessLogFormatter)
+def access_log_formatter(timestamp: str, request: Any) -> str:
+    """``twisted.web`` access-log line (``Site(logFormatter=...)``) in the combined format of
+    ``twisted.web.http.combinedLogFormatter``, but with the request URI's query values and the
+    Referer's userinfo and query values masked, since either can carry a key."""
+    address = request.getClientAddress()
+    ip = address.host if isinstance(address, (IPv4Address, IPv6Address)) else "-"
+    referrer = request.getHeader(b"referer")
+    agent = request.getHeader(b"user-agent")
+    return '"{}" - - {} "{} {} {}" {:d} {} "{}" "{}"'.format(
+        _escaped(ip),
+        timestamp,
+        _escaped(request.method),
+        _escaped(mask_query(request.uri)),  # the path, query values masked
+        _escaped(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        _escaped(mask_url(referrer)) if referrer else "-",
+        _escaped(agent) if agent else "-",
+    )
 
 
 @functools.lru_cache(maxsize=1024)

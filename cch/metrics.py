@@ -15,6 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# How an HTTP POST turn ends: the response went out whole, the turn was cut short (the client
+# left, stopped reading past the send deadline, or the gateway drained), or the handler broke.
+HTTP_TURN_OUTCOMES = ("completed", "cancelled", "failed")
 
 
 class EdgeStats:
@@ -52,9 +55,16 @@ class Metrics(EdgeStats):
             "cch_time_to_first_event_seconds", "Time from a turn's start to its first event.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.open_connections = Gauge("cch_client_connections", "Open client WebSocket connections.", registry=r)
+        self.http_turns = Counter(
+            "cch_http_turns", "HTTP POST /v1/responses turns ended, by outcome.", ["outcome"], registry=r
+        )
+        self.requests_refused = Counter(
+            "cch_requests_refused", "Requests and connections refused before any work, by reason.", ["reason"], registry=r
+        )
         # Children of the per-turn series, looked up once (labels() takes a lock each time).
         self._frames_in, self._frames_out = self.frames.labels("in"), self.frames.labels("out")
         self._bytes_in, self._bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
+        self._http_turns = {outcome: self.http_turns.labels(outcome) for outcome in HTTP_TURN_OUTCOMES}
 
     # EdgeStats
     def frame_in(self, size: int) -> None:
@@ -81,6 +91,14 @@ class Metrics(EdgeStats):
 
     def overflow(self) -> None:
         self.overflows.inc()
+
+    def http_turn(self, outcome: str) -> None:
+        """One HTTP POST turn ended: ``completed``, ``cancelled`` or ``failed`` (once per turn)."""
+        self._http_turns[outcome].inc()
+
+    def refused(self, reason: str) -> None:
+        """A request or connection was turned away before any work (``reason`` is its code)."""
+        self.requests_refused.labels(reason).inc()
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add figures read at scrape time."""

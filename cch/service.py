@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -10,13 +11,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
-from cch.config import Config
+from cch.config import Config, is_loopback_endpoint
+from cch.doors import AuthFailureBudget, Doors
 from cch.edge.factory import EdgeFactory
 from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
+from cch.httpchannel import ConnectionSlots, GuardedSite
+from cch.logs import access_log_formatter, mask_url
 from cch.metrics import Metrics, gateway_figures
 from cch.transcript import TranscriptStore
 from cch.tunnel import HttpTunnel, InProcessTunnel
@@ -31,7 +34,7 @@ log = Logger()
 class _Listener(Service):
     """Listens on the configured endpoint and remembers the port (port 0 works in tests)."""
 
-    def __init__(self, reactor: Any, description: str, site: Site) -> None:
+    def __init__(self, reactor: Any, description: str, site: Any) -> None:
         self.reactor = reactor
         self.description = description
         self.site = site
@@ -118,8 +121,15 @@ class GatewayService(MultiService):
         else:
             self.tunnel = InProcessTunnel(self.handler)
         self.metrics = Metrics()
+        # Every client connection counts against server.max_connections, WebSockets included.
+        self.connections = ConnectionSlots(config.server.max_connections)
         self.edge_factory = EdgeFactory(
-            tunnel=self.tunnel, limits=config.limits, clock=clock, reactor=reactor, stats=self.metrics
+            tunnel=self.tunnel,
+            limits=config.limits,
+            clock=clock,
+            reactor=reactor,
+            stats=self.metrics,
+            slots=self.connections,
         )
         self.metrics.open_connections.set_function(lambda: len(self.edge_factory.live))
         self.metrics.watch(gateway_figures(self))
@@ -136,21 +146,50 @@ class GatewayService(MultiService):
             websocket_enabled=config.server.websocket,
             metrics=self.metrics,
             admin_token=config.server.admin_token,
+            clock=clock,
         )
-        self.site = Site(build_root(self.gateway))
-        self.site.displayTracebacks = False
+        limits = config.limits
+        budget = AuthFailureBudget(clock, limits.auth_failure_limit, limits.auth_failure_window)
+        self.doors = Doors(
+            config.server, limits, self.keys, clock, metrics_token=config.server.admin_token, budget=budget
+        )
+        self.site = self._site(build_root(self.gateway), self.doors, self.connections)
         self.listener = _Listener(reactor, config.server.listen, self.site)
         self.listener.setServiceParent(self)
         self.metrics_listener: _Listener | None = None
         if config.server.metrics_listen:
-            metrics_site = Site(build_metrics_root(self.gateway))
-            metrics_site.displayTracebacks = False
+            # Beyond loopback the metrics listener needs the admin token (config refuses it
+            # without one); on loopback it is open.
+            token_required = not is_loopback_endpoint(config.server.metrics_listen)
+            metrics_doors = Doors(
+                config.server,
+                limits,
+                self.keys,
+                clock,
+                metrics_token=config.server.admin_token if token_required else None,
+                budget=budget,
+            )
+            metrics_site = self._site(build_metrics_root(self.gateway, token_required=token_required), metrics_doors)
             self.metrics_listener = _Listener(reactor, config.server.metrics_listen, metrics_site)
             self.metrics_listener.setServiceParent(self)
+
+    def _site(self, root: Any, doors: Doors, slots: ConnectionSlots | None = None) -> GuardedSite:
+        site = GuardedSite(
+            root,
+            doors=doors,
+            clock=self.clock,
+            head_timeout=self.config.limits.handshake_timeout,
+            slots=slots,
+            logFormatter=access_log_formatter,  # query values masked (?api_key=***)
+        )
+        site.displayTracebacks = False
+        site.on_refused = self.metrics.refused
+        return site
 
     def startService(self) -> None:
         super().startService()
         self.gateway.draining = False
+        _check_fd_budget(self.config.server.max_connections)
         self.listener.when_listening().addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> None:
@@ -163,7 +202,7 @@ class GatewayService(MultiService):
             hostname=host,
             port=getattr(address, "port", None),
             tunnel=self.config.tunnel.mode,
-            internalTunnelUrl=self.tunnel.url if isinstance(self.tunnel, HttpTunnel) else None,
+            internalTunnelUrl=mask_url(self.tunnel.url) if isinstance(self.tunnel, HttpTunnel) else None,
             wsEnabled=self.config.server.websocket,
         )
 
@@ -209,6 +248,8 @@ class GatewayService(MultiService):
         if not await self._within(self._quiet(), deadline):
             log.warn("shutdown_drain_timeout", live=len(self.edge_factory.live), active=self.handler.active)
             self.edge_factory.go_away(only_idle=False)
+            # Plain HTTP turns end too, with a terminal SSE error event (docs/operations.md).
+            self.gateway.cancel_http_turns()
             # Close frames get the Autobahn close handshake's time; then connections are cut.
             if not await self._within(self.edge_factory.wait_empty(), 10.0):
                 self.edge_factory.abort_all()
@@ -220,6 +261,25 @@ class GatewayService(MultiService):
         if isinstance(self.tunnel, HttpTunnel):
             closing.append(self.tunnel.close())
         await DeferredList(closing, consumeErrors=True)
+
+
+def fd_budget(max_connections: int) -> int:
+    """Descriptors the gateway may need at ``max_connections`` (docs/security.md): one per
+    client connection, one per upstream socket, and room for pools, logs and listeners."""
+    return 2 * max_connections + 256
+
+
+def _check_fd_budget(max_connections: int) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = fd_budget(max_connections)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warn(
+            "server_fd_budget_low",
+            limit=soft,
+            wanted=wanted,
+            maxConnections=max_connections,
+            hint="raise LimitNOFILE / ulimit -n, or lower server.max_connections",
+        )
 
 
 def _connect_host(host: str | None) -> str:

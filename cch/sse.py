@@ -7,7 +7,7 @@ and comment lines.
 
 from __future__ import annotations
 
-__all__ = ["SSEDecoder", "encode_event"]
+__all__ = ["EventTooLarge", "SSEDecoder", "encode_event"]
 
 # What JavaScript's String.prototype.trim() removes (the reference trims data values
 # with it): ECMAScript WhiteSpace and LineTerminator.  Python's str.strip() differs
@@ -18,6 +18,16 @@ _JS_WHITESPACE = (
 )
 
 
+class EventTooLarge(ValueError):
+    """An event grew past the decoder's ``max_event_bytes``; the decoder dropped it."""
+
+    def __init__(self, limit: int, events: list[str]) -> None:
+        super().__init__(f"SSE event exceeded {limit} bytes")
+        self.limit = limit
+        #: The complete events that came before it in the same chunk, in order.
+        self.events = events
+
+
 class SSEDecoder:
     """Feed bytes in arbitrary fragments; get back the data text of each complete event.
 
@@ -26,11 +36,17 @@ class SSEDecoder:
     chunk-final ``\\r`` is held back until the next chunk shows whether a ``\\n``
     follows).  The search resumes from a remembered offset, so every byte is
     scanned once however the stream is fragmented.
+
+    With ``max_event_bytes`` (0: no cap) an event longer than that, counted after CRLF
+    normalisation and without its delimiter, raises :class:`EventTooLarge` from the
+    :meth:`feed` that shows it, delimiter found or not: between calls the decoder never
+    holds more than the cap, so a peer cannot make it buffer without bound.
     """
 
-    __slots__ = ("_buf", "_scan", "_cr")
+    __slots__ = ("_buf", "_scan", "_cr", "_limit")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = 0) -> None:
+        self._limit = max_event_bytes
         self._buf = bytearray()
         # Offset in _buf where the next delimiter search starts.
         self._scan = 0
@@ -54,8 +70,11 @@ class SSEDecoder:
         events: list[str] = []
         start = 0
         find = buf.find
+        limit = self._limit
         end = find(b"\n\n", self._scan)
         while end >= 0:
+            if limit and end - start > limit:
+                self._too_large(events)
             data = _event_data(buf, start, end)
             if data is not None:
                 events.append(data)
@@ -63,9 +82,25 @@ class SSEDecoder:
             end = find(b"\n\n", start)
         if start:
             del buf[:start]
+        # The rest has no delimiter yet: one event so far (a trailing b"\n" may be the
+        # first half of its delimiter, so it does not count).
+        if limit and len(buf) > limit and len(buf) - (buf[-1] == 0x0A) > limit:
+            self._too_large(events)
         # A trailing b"\n" may be the first half of the next delimiter.
         self._scan = max(len(buf) - 1, 0)
         return events
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the event in progress (never more than ``max_event_bytes``)."""
+        return len(self._buf)
+
+    def _too_large(self, events: list[str]) -> None:
+        """Drop everything buffered (the memory goes at once) and report the oversized event."""
+        self._buf.clear()
+        self._scan = 0
+        self._cr = False
+        raise EventTooLarge(self._limit, events)
 
     def finish(self) -> list[str]:
         """At end of body, flush buffered text as a final event if it is not blank.

@@ -6,16 +6,18 @@ from __future__ import annotations
 import hmac
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from cch import secret as markers
 from cch.edge.factory import EdgeFactory
@@ -23,7 +25,7 @@ from cch.handler import errors
 from cch.handler.auth import KeyRing, presented_key
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
-from cch.jsoncodec import loads
+from cch.jsoncodec import dumps, loads
 from cch.logs import mask_query
 from cch.metrics import Metrics
 from cch.sse import encode_event
@@ -32,6 +34,10 @@ from cch.turn import RequestContext
 from cch.writes import BatchedWriter
 
 log = Logger()
+
+DRAINING_BODY = errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
+# The same error as the terminal event of an SSE response the drain deadline cuts short.
+DRAINING_EVENT = encode_event(dumps({"type": "error", **loads(DRAINING_BODY)}))
 
 
 def _lower_headers(request: Request) -> dict[str, str]:
@@ -71,15 +77,22 @@ class JsonResource(Resource):
 
 
 class HttpResponseSink(BatchedWriter):
-    """Writes a handler's response to a plain HTTP request: SSE events or one JSON body."""
+    """Writes a handler's response to a plain HTTP request: SSE events or one JSON body.
+
+    The upstream's producer registered here is paused while the client does not read
+    (:meth:`pause`, from :class:`HttpTurn`), and starts paused if registered meanwhile.
+    """
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self.started = False
+        self.sse = False
+        self.paused = False
         self.producer: IPushProducer | None = None
 
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
         self.started = True
+        self.sse = True
         request = self.request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/event-stream")
@@ -102,15 +115,170 @@ class HttpResponseSink(BatchedWriter):
         request.write(body)
 
     def register_producer(self, producer: IPushProducer) -> None:
-        if self.producer is None and not self.request.finished:
-            self.producer = producer
-            self.request.registerProducer(producer, True)
+        self.producer = producer
+        if self.paused:
+            producer.pauseProducing()
 
     def unregister_producer(self) -> None:
+        self.producer = None
+
+    def pause(self) -> None:
+        """The client stopped reading: so does the upstream."""
+        self.paused = True
         if self.producer is not None:
-            self.producer = None
-            if not self.request.finished:
-                self.request.unregisterProducer()
+            self.producer.pauseProducing()
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+@implementer(IPushProducer)
+class HttpTurn:
+    """One ``POST /v1/responses`` in flight, and the one place where it ends.
+
+    It is the push producer on the request for the turn's whole life, as
+    :class:`cch.edge.connection.EdgeConnection` is on a WebSocket: when the client stops
+    reading, Twisted pauses it and it pauses the upstream (through the sink), so backpressure
+    reaches the upstream. The upstream's stall watchdog pauses with it, so a client that reads
+    nothing for ``limits.outbound_send_timeout`` would hold the turn forever: at that deadline
+    the upstream request is aborted and the client connection cut, as a WebSocket client is
+    closed (docs/configuration.md).
+
+    Every end (done, failed, the client gone, the send deadline, the drain deadline) goes
+    through :meth:`_end`, which counts the turn once and drops it from the registry.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        sink: HttpResponseSink,
+        *,
+        clock: IReactorTime,
+        send_timeout: float,
+        metrics: Metrics,
+        request_id: str,
+        on_end: Callable[[HttpTurn], None],
+    ) -> None:
+        self.request = request
+        self.sink = sink
+        self.clock = clock
+        self.send_timeout = send_timeout
+        self.metrics = metrics
+        self.request_id = request_id
+        self._on_end = on_end
+        self.deferred: Deferred[None] | None = None
+        self.outcome: str | None = None  # completed / cancelled / failed, once it ended
+        self.paused = False
+        self._deadline: IDelayedCall | None = None
+
+    def start(self, d: Deferred[None]) -> None:
+        """Follow the handler's Deferred ``d``; cancelling it aborts the upstream."""
+        self.deferred = d
+        self.request.notifyFinish().addErrback(self._client_gone)
+        d.addCallbacks(self._completed, self._failed)
+
+    # -- flow control (IPushProducer, registered on the request) ---------------------------
+
+    def pauseProducing(self) -> None:
+        if self.paused or self.outcome is not None:
+            return
+        self.paused = True
+        self.sink.pause()
+        self._deadline = self.clock.callLater(self.send_timeout, self._send_timed_out)
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        self._cancel_deadline()
+        if self.outcome is None:
+            self.sink.resume()
+
+    def stopProducing(self) -> None:
+        self._client_gone(None)
+
+    # -- the ends ---------------------------------------------------------------------------
+
+    def _end(self, outcome: str) -> bool:
+        """Account for the turn; False if it had already ended."""
+        if self.outcome is not None:
+            return False
+        self.outcome = outcome
+        self._cancel_deadline()
+        self.sink.unregister_producer()
+        self.metrics.http_turn(outcome)
+        self._on_end(self)
+        return True
+
+    def _cancel_deadline(self) -> None:
+        call, self._deadline = self._deadline, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _release_request(self) -> None:
+        """Unregister from the request before its response ends (Twisted insists)."""
+        request = self.request
+        if request.producer is self and not request._disconnected:
+            request.unregisterProducer()
+
+    def _completed(self, _: object) -> None:
+        if self._end("completed"):
+            self._release_request()
+            ResponsesResource._finished(self.request, self.sink)
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            self._end("cancelled")  # we cancelled it: whoever did has answered the client
+            return
+        if not self._end("failed"):
+            return
+        request = self.request
+        if request._disconnected:
+            return
+        log.failure("http_handler_error", failure, request_id=self.request_id)
+        self._release_request()
+        if not self.sink.started:
+            request.write(_json(request, 500, errors.error_body("Internal error.", "server_error", "internal_error")))
+            request.finish()
+        else:
+            # Half a response was sent: break the connection so the client sees it as broken.
+            request.channel.transport.abortConnection()
+
+    def _client_gone(self, _: object) -> None:
+        if self._end("cancelled") and self.deferred is not None:
+            self.deferred.cancel()
+
+    def _send_timed_out(self) -> None:
+        self._deadline = None
+        if not self._end("cancelled"):
+            return
+        log.warn("http_send_timeout", timeout=self.send_timeout, request_id=self.request_id)
+        if self.deferred is not None:
+            self.deferred.cancel()
+        channel = self.request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+
+    def cut_short(self) -> None:
+        """Draining: cancel the turn and end its response cleanly with the ``draining`` error,
+        a terminal SSE ``error`` event when the stream has started, else a 503."""
+        if not self._end("cancelled"):
+            return
+        if self.deferred is not None:
+            self.deferred.cancel()
+        request = self.request
+        if request._disconnected or request.finished:
+            return
+        sink = self.sink
+        sink.flush_writes()
+        self._release_request()
+        if sink.sse:
+            request.write(DRAINING_EVENT)
+        elif not sink.started:
+            request.write(_json(request, 503, DRAINING_BODY))
+        request.finish()
 
 
 class ResponsesResource(JsonResource):
@@ -146,9 +314,7 @@ class ResponsesResource(JsonResource):
         path = mask_query(request.uri)
         if gateway.draining:
             log.info("ws_upgrade_refused", status=503, reason="draining", path=path)
-            return _json(
-                request, 503, errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
-            )
+            return _json(request, 503, DRAINING_BODY)
         headers = _lower_headers(request)
         allowed, key = gateway.keys.authenticate(headers)
         if not allowed:
@@ -172,9 +338,7 @@ class ResponsesResource(JsonResource):
     def render_POST(self, request: Request) -> Any:
         gateway = self.gateway
         if gateway.draining:
-            return _json(
-                request, 503, errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
-            )
+            return _json(request, 503, DRAINING_BODY)
         content = request.content
         content.seek(0, 2)
         if content.tell() > gateway.limits.max_request_body_bytes:
@@ -196,9 +360,18 @@ class ResponsesResource(JsonResource):
             if turn_id.isalnum() and len(turn_id) <= 64:
                 ctx.request_id = turn_id
         sink = HttpResponseSink(request)
-        d = gateway.handler.handle(ctx, body, sink)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallbacks(lambda _: self._finished(request, sink), lambda f: self._failed(request, sink, f))
+        turn = HttpTurn(
+            request,
+            sink,
+            clock=gateway.clock,
+            send_timeout=gateway.limits.outbound_send_timeout,
+            metrics=gateway.metrics,
+            request_id=ctx.request_id,
+            on_end=gateway.http_turns.discard,
+        )
+        gateway.http_turns.add(turn)
+        request.registerProducer(turn, True)
+        turn.start(gateway.handler.handle(ctx, body, sink))
         return NOT_DONE_YET
 
     @staticmethod
@@ -206,18 +379,6 @@ class ResponsesResource(JsonResource):
         sink.flush_writes()  # the last events of a batch go before the end of the body
         if not request.finished and not request._disconnected:
             request.finish()
-
-    @staticmethod
-    def _failed(request: Request, sink: HttpResponseSink, failure: Failure) -> None:
-        if failure.check(CancelledError) or request._disconnected:
-            return
-        log.failure("http_handler_error", failure)
-        if not sink.started:
-            request.write(_json(request, 500, errors.error_body("Internal error.", "server_error", "internal_error")))
-            request.finish()
-        else:
-            # Half a response was sent: break the connection so the client sees it as broken.
-            request.channel.transport.abortConnection()
 
 
 class ModelsResource(JsonResource):
@@ -313,6 +474,7 @@ class Gateway:
         websocket_enabled: bool,
         metrics: Metrics,
         admin_token: str | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.keys = keys
         self.router = router
@@ -323,7 +485,25 @@ class Gateway:
         self.websocket_enabled = websocket_enabled
         self.metrics = metrics
         self.admin_token = admin_token
+        self._clock = clock
         self.draining = False
+        self.http_turns: set[HttpTurn] = set()  # every POST /v1/responses in flight
+
+    @property
+    def clock(self) -> IReactorTime:
+        """The gateway's clock (send deadlines): the one given, else the handler's (the
+        service's injected clock)."""
+        return self._clock if self._clock is not None else self.handler.clock
+
+    def cancel_http_turns(self) -> None:
+        """The drain deadline passed: end every HTTP POST turn in flight, plain clients' and
+        the HTTP tunnel's alike; the upstream is aborted and each response ends cleanly with
+        the ``draining`` error (docs/operations.md)."""
+        turns = list(self.http_turns)
+        if turns:
+            log.info("http_turns_cancelled", reason="draining", count=len(turns))
+        for turn in turns:
+            turn.cut_short()
 
 
 def build_root(gateway: Gateway) -> Resource:
@@ -338,9 +518,10 @@ def build_root(gateway: Gateway) -> Resource:
     return root
 
 
-def build_metrics_root(gateway: Gateway) -> Resource:
-    """The tree of the separate metrics listener: only ``/metrics``, no auth."""
+def build_metrics_root(gateway: Gateway, *, token_required: bool = False) -> Resource:
+    """The tree of the separate metrics listener: only ``/metrics``; open unless
+    ``token_required`` (a listener beyond loopback needs the admin token)."""
     root = _Dir()
-    root.putChild(b"metrics", MetricsResource(gateway, open_access=True))
+    root.putChild(b"metrics", MetricsResource(gateway, open_access=not token_required))
     return root
 

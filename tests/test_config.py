@@ -83,7 +83,7 @@ cooldown = 10
 [tunnel]
 mode = "http"
 url = "http://127.0.0.1:9090/v1/responses"
-secret = "file-secret"
+secret = "file-secret-0123456789abcdefghijklmn"
 
 [upstream_websocket]
 enabled = false
@@ -187,7 +187,7 @@ def test_full_example_file_sets_every_key() -> None:
     assert config.limits == LimitsConfig(1000, 2, 3000, 4.0, 5000, 6000, 7.0, 8.0)
     assert config.breaker == BreakerConfig(9, 10.0)
     assert config.tunnel == TunnelConfig(
-        "http", "http://127.0.0.1:9090/v1/responses", "file-secret"
+        "http", "http://127.0.0.1:9090/v1/responses", "file-secret-0123456789abcdefghijklmn"
     )
     assert config.upstream_websocket == UpstreamWebSocketConfig(
         False, 11.0, 12.0, 13, 14.0, 15.0, 16
@@ -261,9 +261,10 @@ def test_unknown_top_level_key_is_refused() -> None:
 
 def test_unknown_key_names_file_and_key() -> None:
     assert error("[limits]\nmax_pending_frame = 3\n") == (
-        "cch.toml: limits.max_pending_frame: unknown key (allowed: auto_ping_interval, "
-        "auto_ping_timeout, max_json_response_bytes, max_message_bytes, max_pending_bytes, "
-        "max_pending_frames, max_request_body_bytes, outbound_send_timeout)"
+        "cch.toml: limits.max_pending_frame: unknown key (allowed: auth_failure_limit, "
+        "auth_failure_window, auto_ping_interval, auto_ping_timeout, handshake_timeout, "
+        "max_json_response_bytes, max_message_bytes, max_pending_bytes, max_pending_frames, "
+        "max_request_body_bytes, max_upstream_event_bytes, outbound_send_timeout)"
     )
 
 
@@ -385,12 +386,41 @@ def test_key_name_must_not_be_empty() -> None:
 
 
 def test_short_key_is_refused_without_echoing_it() -> None:
-    message = error(KEY.replace("sk-cch-alice-0123456789", "abc1234"))
-    assert message == "cch.toml: keys[0].key: must be at least 8 characters (got 7)"
+    message = error(KEY.replace("sk-cch-alice-0123456789", "sk-cch-abc12345"))
+    assert message == "cch.toml: keys[0].key: must be at least 16 characters (got 15)"
 
 
-def test_eight_character_key_is_enough() -> None:
-    assert load(KEY.replace("sk-cch-alice-0123456789", "12345678")).keys[0].key == "12345678"
+def test_sixteen_character_key_is_enough() -> None:
+    key = "0123456789abcdef"
+    assert load(KEY.replace("sk-cch-alice-0123456789", key)).keys[0].key == key
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        (r" sk-cch-0123456789abc", "must not start or end with whitespace"),
+        (r"sk-cch-0123456789abc\t", "must not start or end with whitespace"),
+        (r"sk-cch-0123456789abc\u00a0", "must not start or end with whitespace"),
+        (r"sk-cch-01234\u00e96789abc", "must be printable ASCII only (character 13 is not)"),
+        (r"sk-cch-01234\u00016789abc", "must be printable ASCII only (character 13 is not)"),
+    ],
+)
+def test_key_with_surrounding_space_or_non_printable_ascii_is_refused_without_echoing_it(
+    key: str, problem: str
+) -> None:
+    message = error(KEY.replace('"sk-cch-alice-0123456789"', f'"{key}"'))  # TOML escapes
+    assert message == f"cch.toml: keys[0].key: {problem}"
+    assert "0123456789abc" not in message
+
+
+def test_key_from_the_environment_is_held_to_the_same_rule_naming_the_variable() -> None:
+    text = '[[keys]]\nname = "alice"\nkey_env = "ALICE_KEY"\n'
+    assert error(text, {"ALICE_KEY": "sk-short"}) == (
+        "cch.toml: keys[0].key_env (ALICE_KEY): must be at least 16 characters (got 8)"
+    )
+    assert error(text, {"ALICE_KEY": "sk-cch-0123456789abc "}) == (
+        "cch.toml: keys[0].key_env (ALICE_KEY): must not start or end with whitespace"
+    )
 
 
 def test_duplicate_key_names_are_refused() -> None:
@@ -533,6 +563,43 @@ def test_provider_header_value_may_not_contain_line_breaks() -> None:
     )
 
 
+def test_provider_forward_headers_are_stored_lower_case() -> None:
+    config = load(PROVIDER + "forward_headers = ['OpenAI-Organization', 'openai-project', 'X-Forwarded-For']\n")
+    assert config.providers[0].forward_headers == ("openai-organization", "openai-project", "x-forwarded-for")
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("Authorization", "it carries the client's credentials (the provider gets api_key instead)"),
+        ("x-api-key", "it carries the client's credentials (the provider gets api_key instead)"),
+        ("Cookie", "it carries the client's credentials (the provider gets api_key instead)"),
+        ("Host", "the gateway sets it for each hop (the Host and the message's framing)"),
+        ("content-length", "the gateway sets it for each hop (the Host and the message's framing)"),
+        ("transfer-encoding", "the gateway sets it for each hop (the Host and the message's framing)"),
+        ("Connection", "it is hop-by-hop (RFC 9110 §7.6.1)"),
+        ("keep-alive", "it is hop-by-hop (RFC 9110 §7.6.1)"),
+        ("sec-websocket-key", "it belongs to the WebSocket handshake"),
+        ("accept", "the gateway sets it for each upstream request"),
+        ("x-cch-internal-secret", "x-cch-* headers are the gateway's own"),
+        ("X-CCH-Tenant", "x-cch-* headers are the gateway's own"),
+    ],
+)  # fmt: skip
+def test_provider_forward_headers_may_never_name_credentials_framing_or_gateway_headers(
+    name: str, reason: str
+) -> None:
+    assert error(PROVIDER + f"forward_headers = ['{name}']\n") == (
+        f"cch.toml: providers[0].forward_headers: {name!r} is never forwarded: {reason}"
+    )
+
+
+@pytest.mark.parametrize("name", ["bad name", "", "x-a:", "caf\u00e9"])
+def test_provider_forward_header_must_be_a_header_name(name: str) -> None:
+    assert error(PROVIDER + f'forward_headers = ["{name}"]\n') == (
+        f"cch.toml: providers[0].forward_headers: {name!r} is not a valid header name"
+    )
+
+
 def test_no_providers_is_allowed() -> None:
     assert load("").providers == ()
 
@@ -562,17 +629,22 @@ def test_tunnel_url_defaults_to_none_meaning_own_listener() -> None:
     assert load("[tunnel]\nmode = 'http'\n").tunnel.url is None
 
 
-SECRET_FILE = "[tunnel]\nsecret = 'from-file'\nsecret_env = 'MY_SECRET'\n"
+# Secrets of 32+ characters, one per place a secret can come from.
+FILE_SECRET = "from-file-0123456789abcdefghijklmnop"
+VAR_SECRET = "from-var-0123456789abcdefghijklmnopq"
+GLOBAL_SECRET = "global-0123456789abcdefghijklmnopqrs"
+OVERRIDE_SECRET = "override-0123456789abcdefghijklmnopq"
+SECRET_FILE = f"[tunnel]\nsecret = '{FILE_SECRET}'\nsecret_env = 'MY_SECRET'\n"
 
 
 @pytest.mark.parametrize(
     ("text", "env", "expected"),
     [
-        (SECRET_FILE, {"MY_SECRET": "from-var", "CCH_RESPONSES_WS_INTERNAL_SECRET": "g"}, "from-file"),
-        ("[tunnel]\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": "from-var", "CCH_RESPONSES_WS_INTERNAL_SECRET": "g"}, "from-var"),
-        ("[tunnel]\nsecret = ''\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": "from-var"}, "from-var"),
-        ("", {"CCH_RESPONSES_WS_INTERNAL_SECRET": "global"}, "global"),
-        ("", {"CCH_TUNNEL_SECRET": "override", "CCH_RESPONSES_WS_INTERNAL_SECRET": "g"}, "override"),
+        (SECRET_FILE, {"MY_SECRET": VAR_SECRET, "CCH_RESPONSES_WS_INTERNAL_SECRET": GLOBAL_SECRET}, FILE_SECRET),
+        ("[tunnel]\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": VAR_SECRET, "CCH_RESPONSES_WS_INTERNAL_SECRET": GLOBAL_SECRET}, VAR_SECRET),
+        ("[tunnel]\nsecret = ''\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": VAR_SECRET}, VAR_SECRET),
+        ("", {"CCH_RESPONSES_WS_INTERNAL_SECRET": GLOBAL_SECRET}, GLOBAL_SECRET),
+        ("", {"CCH_TUNNEL_SECRET": OVERRIDE_SECRET, "CCH_RESPONSES_WS_INTERNAL_SECRET": GLOBAL_SECRET}, OVERRIDE_SECRET),
     ],
 )  # fmt: skip
 def test_secret_resolution_order(text: str, env: dict[str, str], expected: str) -> None:
@@ -594,6 +666,96 @@ def test_named_secret_variable_must_be_set(env: dict[str, str]) -> None:
     assert error("[tunnel]\nsecret_env = 'MY_SECRET'\n", env) == (
         "cch.toml: tunnel.secret_env: environment variable MY_SECRET is not set"
     )
+
+
+SECRET_RULE = "must be at least 32 characters (got 12); make one with python3 -c"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "where"),
+    [
+        ("[tunnel]\nsecret = 'short-secret'\n", {}, "cch.toml: tunnel.secret:"),
+        ("", {"CCH_TUNNEL_SECRET": "short-secret"}, "environment: CCH_TUNNEL_SECRET:"),
+        ("[tunnel]\nsecret_env = 'MY_SECRET'\n", {"MY_SECRET": "short-secret"}, "cch.toml: tunnel.secret_env: the secret in MY_SECRET"),
+        ("", {"CCH_RESPONSES_WS_INTERNAL_SECRET": "short-secret"}, "environment: CCH_RESPONSES_WS_INTERNAL_SECRET:"),
+    ],
+)  # fmt: skip
+def test_tunnel_secret_shorter_than_32_characters_is_refused_wherever_it_comes_from_without_echoing_it(
+    text: str, env: dict[str, str], where: str
+) -> None:
+    message = error(text, env)
+    assert message.startswith(f"{where} {SECRET_RULE}")
+    assert "short-secret" not in message
+
+
+def test_tunnel_secret_of_32_characters_is_enough() -> None:
+    assert load("[tunnel]\nsecret = '" + "s" * 32 + "'\n").tunnel.secret == "s" * 32
+
+
+def test_a_short_fallback_secret_is_not_looked_at_when_tunnel_secret_is_set() -> None:
+    env = {"CCH_RESPONSES_WS_INTERNAL_SECRET": "short-secret"}
+    assert load(f"[tunnel]\nsecret = '{FILE_SECRET}'\n", env).tunnel.secret == FILE_SECRET
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://gateway.internal/v1/responses",
+        "http://127.0.0.1:8080/v1/responses",
+        "http://127.8.9.10/v1/responses",
+        "http://[::1]:8080/v1/responses",
+        "http://localhost:8080/v1/responses",
+        "http://LOCALHOST/v1/responses",
+    ],
+)
+def test_tunnel_url_is_https_or_http_to_a_loopback_host(url: str) -> None:
+    assert load(f"[tunnel]\nmode = 'http'\nurl = '{url}'\n").tunnel.url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://10.0.0.2:8080/v1/responses", "http://10.0.0.2:8080/v1/responses"),
+        ("http://gateway.internal/v1/responses", "http://gateway.internal/v1/responses"),
+        ("http://localhost.example.com/v1/responses", "http://localhost.example.com/v1/responses"),
+        ("http://user:pa55@10.0.0.2/v1/responses", "http://***@10.0.0.2/v1/responses"),
+    ],
+)
+def test_plain_http_tunnel_url_to_a_remote_host_is_refused(url: str, shown: str) -> None:
+    message = error(f"[tunnel]\nmode = 'http'\nurl = '{url}'\n")
+    assert message == (
+        "cch.toml: tunnel.url: must be an https:// URL, since every turn carries the internal "
+        "secret; http:// only to a loopback host (127.0.0.0/8, ::1, localhost) "
+        f"(got {shown!r})"
+    )
+    assert "pa55" not in message
+
+
+@pytest.mark.parametrize(
+    "listen", ["unix:/run/cch.sock", "ssl:8443:privateKey=k.pem:interface=127.0.0.1"]
+)
+def test_http_tunnel_without_url_needs_a_tcp_listener(listen: str) -> None:
+    message = error("[tunnel]\nmode = 'http'\n", listen=listen)
+    assert message == (
+        'cch.toml: tunnel.mode: "http" without tunnel.url POSTs turns over plain http:// to '
+        "this gateway's own listener, which must then be tcp: or tcp6: (server.listen is "
+        f'{listen!r}); set tunnel.url, or use tunnel.mode = "in-process"'
+    )
+
+
+def test_http_tunnel_refusal_names_the_variable_that_chose_the_mode() -> None:
+    message = env_error({"CCH_TUNNEL_MODE": "http", "CCH_SERVER_LISTEN": "unix:/run/cch.sock"})
+    assert message.startswith('environment: CCH_TUNNEL_MODE: "http" without tunnel.url')
+
+
+@pytest.mark.parametrize("listen", ["tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\:\\:1"])
+def test_http_tunnel_without_url_accepts_a_tcp_listener(listen: str) -> None:
+    assert load("[tunnel]\nmode = 'http'\n", listen=listen).tunnel.url is None
+
+
+def test_http_tunnel_with_url_accepts_any_listener() -> None:
+    text = "[tunnel]\nmode = 'http'\nurl = 'https://gateway.internal/v1/responses'\n"
+    assert load(text, listen="unix:/run/cch.sock").tunnel.mode == "http"
 
 
 # --- server.listen ----------------------------------------------------------------------------
@@ -715,6 +877,183 @@ def test_is_loopback_endpoint(description: str, loopback: bool) -> None:
     assert is_loopback_endpoint(description) is loopback
 
 
+# --- server.admin_token and server.metrics_listen ---------------------------------------------
+
+ADMIN_TOKEN = "admin-token-0123456789"
+
+
+def test_short_admin_token_is_refused_like_a_client_key_without_echoing_it() -> None:
+    assert error("[server]\nadmin_token = 'admin-123'\n") == (
+        "cch.toml: server.admin_token: must be at least 16 characters (got 9)"
+    )
+    assert env_error({"CCH_SERVER_ADMIN_TOKEN": ADMIN_TOKEN + "\n"}) == (
+        "environment: CCH_SERVER_ADMIN_TOKEN: must not start or end with whitespace"
+    )
+
+
+def test_admin_token_of_sixteen_printable_characters_is_accepted() -> None:
+    config = load(f"[server]\nadmin_token = '{ADMIN_TOKEN}'\n")
+    assert config.server.admin_token == ADMIN_TOKEN
+
+
+@pytest.mark.parametrize("metrics_listen", ["tcp:9100", "tcp:9100:interface=0.0.0.0", "tcp6:9100"])
+def test_metrics_listen_beyond_loopback_needs_the_admin_token(metrics_listen: str) -> None:
+    assert error(f"[server]\nmetrics_listen = '{metrics_listen}'\n") == (
+        f"cch.toml: server.metrics_listen: {metrics_listen!r} is not loopback only, which needs "
+        "server.admin_token set; or bind loopback only, e.g. tcp:9100:interface=127.0.0.1"
+    )
+
+
+def test_metrics_listen_refusal_from_environment_names_the_variable() -> None:
+    assert env_error({"CCH_SERVER_METRICS_LISTEN": "tcp:9100"}).startswith(
+        "environment: CCH_SERVER_METRICS_LISTEN: 'tcp:9100' is not loopback only"
+    )
+
+
+@pytest.mark.parametrize(
+    ("metrics_listen", "token"),
+    [
+        ("tcp:9100", ADMIN_TOKEN),
+        ("tcp:9100:interface=127.0.0.1", None),
+        ("unix:/run/cch-metrics.sock", None),
+    ],
+)
+def test_metrics_listen_on_loopback_or_with_an_admin_token_is_accepted(
+    metrics_listen: str, token: str | None
+) -> None:
+    text = f"[server]\nmetrics_listen = '{metrics_listen}'\n"
+    if token:
+        text += f"admin_token = '{token}'\n"
+    assert load(text).server.metrics_listen == metrics_listen
+
+
+# --- URLs with credentials ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ftp://user:hunter2@x/v1", "ftp://***@x/v1"),
+        ("https://user:hunter2@x:99999/v1", "https://***@x:99999/v1"),
+        ("user:hunter2@x/v1", "***@x/v1"),
+        ("https://user:hun/ter@2@x:0x/v1", "https://***@x:0x/v1"),
+    ],
+)
+def test_invalid_base_url_is_shown_without_its_user_and_password(url: str, shown: str) -> None:
+    message = error(PROVIDER.replace("https://api.example.com/v1", url))
+    assert message == (
+        f"cch.toml: providers[0].base_url: must be an http:// or https:// URL with a host "
+        f"(got {shown!r})"
+    )
+    assert "hunter2" not in message and "hun" not in message
+
+
+def test_invalid_tunnel_url_is_shown_without_its_user_and_password() -> None:
+    message = error("[tunnel]\nurl = 'ws://me:hunter2@127.0.0.1/v1/responses'\n")
+    assert message.endswith("(got 'ws://***@127.0.0.1/v1/responses')")
+
+
+# --- server.allowed_origins, allowed_hosts, trusted_proxies -----------------------------------
+
+
+def test_allowed_origins_as_browsers_send_them_are_kept() -> None:
+    origins = ["https://app.example.com", "http://localhost:3000", "http://[::1]:8080"]
+    config = load(f"[server]\nallowed_origins = {origins!r}\n")
+    assert config.server.allowed_origins == tuple(origins)
+
+
+def test_allowed_origins_star_is_refused_asking_for_a_list() -> None:
+    assert error("[server]\nallowed_origins = ['*']\n") == (
+        "cch.toml: server.allowed_origins: '*' is not accepted: list the browser origins one by "
+        "one, e.g. 'https://app.example.com'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("origin", "expected"),
+    [
+        ("https://app.example.com/", "https://app.example.com"),
+        ("https://app.example.com/path", "https://app.example.com"),
+        ("https://app.example.com?x=1", "https://app.example.com"),
+        ("HTTPS://App.Example.com", "https://app.example.com"),
+        ("https://app.example.com:443", "https://app.example.com"),
+        ("http://app.example.com:80", "http://app.example.com"),
+        ("http://app.example.com:8080/", "http://app.example.com:8080"),
+        ("https://user:hunter2@app.example.com", "https://app.example.com"),
+        ("https://b\u00fccher.example", "https://xn--bcher-kva.example"),
+    ],
+)
+def test_allowed_origin_not_in_the_form_browsers_send_is_refused_showing_that_form(
+    origin: str, expected: str
+) -> None:
+    message = error(f'[server]\nallowed_origins = ["{origin}"]\n')
+    shown = origin.replace("user:hunter2@", "***@")
+    assert message == (
+        f"cch.toml: server.allowed_origins: {shown!r} is not an origin as browsers send it: "
+        f"write {expected!r} (scheme://host[:port] in lower case; no path, query, trailing "
+        "slash or default port)"
+    )
+
+
+@pytest.mark.parametrize("origin", ["null", "app.example.com", "ftp://app.example.com", "https://", "http://[::1"])
+def test_allowed_origin_that_is_no_http_origin_is_refused(origin: str) -> None:
+    assert error(f"[server]\nallowed_origins = ['{origin}']\n") == (
+        f"cch.toml: server.allowed_origins: {origin!r} is not an origin: write "
+        "scheme://host[:port] with scheme http or https, e.g. 'https://app.example.com'"
+    )
+
+
+def test_allowed_hosts_are_stored_as_a_host_header_compares_them() -> None:
+    hosts = ["gateway.internal", "Gateway.Example.com.", "10.0.0.5", "::1", "[2001:DB8::5]", "my_service"]
+    config = load(f"[server]\nallowed_hosts = {hosts!r}\n")
+    assert config.server.allowed_hosts == (
+        "gateway.internal",
+        "gateway.example.com",
+        "10.0.0.5",
+        "::1",
+        "2001:db8::5",
+        "my_service",
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("gateway.internal:8080", "write the host name or IP address without a port (any port works)"),
+        ("[::1]:8080", "write the host name or IP address without a port (any port works)"),
+        ("http://gateway.internal", "write the host name or IP address alone, without scheme or path"),
+        ("gateway.internal/v1", "write the host name or IP address alone, without scheme or path"),
+        ("*.example.com", "wildcards are not supported; list each host name"),
+        ("*", "wildcards are not supported; list each host name"),
+    ],
+)  # fmt: skip
+def test_allowed_host_with_port_scheme_path_or_wildcard_is_refused(host: str, problem: str) -> None:
+    assert error(f"[server]\nallowed_hosts = ['{host}']\n") == (
+        f"cch.toml: server.allowed_hosts: {host!r}: {problem}"
+    )
+
+
+@pytest.mark.parametrize("host", ["", "-gateway", "gate way", "a..b", "x" * 64 + ".example"])
+def test_allowed_host_that_is_no_host_name_is_refused(host: str) -> None:
+    assert error(f"[server]\nallowed_hosts = ['{host}']\n") == (
+        f"cch.toml: server.allowed_hosts: {host!r} is not a host name or IP address"
+    )
+
+
+def test_trusted_proxies_are_addresses_or_networks_and_need_no_keys() -> None:
+    proxies = ["10.0.0.0/8", "192.0.2.7", "10.1.2.3/16", "2001:db8::/32", "::1"]
+    config = load(f"[server]\ntrusted_proxies = {proxies!r}\n")
+    assert config.server.trusted_proxies == tuple(proxies) and not config.auth_required
+
+
+@pytest.mark.parametrize("proxy", ["proxy.internal", "10.0.0.0/33", "10.0.0.1:80", ""])
+def test_trusted_proxy_that_is_no_address_or_network_is_refused(proxy: str) -> None:
+    assert error(f"[server]\ntrusted_proxies = ['10.0.0.1', '{proxy}']\n") == (
+        f"cch.toml: server.trusted_proxies: {proxy!r} is not an IP address or CIDR network "
+        "(e.g. '10.0.0.0/8', '192.0.2.7', '2001:db8::/32')"
+    )
+
+
 # --- environment overrides --------------------------------------------------------------------
 
 
@@ -730,7 +1069,7 @@ def test_is_loopback_endpoint(description: str, loopback: bool) -> None:
         ("CCH_BREAKER_COOLDOWN", "1.5", "breaker", "cooldown", 1.5),
         ("CCH_TUNNEL_MODE", "http", "tunnel", "mode", "http"),
         ("CCH_TUNNEL_URL", "http://127.0.0.1:1/v1/responses", "tunnel", "url", "http://127.0.0.1:1/v1/responses"),
-        ("CCH_TUNNEL_SECRET", "s3", "tunnel", "secret", "s3"),
+        ("CCH_TUNNEL_SECRET", OVERRIDE_SECRET, "tunnel", "secret", OVERRIDE_SECRET),
         ("CCH_UPSTREAM_WEBSOCKET_ENABLED", "0", "upstream_websocket", "enabled", False),
         ("CCH_UPSTREAM_WEBSOCKET_IDLE_TIMEOUT", "60", "upstream_websocket", "idle_timeout", 60.0),
         ("CCH_UPSTREAM_WEBSOCKET_POOL_MAX_ENTRIES", "3", "upstream_websocket", "pool_max_entries", 3),
@@ -750,8 +1089,8 @@ def test_env_override_beats_the_file() -> None:
 
 
 def test_secret_env_can_come_from_environment() -> None:
-    config = load("", {"CCH_TUNNEL_SECRET_ENV": "MINE", "MINE": "sekrit"})
-    assert config.tunnel.secret == "sekrit"
+    config = load("", {"CCH_TUNNEL_SECRET_ENV": "MINE", "MINE": VAR_SECRET})
+    assert config.tunnel.secret == VAR_SECRET
 
 
 def test_empty_env_value_unsets_an_optional_string() -> None:
@@ -892,7 +1231,8 @@ def test_cch_upstream_websocket_enabled_wins_over_the_tri_state() -> None:
     ],
 )
 def test_unrelated_cch_variables_are_ignored(name: str) -> None:
-    assert load("", {name: "whatever"}).server == ServerConfig()
+    value = "whatever-" * 4  # long enough to be a secret, for CCH_RESPONSES_WS_INTERNAL_SECRET
+    assert load("", {name: value}).server == ServerConfig()
 
 
 @pytest.mark.parametrize(
@@ -994,9 +1334,9 @@ def test_config_schema_lists_every_field_once_with_its_default() -> None:
 
 
 def test_config_schema_env_names_follow_section_and_field() -> None:
-    for key, _kind, _default, env in config_schema():
-        if key.startswith(("keys[]", "providers[]")):
-            assert env is None
+    for key, kind, _default, env in config_schema():
+        if key.startswith(("keys[]", "providers[]")) or kind == "array of strings":
+            assert env is None  # arrays are set in the file only
         else:
             assert env == "CCH_" + key.replace(".", "_").upper()
 

@@ -1,21 +1,32 @@
 """Graceful drain on stop (DESIGN "beyond" 4): idle clients get 1001 at once, turns in flight
-finish until the deadline, then everyone gets 1001; nothing is left behind."""
+finish until the deadline, then everyone gets 1001 and HTTP POST turns end with the ``draining``
+error (docs/operations.md); nothing is left behind."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pytest
 import pytest_twisted
+import treq
 from conftest import gateway_config, start_gateway
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.web.client import HTTPConnectionPool
 
 from cch.config import ServerConfig
 from cch.testing import FakeUpstream
-from cch.testing.scripts import Delay, Event, Script, hold
+from cch.testing.scripts import Delay, Event, Hold, Script, hold
 
 CREATED = {"type": "response.created", "response": {"id": "resp_d"}}
 COMPLETED = {"type": "response.completed", "response": {"id": "resp_d"}}
 SSE = (("content-type", "text/event-stream"),)
+DRAINING = {
+    "type": "error",
+    "error": {"type": "service_unavailable_error", "code": "draining", "message": "The gateway is shutting down."},
+}
 
 
 def frame() -> dict[str, Any]:
@@ -79,3 +90,76 @@ async def test_turns_still_running_at_the_drain_deadline_are_closed_1001(
     await stopping
     await fake.wait_for_cancelled(0)
     assert running.service.handler.active == 0
+
+
+async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
+    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
+    timer = reactor.callLater(seconds, d.cancel)
+    try:
+        return await d
+    except CancelledError:
+        pytest.fail(f"timed out waiting for {what}")
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+def sse_events(body: bytes) -> list[Any]:
+    return [
+        json.loads(block.removeprefix("data: "))
+        for block in body.decode("utf-8").split("\n\n")
+        if block.startswith("data: ")
+    ]
+
+
+def http_turns(running: Any, outcome: str) -> float | None:
+    return running.service.metrics.registry.get_sample_value("cch_http_turns_total", {"outcome": outcome})
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_post_stream_still_running_at_the_drain_deadline_ends_with_a_draining_error_event(
+    fake: FakeUpstream,
+) -> None:
+    gateway_clock = Clock()
+    fake.enqueue(hold([CREATED]))
+    running = await start_gateway(drain_config(fake, "in-process", "http", drain=30), gateway_clock)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        response = await treq.post(
+            running.http_url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, pool=pool
+        )
+        assert response.code == 200
+        body = treq.content(response)  # fails on a truncated body (no chunked terminator)
+        stopping = running.service.stopService()
+        gateway_clock.advance(29)
+        assert not body.called and not fake.requests[0].finished
+        gateway_clock.advance(1)
+        assert sse_events(await within(body, "the end of the SSE stream")) == [CREATED, DRAINING]
+        assert (await within(fake.wait_for_cancelled(0), "the upstream request to be aborted")).cancelled
+        await within(stopping, "stopService")
+        assert running.service.handler.active == 0
+        assert running.service.gateway.http_turns == set()
+        assert http_turns(running, "cancelled") == 1
+    finally:
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_post_not_yet_answered_at_the_drain_deadline_gets_503_draining(fake: FakeUpstream) -> None:
+    gateway_clock = Clock()
+    fake.enqueue(Script(steps=(Hold(),)))  # never sends the response headers
+    running = await start_gateway(drain_config(fake, "in-process", "http", drain=30), gateway_clock)
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        reply = treq.post(running.http_url + "/v1/responses", json={"model": "m", "input": "hi", "stream": True}, pool=pool)
+        await fake.wait_for_requests(1)
+        stopping = running.service.stopService()
+        gateway_clock.advance(30)
+        response = await within(reply, "the answer")
+        assert response.code == 503
+        assert json.loads(await treq.content(response)) == {"error": {**DRAINING["error"]}}
+        await within(fake.wait_for_cancelled(0), "the upstream request to be aborted")
+        await within(stopping, "stopService")
+        assert running.service.handler.active == 0 and running.service.gateway.http_turns == set()
+    finally:
+        await pool.closeCachedConnections()

@@ -19,6 +19,7 @@ class Channel:
         self.frames: list[Any] = []
         self.closes: list[tuple[int, str]] = []
         self.log: list[tuple[str, Any]] = []
+        self.reading: list[str] = []  # pause / resume calls on the client socket's reading
 
     def send_text(self, text: str) -> None:
         try:
@@ -31,6 +32,12 @@ class Channel:
     def send_close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
         self.log.append(("close", (code, reason)))
+
+    def pause_reading(self) -> None:
+        self.reading.append("pause")
+
+    def resume_reading(self) -> None:
+        self.reading.append("resume")
 
 
 class Turn:
@@ -347,6 +354,60 @@ def test_producer_registered_while_paused_starts_paused(parts: Any) -> None:
     tunnel.turns[0].sink.register_producer(producer)
     assert producer.calls == ["pause"]
     conn.connection_lost()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_full_outbound_buffer_stops_reading_the_client_until_it_drains(parts: Any) -> None:
+    conn, channel, _, clock, _ = parts
+    conn.pauseProducing()
+    conn.pauseProducing()
+    assert channel.reading == ["pause"]
+    clock.advance(29)
+    conn.resumeProducing()
+    conn.resumeProducing()
+    assert channel.reading == ["pause", "resume"]
+    assert channel.closes == [] and clock.getDelayedCalls() == []
+
+
+def test_a_client_that_never_drains_is_closed_1011_and_read_again_for_its_close_frame(parts: Any) -> None:
+    conn, channel, _, clock, _ = parts
+    conn.pauseProducing()
+    clock.advance(30)
+    assert channel.closes == [(1011, "outbound_send_timeout")]
+    assert channel.reading == ["pause", "resume"]
+    conn.resumeProducing()  # the buffer drains at last: reading already goes on
+    conn.pauseProducing()  # closing: pausing again would hide the client's close frame
+    assert channel.reading == ["pause", "resume"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_drain_close_of_a_paused_client_still_sends_the_close_and_reads_the_reply(parts: Any) -> None:
+    conn, channel, _, clock, released = parts
+    conn.pauseProducing()
+    conn.leave()
+    assert channel.closes == [(1001, "going_away")]
+    assert channel.reading == ["pause", "resume"]
+    assert released == [conn.session_id] and clock.getDelayedCalls() == []
+
+
+def test_a_pause_from_inside_a_send_pauses_reading_and_the_turn_and_arms_one_deadline(parts: Any) -> None:
+    conn, channel, tunnel, clock, _ = parts
+    sent = channel.send_text
+
+    def send_and_fill(text: str) -> None:
+        sent(text)
+        conn.pauseProducing()  # what the transport does when a write goes over its mark
+
+    channel.send_text = send_and_fill  # type: ignore[method-assign]
+    send(conn, create())
+    producer = Producer()
+    tunnel.turns[0].sink.register_producer(producer)
+    tunnel.turns[0].events({"type": "response.created"}, {"type": "response.output_text.delta", "delta": "x"})
+    assert [f["type"] for f in channel.frames] == ["response.created", "response.output_text.delta"]
+    assert producer.calls == ["pause"] and channel.reading == ["pause"]
+    assert len(clock.getDelayedCalls()) == 1
+    conn.resumeProducing()
+    assert producer.calls == ["pause", "resume"] and channel.reading == ["pause", "resume"]
     assert clock.getDelayedCalls() == []
 
 

@@ -257,6 +257,12 @@ class Wire:
             self.journal.wire.append(("close", (code, reason)))
             self.open = False
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
 
 @implementer(IPushProducer)
 class Producer:

@@ -64,6 +64,58 @@ def test_headers_drop_client_credentials_hops_privacy_and_markers() -> None:
     }
 
 
+def test_headers_named_by_the_client_connection_header_are_hop_by_hop_and_dropped() -> None:
+    client = {
+        "connection": "keep-alive, X-Secret-Hop,, originator ",
+        "x-secret-hop": "s",
+        "originator": "codex_exec",
+        "session-id": "019a",
+    }
+    headers = upstream_headers(client, _provider(), stream=True)
+    assert "x-secret-hop" not in headers and "originator" not in headers
+    assert "connection" not in headers and headers["session-id"] == "019a"
+
+
+def test_connection_listed_headers_are_dropped_even_when_forward_headers_names_them() -> None:
+    client = {"connection": "openai-organization", "openai-organization": "org-1"}
+    provider = _provider(forward_headers=("openai-organization",))
+    assert "openai-organization" not in upstream_headers(client, provider, stream=True)
+
+
+def test_via_and_forwarding_headers_do_not_reach_the_provider() -> None:
+    client = {"via": "1.1 proxy.internal", "forwarded": "for=1.2.3.4", "x-forwarded-host": "gw"}
+    headers = upstream_headers(client, _provider(), stream=True)
+    assert not {"via", "forwarded", "x-forwarded-host"} & set(headers)
+
+
+def test_client_cannot_choose_the_billed_organization_or_project() -> None:
+    client = {"openai-organization": "org-client", "openai-project": "proj-client", "originator": "c"}
+    headers = upstream_headers(client, _provider(api_key="sk-up"), stream=True)
+    assert "openai-organization" not in headers and "openai-project" not in headers
+    assert headers["originator"] == "c"
+
+
+def test_forward_headers_let_the_named_default_dropped_headers_through() -> None:
+    client = {
+        "openai-organization": "org-client",
+        "openai-project": "proj-client",
+        "traceparent": "00-abc",
+        "x-forwarded-for": "1.2.3.4",
+    }
+    provider = _provider(forward_headers=("openai-organization", "traceparent"))
+    headers = upstream_headers(client, provider, stream=True)
+    assert headers["openai-organization"] == "org-client" and headers["traceparent"] == "00-abc"
+    assert "openai-project" not in headers and "x-forwarded-for" not in headers
+
+
+def test_forward_headers_never_let_client_credentials_through() -> None:
+    # Config refuses these names; the header builder holds the line on its own as well.
+    client = {"authorization": "Bearer client-key", "x-api-key": "client-key", "cookie": "a=b"}
+    provider = _provider(forward_headers=("authorization", "x-api-key", "cookie"))
+    headers = upstream_headers(client, provider, stream=True)
+    assert "authorization" not in headers and "x-api-key" not in headers and "cookie" not in headers
+
+
 def test_headers_without_provider_key_send_no_authorization_and_a_default_agent() -> None:
     headers = upstream_headers({"authorization": "Bearer c"}, _provider(), stream=False)
     assert "authorization" not in headers

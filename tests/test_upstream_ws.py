@@ -48,7 +48,7 @@ from cch.testing.scripts import (
     hold,
     ws_close_after,
 )
-from cch.upstream.pool import UpstreamWSPool, WSFailure, WSStream
+from cch.upstream.pool import UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
 from cch.upstream.ws import CLOSED, UpstreamConnection
 
 CREATED = {"type": "response.created", "response": {"id": "resp_u", "status": "in_progress"}}
@@ -108,6 +108,14 @@ async def failure_of(d: Deferred[Any]) -> WSFailure:
     except WSFailure as failure:
         return failure
     raise AssertionError("the request did not fail")
+
+
+async def turn_failure_of(d: Deferred[Any]) -> WSTurnFailed:
+    try:
+        await d
+    except WSTurnFailed as failed:
+        return failed
+    raise AssertionError("the request did not fail without a fallback")
 
 
 # --- a server that accepts TCP and never answers (handshake never completes) -------------------
@@ -607,8 +615,9 @@ async def test_silent_reused_socket_times_out_before_the_first_event_and_is_reti
     d = ask(pool, fake.ws_url)
     await fake.wait_for_requests(2)
     clock.advance(20)
-    failure = await failure_of(d)
-    assert (failure.reason, failure.message) == ("ws_error_pre_first_event", "timeout_waiting_for_first_event")
+    # The frame went out on the reused socket: the turn ends, it is not handed to HTTP.
+    failed = await turn_failure_of(d)
+    assert failed.code == "upstream_first_event_timeout"
     assert (await fake.wait_for_ws_close(0)).close_code == 1011
     assert pool.entries == {}
 
@@ -686,7 +695,7 @@ async def test_connection_refused_is_a_pre_first_event_error(silent: SilentServe
 
 
 @pytest_twisted.ensureDeferred
-async def test_first_event_timeout_after_20s_fails_and_closes_1011(
+async def test_first_event_timeout_after_20s_ends_the_turn_and_closes_1011(
     fake: FakeUpstream, make_pool: Any, clock: Clock
 ) -> None:
     fake.enqueue(hold())
@@ -696,6 +705,21 @@ async def test_first_event_timeout_after_20s_fails_and_closes_1011(
     clock.advance(19)
     assert not d.called
     clock.advance(1)
+    failed = await turn_failure_of(d)
+    assert failed.code == "upstream_first_event_timeout"
+    assert (await fake.wait_for_ws_close(0)).close_code == 1011
+    assert pool.entries == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_event_timeout_with_fallback_after_send_is_a_fallback_failure_and_closes_1011(
+    fake: FakeUpstream, make_pool: Any, clock: Clock
+) -> None:
+    fake.enqueue(hold())
+    pool = make_pool(fallback_after_send=True)
+    d = ask(pool, fake.ws_url)
+    await fake.wait_for_requests(1)  # the socket is open and the frame went out
+    clock.advance(20)
     failure = await failure_of(d)
     assert (failure.reason, failure.message, failure.cacheable) == (
         "ws_error_pre_first_event",
@@ -1204,10 +1228,13 @@ async def test_socket_ending_before_the_first_event_falls_back_to_http_without_a
 
 
 @pytest_twisted.ensureDeferred
-async def test_first_event_timeout_falls_back_to_http(fake: FakeUpstream, launch: Launch, tunnel_mode: str) -> None:
+async def test_first_event_timeout_falls_back_to_http_with_fallback_after_send(
+    fake: FakeUpstream, launch: Launch, tunnel_mode: str
+) -> None:
     gateway_clock = Clock()
     fake.enqueue(hold())
-    running = await launch(ws_config(fake, tunnel_mode), gateway_clock)
+    config = ws_config(fake, tunnel_mode, upstream_websocket=UpstreamWebSocketConfig(fallback_after_send=True))
+    running = await launch(config, gateway_clock)
     failures = FailureCounter(running)
     client = await running.connect()
     client.send_json(create())

@@ -48,6 +48,11 @@ class EdgeChannel(Protocol):
 
     def send_close(self, code: int, reason: str) -> None: ...
 
+    def pause_reading(self) -> None:
+        """Stop reading from the client (its outbound buffer is over the high-water mark)."""
+
+    def resume_reading(self) -> None: ...
+
 
 class _Turn:
     """One in-flight ``response.create``: the sink its response is reported to."""
@@ -139,7 +144,11 @@ class EdgeConnection:
 
     It is also the push producer registered on the client transport: when the client stops
     reading, the transport pauses it and it pauses the producer of the turn in flight, so TCP
-    backpressure reaches the upstream instead of piling frames up in memory.
+    backpressure reaches the upstream instead of piling frames up in memory. It also stops
+    reading from the client until the buffer drains: what a client sends may make the gateway
+    write (a ping is answered with a pong), so a client that sends and never reads would
+    otherwise grow the buffer without end. Once the connection is closing, reading goes on,
+    so the client's close frame is seen.
     """
 
     def __init__(
@@ -170,6 +179,7 @@ class EdgeConnection:
         self.closed = False
         self.leaving = False  # draining: close 1001 as soon as no turn is in flight
         self.paused = False
+        self._reading_paused = False
         self.turns_started = 0
         self._draining = False
         self._send_deadline: IDelayedCall | None = None
@@ -378,6 +388,7 @@ class EdgeConnection:
             self.pending.clear()
             self.pending_bytes = 0
         self._cancel_send_deadline()
+        self._resume_reading()  # the close handshake needs the client's frames
         if self._on_close_decided is not None:
             hook, self._on_close_decided = self._on_close_decided, None
             try:
@@ -392,15 +403,19 @@ class EdgeConnection:
     # -- flow control (IPushProducer, registered on the client transport) ------------------
 
     def pauseProducing(self) -> None:
+        # Often called from inside a write (the transport's buffer just went over its mark),
+        # itself inside dataReceived: the state is settled before anything is called out.
         if self.paused or self.closed:
             return
         self.paused = True
-        turn = self.in_flight
-        if turn is not None and turn.producer is not None:
-            turn.producer.pauseProducing()
         self._send_deadline = self.clock.callLater(
             self.limits.outbound_send_timeout, self._send_timed_out
         )
+        self._reading_paused = True
+        self.channel.pause_reading()
+        turn = self.in_flight
+        if turn is not None and turn.producer is not None:
+            turn.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self.paused:
@@ -410,6 +425,12 @@ class EdgeConnection:
         turn = self.in_flight
         if turn is not None and turn.producer is not None:
             turn.producer.resumeProducing()
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self.channel.resume_reading()
 
     def stopProducing(self) -> None:
         self.connection_lost()

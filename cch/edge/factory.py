@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
 from twisted.internet.defer import Deferred, succeed
@@ -16,6 +16,9 @@ from cch.edge.protocol import EdgeProtocol
 from cch.metrics import EdgeStats
 from cch.timers import batched_timer
 from cch.turn import Tunnel
+
+if TYPE_CHECKING:
+    from cch.httpchannel import ConnectionSlots
 
 log = Logger()
 
@@ -33,12 +36,14 @@ class EdgeFactory(WebSocketServerFactory):
         clock: IReactorTime,
         reactor: Any = None,
         stats: EdgeStats | None = None,
+        slots: ConnectionSlots | None = None,
     ) -> None:
         super().__init__(reactor=reactor)
         # Autobahn's own timers (keepalive pings, close handshake) on the injected clock too.
         self._batched_timer = batched_timer(clock)
         self.stats = stats if stats is not None else EdgeStats()
         self.tunnel = tunnel
+        self.slots = slots  # open connections against server.max_connections
         self.limits = limits
         self.clock = clock
         self.live: set[EdgeProtocol] = set()

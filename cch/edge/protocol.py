@@ -9,7 +9,7 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
 from cch.edge.connection import EdgeConnection
-from cch.headers import EDGE_NOT_FORWARDED
+from cch.headers import EDGE_NOT_FORWARDED, without_hop_by_hop
 from cch.logs import mask_query
 from cch.timers import cancel_close_timer
 from cch.writes import BatchedWriter
@@ -23,10 +23,11 @@ log = Logger()
 
 
 def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
-    """The handshake headers a turn carries inward: hop headers and ``x-cch-*`` removed."""
+    """The handshake headers a turn carries inward: hop-by-hop ones (those the client's
+    ``Connection`` names included), the handshake's own and ``x-cch-*`` removed."""
     return {
         name: value
-        for name, value in headers.items()
+        for name, value in without_hop_by_hop(headers).items()
         if name not in EDGE_NOT_FORWARDED and not name.startswith("x-cch-")
     }
 
@@ -36,6 +37,22 @@ class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
 
     factory: EdgeFactory
     edge: EdgeConnection | None = None
+    _holds_slot = False
+
+    # The connection's place under server.max_connections, handed over by the HTTP channel
+    # at the upgrade (cch.httpchannel.ConnectionSlots).
+    def connectionMade(self) -> None:
+        slots = self.factory.slots
+        if slots is not None:
+            slots.take()
+            self._holds_slot = True
+        super().connectionMade()
+
+    def connectionLost(self, reason: object) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self.factory.slots.release()  # type: ignore[union-attr]
+        super().connectionLost(reason)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         self._request = request
@@ -158,6 +175,14 @@ class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
     def write_now(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
 
     def send_close(self, code: int, reason: str) -> None:
         if self.state == self.STATE_OPEN:

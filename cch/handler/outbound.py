@@ -5,48 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from cch.handler.routing import Provider
+from cch.headers import forwardable, without_hop_by_hop
 
 # What the reference sends when the client sent no User-Agent (Codex backends expect one).
 DEFAULT_USER_AGENT = "codex_cli_rs/0.93.0 (Windows 10.0.26200; x86_64) vscode/1.108.1"
-
-# Never forwarded: hop-by-hop, the client's own credentials, framing, WebSocket handshake,
-# and headers that would leak the client's network identity or tracing to a provider.
-_BLOCKED = frozenset(
-    {
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-type",
-        "accept",
-        "accept-encoding",
-        "authorization",
-        "x-api-key",
-        "cookie",
-        "forwarded",
-        "x-real-ip",
-        "x-client-ip",
-        "cf-connecting-ip",
-        "true-client-ip",
-        "fastly-client-ip",
-        "x-cluster-client-ip",
-        "x-request-id",
-        "traceparent",
-        "tracestate",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-    }
-)
-_BLOCKED_PREFIXES = ("x-cch-", "x-forwarded-")
 
 
 def upstream_url(base_url: str) -> str:
@@ -62,11 +24,14 @@ def upstream_url(base_url: str) -> str:
 def upstream_headers(
     client_headers: Mapping[str, str], provider: Provider, *, stream: bool
 ) -> dict[str, str]:
-    """Client headers minus the blocked ones, then the provider's headers and credentials."""
+    """Client headers minus hop-by-hop ones (the Connection header's list included) and the
+    blocked ones (cch.headers; the provider's ``forward_headers`` may let some of those
+    through), then the provider's headers and credentials."""
+    allowed = provider.config.forward_headers
     headers = {
         name: value
-        for name, value in client_headers.items()
-        if name not in _BLOCKED and not name.startswith(_BLOCKED_PREFIXES)
+        for name, value in without_hop_by_hop(client_headers).items()
+        if forwardable(name, allowed)
     }
     headers["content-type"] = "application/json"
     headers["accept"] = "text/event-stream" if stream else "application/json"

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 from cch.config import LimitsConfig
+from cch.events import error_event
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
 from cch.handler.continuity import RecordingSink
@@ -23,7 +24,7 @@ from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
 from cch.upstream.eligibility import evaluate
 from cch.upstream.http import HttpUpstream, collect_body, read_body
-from cch.upstream.pool import CONNECTION_LIMIT, UpstreamWSPool, WSFailure, WSStream
+from cch.upstream.pool import CONNECTION_LIMIT, UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
 
@@ -153,7 +154,9 @@ class ResponsesHandler:
         """Try the provider's Responses WebSocket; False means "use HTTP for this attempt".
 
         Failures before the first upstream event fall back to HTTP on the same provider and
-        never count against its breaker (reference §5).
+        never count against its breaker (reference §5) — unless the provider may already have
+        the turn (:class:`WSTurnFailed`): then it ends here with an ``error`` event, still
+        without a breaker failure, so it never reaches the provider twice.
         """
         pool = self.ws_pool
         if pool is None:
@@ -179,9 +182,10 @@ class ResponsesHandler:
             _send_events(sink, [lost])
             return True
         self.ws_stats["attempts"] += 1
+        cap = self.limits.max_upstream_event_bytes
         provider.breaker.attempt_started()
         try:
-            stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, **target)
+            stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
             problem = _first_event_problem(stream)
             if problem == "limit" or (
                 problem == "previous" and send is body and transcript is not None and transcript.knows(body["previous_response_id"])
@@ -197,7 +201,7 @@ class ResponsesHandler:
                 if send is None:
                     _send_events(sink, [lost])
                     return True
-                stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, **target)
+                stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
         except WSFailure as failure:
             if failure.cacheable:
                 self.unsupported.mark(provider.name, None, failure.reason)
@@ -212,6 +216,12 @@ class ResponsesHandler:
             )
             provider.breaker.attempt_abandoned()
             return False
+        except WSTurnFailed as failed:
+            self.ws_stats["failed:" + failed.code] += 1
+            log.warn(failed.log_event, provider=provider.name, code=failed.code, message=failed.message, request_id=ctx.request_id)
+            provider.breaker.attempt_abandoned()
+            _send_events(sink, [error_event(failed.code, failed.message)])
+            return True
         except CancelledError:
             provider.breaker.attempt_abandoned()
             raise
@@ -322,6 +332,7 @@ class ResponsesHandler:
             self.clock,
             idle_timeout=config.idle_timeout,
             max_json_bytes=self.limits.max_json_response_bytes,
+            max_event_bytes=self.limits.max_upstream_event_bytes,
         )
         return None
 

@@ -11,18 +11,21 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from cch.events import error_event, event_type
+from cch.events import error_event, event_too_large, event_type
 from cch.handler.errors import error_body
 from cch.httpclient import BytesBody, HttpClient
-from cch.sse import SSEDecoder
+from cch.sse import EventTooLarge, SSEDecoder
 from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.tls import trust_root
+
+log = Logger()
 
 
 class UpstreamTimeout(Exception):
@@ -108,13 +111,14 @@ class _BodyReader(Protocol):
         clock: IReactorTime,
         idle_timeout: float,
         max_json_bytes: int,
+        max_event_bytes: int,
     ) -> None:
         self.response = response
         self.sink = sink
         self.max_json_bytes = max_json_bytes
         content_type = _content_type(response)
         self.content_type = content_type
-        self.decoder = SSEDecoder() if "text/event-stream" in content_type.lower() else None
+        self.decoder = SSEDecoder(max_event_bytes) if "text/event-stream" in content_type.lower() else None
         self.chunks: list[bytes] = []
         self.size = 0
         self.terminal_seen = False
@@ -131,8 +135,8 @@ class _BodyReader(Protocol):
         self.watchdog.start()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._done:
-            return
+        if self._done or self._stopped_reason is not None:
+            return  # stopped: what is still in flight is not read
         self.watchdog.poke()
         try:
             if self.decoder is not None:
@@ -144,8 +148,21 @@ class _BodyReader(Protocol):
                 self._stop(("upstream_response_too_large", "upstream response body too large"))
                 return
             self.chunks.append(data)
+        except EventTooLarge as too_large:
+            self._too_large(too_large)
         except Exception:
             self._stop(("upstream_stream_error", "upstream event could not be processed"))
+
+    def _too_large(self, too_large: EventTooLarge) -> None:
+        """Deliver what came before the oversized event, then end the turn and drop the body."""
+        log.warn("upstream_event_too_large", transport="http", limit=too_large.limit)
+        reason = event_too_large(too_large.limit)
+        try:
+            for event in too_large.events:
+                self._event(event)
+        except Exception:
+            reason = ("upstream_stream_error", "upstream event could not be processed")
+        self._stop(reason)
 
     def _event(self, data: str) -> None:
         kind = event_type(data)
@@ -207,14 +224,16 @@ def read_body(
     *,
     idle_timeout: float,
     max_json_bytes: int,
+    max_event_bytes: int,
 ) -> Deferred[None]:
     """Stream ``response`` into ``sink``; the Deferred fires when the sink has it all.
 
-    A body that breaks or stalls after events were sent ends with a terminal ``error`` event
-    (``upstream_stream_error`` / ``upstream_idle_timeout``) so the client's connection can carry
-    on; cancelling the Deferred aborts the upstream body.
+    A body that breaks or stalls after events were sent, or brings one SSE event over
+    ``max_event_bytes`` (0: no cap), ends with a terminal ``error`` event
+    (``upstream_stream_error`` / ``upstream_idle_timeout`` / ``upstream_event_too_large``) so the
+    client's connection can carry on; cancelling the Deferred aborts the upstream body.
     """
-    reader = _BodyReader(response, sink, clock, idle_timeout, max_json_bytes)
+    reader = _BodyReader(response, sink, clock, idle_timeout, max_json_bytes, max_event_bytes)
     response.deliverBody(reader)
     return reader.finished
 

@@ -3,8 +3,9 @@
 One :class:`UpstreamWSPool` per process (owned by the service) keeps at most one idle socket per
 client connection (session id), so a Codex session's warm-up and every following turn ride the
 same upstream connection. :meth:`UpstreamWSPool.request` returns a Deferred that fires once the
-first upstream event arrived (with a :class:`WSStream` to deliver into a sink) or fails with
-:class:`WSFailure` before it — the caller then falls back to HTTP.
+first upstream event arrived (with a :class:`WSStream` to deliver into a sink), or fails before
+it with :class:`WSFailure` (the provider never started the turn: the caller falls back to HTTP)
+or :class:`WSTurnFailed` (it may have: the caller ends the turn with that error, never re-sends it).
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from cch.config import UpstreamWebSocketConfig
-from cch.events import error_event, event_type
+from cch.config import LimitsConfig, UpstreamWebSocketConfig
+from cch.events import error_event, event_too_large, event_type
 from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.tls import trust_root
-from cch.upstream.ws import OPEN, UpstreamConnection
+from cch.upstream.ws import OPEN, MessageTooLarge, UpstreamConnection
 
 log = Logger()
 
@@ -41,6 +42,17 @@ class WSFailure(Exception):
         self.reason = reason
         self.message = message
         self.cacheable = cacheable
+
+
+class WSTurnFailed(Exception):
+    """No first event, but the provider may already be working on (and billing) the turn:
+    end it with this ``error`` event; re-sending it over HTTP could run it twice."""
+
+    def __init__(self, code: str, message: str, log_event: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.log_event = log_event  # the stable name the caller logs it under
 
 
 def fingerprint(provider: str, endpoint: str | None, url: str, headers: dict[str, str]) -> str:
@@ -114,8 +126,13 @@ class UpstreamWSPool:
         frame: str | bytes,
         session_id: str | None,
         tls_ca: str | None = None,
+        max_event_bytes: int = LimitsConfig.max_upstream_event_bytes,
     ) -> Deferred[WSStream]:
-        """Send ``frame`` on a socket for ``session_id`` (reference §6.5.3 acquire rules)."""
+        """Send ``frame`` on a socket for ``session_id`` (reference §6.5.3 acquire rules).
+
+        A new socket refuses upstream messages over ``max_event_bytes`` (0: no cap); a reused
+        one keeps the cap it was opened with.
+        """
         print_ = fingerprint(provider, endpoint, url, headers)
         entry = self.entries.get(session_id) if session_id else None
         retainable = session_id is not None
@@ -147,20 +164,21 @@ class UpstreamWSPool:
                 self._forget(entry)
                 entry.conn.safe_close(1000)
                 entry = None
-        conn = self._open(url, headers, tls_ca)
+        conn = self._open(url, headers, tls_ca, max_event_bytes)
         req = _Request(self, conn, None, frame, session_id, reused=False, retainable=retainable)
         req.fingerprint = print_
         req.start()
         conn.connect()
         return req.result
 
-    def _open(self, url: str, headers: dict[str, str], tls_ca: str | None = None) -> UpstreamConnection:
+    def _open(self, url: str, headers: dict[str, str], tls_ca: str | None, max_event_bytes: int) -> UpstreamConnection:
         conn = UpstreamConnection(
             self.reactor,
             self.clock,
             url,
             headers,
             handshake_timeout=self.config.handshake_timeout,
+            max_message_bytes=max_event_bytes,
             trust=trust_root(tls_ca),
         )
         self.sockets.add(conn)
@@ -283,6 +301,7 @@ class _Request:
         self.fingerprint = entry.fingerprint if entry else ""
         self.result: Deferred[WSStream] = Deferred(self._cancel_opening)
         self.first_event_seen = False
+        self.frame_sent = False  # the frame was written to the socket: the provider may have it
         self.queue: deque[tuple[str, int]] = deque()
         self.queued_bytes = 0
         self.closed = False
@@ -306,6 +325,8 @@ class _Request:
             self.conn.send(self.frame)
         except Exception as exc:
             self._fail(WSFailure("ws_error_pre_first_event", str(exc) or "send failed"))
+            return
+        self.frame_sent = True
 
     def ws_message(self, text: str, size: int) -> None:
         if self.finished:
@@ -340,6 +361,15 @@ class _Request:
         self.closed = True
         if self.entry is not None:
             self.pool._socket_gone(self.entry)
+        if isinstance(failure, MessageTooLarge):
+            # The provider did start the turn (it is sending it): end it, never re-send it.
+            too_large = event_too_large(failure.limit)
+            if not self.first_event_seen:
+                self._fail(WSTurnFailed(*too_large, log_event="upstream_event_too_large"))
+                return
+            log.warn("upstream_event_too_large", transport="websocket", limit=failure.limit)
+            if not self.terminal_seen and self.mid_error is None:
+                self.mid_error = too_large
         if not self.first_event_seen:
             if status is not None:
                 self._fail(
@@ -369,10 +399,23 @@ class _Request:
 
     def _first_event_timeout(self) -> None:
         self._timer = None
-        if not self.first_event_seen:
-            self._fail(WSFailure("ws_error_pre_first_event", "timeout_waiting_for_first_event"))
+        if self.first_event_seen:
+            return
+        if self.frame_sent and not self.pool.config.fallback_after_send:
+            timeout = self.pool.config.first_event_timeout
+            self._fail(
+                WSTurnFailed(
+                    "upstream_first_event_timeout",
+                    f"no upstream event arrived within {timeout:g}s; the request was not re-sent,"
+                    " so the client may retry it",
+                    log_event="upstream_ws_first_event_timeout",
+                )
+            )
+            return
+        # Still connecting (the frame never left), or configured to re-send regardless.
+        self._fail(WSFailure("ws_error_pre_first_event", "timeout_waiting_for_first_event"))
 
-    def _fail(self, failure: WSFailure) -> None:
+    def _fail(self, failure: WSFailure | WSTurnFailed) -> None:
         if self.result.called:
             self.finish(1011, forget=True)
             return

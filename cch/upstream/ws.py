@@ -35,6 +35,18 @@ CLOSING = "closing"
 CLOSED = "closed"
 
 
+class MessageTooLarge(str):
+    """A close ``failure`` text that means: the upstream sent a frame or message over
+    ``max_message_bytes`` (``limit``), which Autobahn refused from its header, before buffering
+    the payload, and dropped the socket. Still the text, so consumers that only log it may."""
+
+    limit: int
+
+    def __new__(cls, text: str, limit: int) -> MessageTooLarge:
+        value = super().__new__(cls, text)
+        value.limit = limit
+        return value
+
 
 def ws_url(http_url: str) -> str:
     """``https:`` → ``wss:``, anything else → ``ws:``; host, port, path and query unchanged."""
@@ -96,7 +108,13 @@ class _ClientProtocol(WebSocketClientProtocol):
                 status = int(parts[1])
                 self.owner.status_text = " ".join(parts[1:])
         cancel_close_timer(self)
-        self.owner._closed(code, reason, wasClean, status, getattr(self, "wasNotCleanReason", None))
+        not_clean = getattr(self, "wasNotCleanReason", None)
+        # Autobahn's record that it refused an oversized frame/message (tests/test_upstream_event_cap.py).
+        if getattr(self, "wasMaxFramePayloadSizeExceeded", False) or getattr(
+            self, "wasMaxMessagePayloadSizeExceeded", False
+        ):
+            not_clean = MessageTooLarge(not_clean or "message too large", self.owner.max_message_bytes)
+        self.owner._closed(code, reason, wasClean, status, not_clean)
 
 
 _ids = itertools.count(1)

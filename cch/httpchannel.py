@@ -1,0 +1,316 @@
+"""The HTTP server side of the wire: the doors applied before a body is read, a deadline for
+each request head, and a cap on open connections.
+
+Twisted reads (and spools to disk) a whole request body before any resource runs, and restarts
+its idle timer on every byte. :class:`GuardedChannel` instead asks :class:`cch.doors.Doors` once
+the headers are in, answers a refused request at once and closes, counts a chunked body as it
+arrives, and gives a request head ``limits.handshake_timeout`` in all. :class:`GuardedSite`
+answers ``503`` beyond ``server.max_connections`` (:class:`ConnectionSlots`, WebSocket
+connections included).
+
+The channel leans on ``HTTPChannel``'s single-underscore state (``_command``, ``_path``); the
+tests in tests/test_doors.py fail if a Twisted upgrade moves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISSLTransport, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from cch.doors import DoorAnswer, Doors
+from cch.handler import errors
+from cch.logs import mask_query
+
+log = Logger()
+
+# After a refusal, how long the rest of a request may still arrive (and be thrown away)
+# before the connection is cut: closing with unread data makes TCP reset the connection,
+# and a client still sending would lose the answer.
+LINGER_SECONDS = 2.0
+
+_REASONS = {
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    415: b"Unsupported Media Type",
+    429: b"Too Many Requests",
+    503: b"Service Unavailable",
+}
+
+
+def raw_response(answer: DoorAnswer) -> bytes:
+    """The whole HTTP/1.1 response for ``answer``, ending the connection."""
+    lines = [b"HTTP/1.1 %d %s" % (answer.status, _REASONS.get(answer.status, b"Error"))]
+    if answer.body:
+        lines.append(b"content-type: application/json")
+    lines.append(b"content-length: %d" % len(answer.body))
+    lines.append(b"connection: close")
+    lines.extend(name + b": " + value for name, value in answer.headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + answer.body
+
+
+def _answer(status: int, code: str, message: str, kind: str) -> DoorAnswer:
+    return DoorAnswer(status, code, errors.error_body(message, kind, code))
+
+
+class _GuardedRequest(Request):
+    """Counts a body as it arrives; past its limit the channel refuses the request."""
+
+    body_limit = 0
+    received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        channel: GuardedChannel = self.channel
+        if channel.refused:
+            return
+        self.received += len(data)
+        if self.received > self.body_limit:
+            channel.refuse(channel.doors.too_large(self.body_limit), self)
+            return
+        super().handleContentChunk(data)
+
+
+class GuardedChannel(HTTPChannel):
+    """An ``HTTPChannel`` that lets only what the doors allow reach the resources."""
+
+    doors: Doors
+    clock: IReactorTime
+    head_timeout: float
+    on_refused: Any = None  # called with the reason of every refusal (metrics)
+
+    slots: ConnectionSlots | None = None
+    refused = False
+    _slot_held = False
+    _transport: Any = None
+    _head_timer: IDelayedCall | None = None
+    _linger_timer: IDelayedCall | None = None
+    _between_requests = False  # a kept-alive connection waiting for its next request
+
+    # -- the request head's deadline ------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def transport(self) -> Any:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Any) -> None:
+        if value is None and self._transport is not None:
+            # A WebSocket upgrade took the connection (autobahn's WebSocketResource): the
+            # edge's protocol holds the slot from now on.
+            self._release_slot()
+        self._transport = value
+
+    def connectionMade(self) -> None:
+        if self.slots is not None:
+            self.slots.take()
+            self._slot_held = True
+        super().connectionMade()
+        self._start_head_deadline()  # the first request's head counts from the connection
+
+    def _release_slot(self) -> None:
+        if self._slot_held:
+            self._slot_held = False
+            assert self.slots is not None
+            self.slots.release()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return  # lingering: what still arrives is thrown away
+        if self._between_requests:
+            self._between_requests = False
+            self._start_head_deadline()
+        super().dataReceived(data)
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        if self.persistent and not self.refused:
+            self._between_requests = True  # the next head's deadline starts at its first byte
+
+    def _start_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        self._head_timer = self.clock.callLater(self.head_timeout, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        timer, self._head_timer = self._head_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self.refuse(
+            _answer(
+                408,
+                "request_head_timeout",
+                f"The request head did not arrive within {self.head_timeout:g}s.",
+                "invalid_request_error",
+            )
+        )
+
+    # -- the doors ------------------------------------------------------------------------
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        request: _GuardedRequest = self.requests[-1]
+        headers = request.requestHeaders
+        method, uri = self._command, self._path
+        over_unix = isinstance(self.transport.getHost(), UNIXAddress)
+        answer = self.doors.check(method, uri, headers, self.transport.getPeer(), self.length, over_unix)
+        if answer is not None:
+            self.refuse(answer, request, method, uri)
+            return
+        request.body_limit = self.doors.body_limit(method, uri)
+        for name, value in self.doors.cors_headers(headers):
+            request.responseHeaders.addRawHeader(name, value)
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self.refused:
+            super().allContentReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            super().rawDataReceived(data)
+
+    def refuse(
+        self, answer: DoorAnswer, request: Request | None = None, method: bytes | None = None, uri: bytes | None = None
+    ) -> None:
+        """Answer from here and close; nothing of this connection reaches a resource."""
+        if self.refused or self.transport is None:
+            return
+        self.refused = True
+        self._cancel_head_deadline()
+        if uri is None and request is not None:
+            uri = getattr(self, "_path", None) or request.uri
+        log.info(
+            "http_request_refused",
+            status=answer.status,
+            reason=answer.reason,
+            method=(method or b"").decode("latin-1")[:16] or None,
+            path=mask_query(uri) if uri else None,
+            peer=str(getattr(self.transport.getPeer(), "host", "unix")),
+        )
+        if self.on_refused is not None:
+            self.on_refused(answer.reason)
+        transport = self.transport
+        transport.write(raw_response(answer))
+        self.setTimeout(None)
+        # The channel is its transport's producer; TLS would not close while one is registered.
+        transport.unregisterProducer()
+        linger_close(transport, self.clock, self)
+
+    def linger_done(self) -> None:
+        self._linger_timer = None
+
+    def connectionLost(self, reason: Any) -> None:
+        self._release_slot()
+        self._cancel_head_deadline()
+        timer, self._linger_timer = self._linger_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        super().connectionLost(reason)
+
+
+def linger_close(transport: Any, clock: IReactorTime, owner: Any) -> None:
+    """Send what is written, stop writing, read and drop the rest for a moment, then cut.
+
+    A TLS connection cannot half-close (its close_notify ends both ways): it is closed at once.
+    """
+    if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
+        transport.loseWriteConnection()
+        owner._linger_timer = clock.callLater(LINGER_SECONDS, _cut, transport, owner)
+    else:
+        transport.loseConnection()
+
+
+def _cut(transport: Any, owner: Any) -> None:
+    owner._linger_timer = None
+    transport.abortConnection()
+
+
+class GuardedSite(Site):
+    """A ``Site`` whose connections are :class:`GuardedChannel` on the injected clock."""
+
+    protocol = GuardedChannel
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        doors: Doors,
+        clock: IReactorTime,
+        head_timeout: float,
+        slots: ConnectionSlots | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, requestFactory=_GuardedRequest, **kwargs)
+        self.doors = doors
+        self.clock = clock
+        self.head_timeout = head_timeout
+        self.on_refused: Any = None
+        self.slots = slots if slots is not None else ConnectionSlots(10_000)
+        body = errors.error_body(
+            "Too many connections to this gateway; try again shortly.",
+            "service_unavailable_error",
+            "too_many_connections",
+        )
+        self._overflow = raw_response(DoorAnswer(503, "too_many_connections", body, ((b"retry-after", b"1"),)))
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.slots.full:
+            log.warn("server_connection_limit", limit=self.slots.limit, peer=str(getattr(addr, "host", "unix")))
+            if self.on_refused is not None:
+                self.on_refused("too_many_connections")
+            return _Overflow(self._overflow)
+        channel = super().buildProtocol(addr)
+        channel.slots = self.slots
+        channel.doors = self.doors
+        channel.clock = self.clock
+        channel.head_timeout = self.head_timeout
+        channel.on_refused = self.on_refused
+        return channel
+
+
+class _Overflow(Protocol):
+    """A connection beyond the cap: one ``503`` and close."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.body)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+class ConnectionSlots:
+    """Open client connections against ``server.max_connections``.
+
+    An HTTP connection holds a slot from its first byte to its end; a WebSocket upgrade hands
+    the connection to the edge, whose protocol holds it from then on (:mod:`cch.edge.protocol`).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit
+
+    def take(self) -> None:
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
