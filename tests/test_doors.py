@@ -476,6 +476,47 @@ async def test_a_refused_key_is_logged_masked(fake: FakeUpstream) -> None:
         await gateway.stop()
 
 
+TOKEN = "admin-token-0123456789abcdef"
+
+
+def metrics_request(token: str | None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n".encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_metrics_listener_beyond_loopback_needs_the_admin_token(fake: FakeUpstream) -> None:
+    server = ServerConfig(listen="tcp:0:interface=127.0.0.1", metrics_listen="tcp:0:interface=0.0.0.0", admin_token=TOKEN)
+    gateway = await start_gateway(gateway_config(fake, keys=(ClientKey(name="alice", key=KEY),), server=server))
+    listener = gateway.service.metrics_listener
+    assert listener is not None and listener.port is not None
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", listener.port.getHost().port)
+    try:
+        anonymous = await raw(gateway, metrics_request(None), endpoint)
+        assert status_of(await anonymous.ended()) == 403
+        admin = await raw(gateway, metrics_request(TOKEN), endpoint)
+        assert b"cch_requests_refused_total" in await admin.ended()
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_token_guesses_are_throttled_too(fake: FakeUpstream) -> None:
+    server = ServerConfig(listen="tcp:0:interface=127.0.0.1", admin_token=TOKEN)
+    config = gateway_config(
+        fake, keys=(ClientKey(name="alice", key=KEY),), server=server, limits=LimitsConfig(auth_failure_limit=2)
+    )
+    gateway = await start_gateway(config)
+    try:
+        for guess in ("admin-guess-0000000000", "admin-guess-1111111111"):
+            client = await raw(gateway, metrics_request(guess))
+            assert status_of(await client.ended()) == 403
+        blocked = await raw(gateway, metrics_request(TOKEN))
+        assert status_of(await blocked.ended()) == 429
+    finally:
+        await gateway.stop()
+
+
 # -- other listeners ---------------------------------------------------------------------------
 
 
