@@ -75,7 +75,7 @@ class _GuardedRequest(Request):
             return
         self.received += len(data)
         if self.received > self.body_limit:
-            channel.refuse(channel.doors.too_large(self.body_limit), self)
+            channel.refuse(channel.doors.too_large(self.body_limit))
             return
         super().handleContentChunk(data)
 
@@ -132,9 +132,10 @@ class GuardedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def requestDone(self, request: Request) -> None:
+        # The next head's deadline starts at its first byte (pipelined bytes Twisted held back
+        # are replayed from inside requestDone).
+        self._between_requests = bool(self.persistent) and not self.refused
         super().requestDone(request)
-        if self.persistent and not self.refused:
-            self._between_requests = True  # the next head's deadline starts at its first byte
 
     def _start_head_deadline(self) -> None:
         self._cancel_head_deadline()
@@ -166,7 +167,7 @@ class GuardedChannel(HTTPChannel):
         over_unix = isinstance(self.transport.getHost(), UNIXAddress)
         answer = self.doors.check(method, uri, headers, self.transport.getPeer(), self.length, over_unix)
         if answer is not None:
-            self.refuse(answer, request, method, uri)
+            self.refuse(answer)
             return
         request.body_limit = self.doors.body_limit(method, uri)
         for name, value in self.doors.cors_headers(headers):
@@ -181,35 +182,45 @@ class GuardedChannel(HTTPChannel):
         if not self.refused:
             super().rawDataReceived(data)
 
-    def refuse(
-        self, answer: DoorAnswer, request: Request | None = None, method: bytes | None = None, uri: bytes | None = None
-    ) -> None:
+    def refuse(self, answer: DoorAnswer) -> None:
         """Answer from here and close; nothing of this connection reaches a resource."""
-        if self.refused or self.transport is None:
+        transport = self.transport
+        if self.refused or transport is None:
             return
         self.refused = True
         self._cancel_head_deadline()
-        if uri is None and request is not None:
-            uri = getattr(self, "_path", None) or request.uri
+        uri = getattr(self, "_path", None)  # the request line, when it has arrived
         log.info(
             "http_request_refused",
             status=answer.status,
             reason=answer.reason,
-            method=(method or b"").decode("latin-1")[:16] or None,
+            method=getattr(self, "_command", b"").decode("latin-1")[:16] or None,
             path=mask_query(uri) if uri else None,
-            peer=str(getattr(self.transport.getPeer(), "host", "unix")),
+            peer=str(getattr(transport.getPeer(), "host", "unix")),
         )
         if self.on_refused is not None:
             self.on_refused(answer.reason)
-        transport = self.transport
         transport.write(raw_response(answer))
         self.setTimeout(None)
         # The channel is its transport's producer; TLS would not close while one is registered.
         transport.unregisterProducer()
-        linger_close(transport, self.clock, self)
+        self._linger_close(transport)
 
-    def linger_done(self) -> None:
+    def _linger_close(self, transport: Any) -> None:
+        """Send the answer, stop writing, read and drop the rest for a moment, then cut.
+
+        A TLS connection cannot half-close (its close_notify ends both ways): it closes at once.
+        """
+        if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
+            transport.loseWriteConnection()
+            self._linger_timer = self.clock.callLater(LINGER_SECONDS, self._cut)
+        else:
+            transport.loseConnection()
+
+    def _cut(self) -> None:
         self._linger_timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self._release_slot()
@@ -218,23 +229,6 @@ class GuardedChannel(HTTPChannel):
         if timer is not None and timer.active():
             timer.cancel()
         super().connectionLost(reason)
-
-
-def linger_close(transport: Any, clock: IReactorTime, owner: Any) -> None:
-    """Send what is written, stop writing, read and drop the rest for a moment, then cut.
-
-    A TLS connection cannot half-close (its close_notify ends both ways): it is closed at once.
-    """
-    if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
-        transport.loseWriteConnection()
-        owner._linger_timer = clock.callLater(LINGER_SECONDS, _cut, transport, owner)
-    else:
-        transport.loseConnection()
-
-
-def _cut(transport: Any, owner: Any) -> None:
-    owner._linger_timer = None
-    transport.abortConnection()
 
 
 class GuardedSite(Site):

@@ -3,13 +3,14 @@ check that every test leaves the reactor clean (no DelayedCall, no open connecti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
@@ -134,6 +135,27 @@ async def no_leaks() -> Any:
             return
         await deferLater(global_reactor, 0, lambda: None)
     pytest.fail(f"DelayedCalls left behind: {leftover!r}")
+
+
+async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
+    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
+    timer = global_reactor.callLater(seconds, d.cancel)
+    try:
+        return await d
+    except CancelledError:
+        pytest.fail(f"timed out waiting for {what}")
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+async def eventually(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
+    """Spin the reactor until ``check()`` holds (for state no event announces)."""
+    deadline = global_reactor.seconds() + seconds
+    while not check():
+        if global_reactor.seconds() > deadline:
+            pytest.fail(f"never happened: {what}")
+        await deferLater(global_reactor, 0.002, lambda: None)
 
 
 class LogWatch:

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import LogWatch, RunningGateway, gateway_config, response_create, start_gateway
+from conftest import (
+    LogWatch,
+    RunningGateway,
+    eventually,
+    gateway_config,
+    response_create,
+    start_gateway,
+)
 from test_upstream_tls import self_signed
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -21,7 +28,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.web.http import HTTPChannel
 from wire import client_frame, read_frames
 
@@ -78,16 +85,6 @@ async def raw(gateway: RunningGateway, data: bytes = b"", endpoint: Any = None) 
     if data:
         proto.transport.write(data)
     return proto
-
-
-async def until(condition: Any) -> None:
-    """Reactor turns until ``condition()`` holds (the gateway's side of a close lands a
-    turn or two after the client's)."""
-    for _ in range(500):
-        if condition():
-            return
-        await deferLater(reactor, 0, lambda: None)
-    raise AssertionError("condition never held")
 
 
 def status_of(data: bytes) -> int:
@@ -396,7 +393,7 @@ async def test_connections_beyond_max_connections_get_503(fake: FakeUpstream) ->
         assert body_of(data)["error"]["code"] == "too_many_connections"
         idle.transport.loseConnection()
         await idle.ended()
-        await until(lambda: gateway.service.connections.held == 2)
+        await eventually(lambda: gateway.service.connections.held == 2, "the idle connection's slot freed")
         again = await raw(gateway, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert status_of(await again.ended()) == 200
         for client in held:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
-from conftest import gateway_config, start_gateway
+from conftest import gateway_config, start_gateway, within
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.web.client import HTTPConnectionPool
 
@@ -91,17 +89,6 @@ async def test_turns_still_running_at_the_drain_deadline_are_closed_1001(
     await fake.wait_for_cancelled(0)
     assert running.service.handler.active == 0
 
-
-async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
-    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        pytest.fail(f"timed out waiting for {what}")
-    finally:
-        if timer.active():
-            timer.cancel()
 
 
 def sse_events(body: bytes) -> list[Any]:

@@ -21,16 +21,15 @@ the turn twice).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import LogWatch, RunningGateway, gateway_config, start_gateway
+from conftest import LogWatch, RunningGateway, eventually, gateway_config, start_gateway, within
 from conftest import event_types as types
 from conftest import response_create as create
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 
@@ -70,25 +69,6 @@ MIB = 1024 * 1024
 # --- waiting without sleeping ------------------------------------------------------------------
 
 
-async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
-    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        pytest.fail(f"timed out waiting for {what}")
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
-async def eventually(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    """Spin the reactor until ``check()`` holds (for state no event announces)."""
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"never happened: {what}")
-        await deferLater(reactor, 0.002, lambda: None)
 
 
 async def closed_port_url() -> str:

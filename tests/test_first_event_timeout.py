@@ -13,12 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import pytest_twisted
-from conftest import LogWatch, RunningGateway, gateway_config, start_gateway
+from conftest import LogWatch, RunningGateway, gateway_config, start_gateway, within
 from conftest import response_create as create
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -27,18 +26,6 @@ from cch.config import Config, ProviderConfig, UpstreamWebSocketConfig
 from cch.testing import FakeUpstream
 from cch.testing.client import ResponsesWSClient
 from cch.testing.scripts import hold
-
-
-async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
-    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        pytest.fail(f"timed out waiting for {what}")
-    finally:
-        if timer.active():
-            timer.cancel()
 
 
 def turn(client: ResponsesWSClient) -> Deferred[list[Any]]:

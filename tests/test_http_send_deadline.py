@@ -5,15 +5,13 @@ client does (docs/architecture.md). Real sockets; the deadline runs on the gatew
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
-from conftest import LogWatch, RunningGateway, gateway_config, start_gateway
+from conftest import LogWatch, RunningGateway, eventually, gateway_config, start_gateway, within
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
@@ -30,25 +28,6 @@ COMPLETED = {"type": "response.completed", "response": {"id": "resp_h", "status"
 MANY = 24
 
 
-async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
-    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        pytest.fail(f"timed out waiting for {what}")
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
-async def eventually(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    """Spin the reactor until ``check()`` holds (for state no event announces)."""
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"never happened: {what}")
-        await deferLater(reactor, 0.002, lambda: None)
 
 
 class RawHTTPClient(Protocol):

@@ -6,14 +6,12 @@ the send deadline (``limits.outbound_send_timeout``) then closes it 1011. Real s
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 import pytest_twisted
-from conftest import gateway_config, start_gateway
+from conftest import eventually, gateway_config, start_gateway, within
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
@@ -30,25 +28,6 @@ FLOOD = 40_000  # 5 MiB of pings: 5 MiB of pongs for a gateway that answers them
 BOUND = 1024 * 1024
 
 
-async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
-    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        pytest.fail(f"timed out waiting for {what}")
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
-async def eventually(check: Callable[[], bool], what: str, seconds: float = 10.0) -> None:
-    """Spin the reactor until ``check()`` holds (for state no event announces)."""
-    deadline = reactor.seconds() + seconds
-    while not check():
-        if reactor.seconds() > deadline:
-            pytest.fail(f"never happened: {what}")
-        await deferLater(reactor, 0.002, lambda: None)
 
 
 class Flooder(Protocol):

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import RunningGateway, gateway_config, start_gateway
+from conftest import RunningGateway, gateway_config, start_gateway, within
 from conftest import response_create as create
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -177,17 +177,6 @@ async def test_upstream_socket_refuses_a_128_mib_frame_from_its_header_and_ends_
 
 # --- end to end ----------------------------------------------------------------------------
 
-
-async def within(d: Deferred[Any], what: str, seconds: float = 10.0) -> Any:
-    """``await d``, failing the test (not hanging it) if it has not fired in ``seconds``."""
-    timer = reactor.callLater(seconds, d.cancel)
-    try:
-        return await d
-    except CancelledError:
-        pytest.fail(f"timed out waiting for {what}")
-    finally:
-        if timer.active():
-            timer.cancel()
 
 
 def turn(client: ResponsesWSClient, **fields: Any) -> Deferred[list[Any]]:
