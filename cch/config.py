@@ -527,11 +527,34 @@ def _extra_headers(headers: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
+def _other_endpoint(description: str) -> str | None:
+    """Any server endpoint type Twisted (or a plugin) knows, checked by Twisted's own parser:
+    ``systemd:domain=INET:index=0`` needs the socket systemd handed over (``LISTEN_FDS``)."""
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(None, description)  # builds the endpoint; listens on nothing
+    except Exception as exc:  # each parser raises its own way
+        detail = str(exc) or type(exc).__name__
+        if detail.startswith("Unknown endpoint type"):
+            kind = description.partition(":")[0]
+            detail = (
+                f"unknown type {kind!r} (tcp, tcp6, ssl, unix, systemd, or one an installed "
+                f"plugin adds; types are lower case), e.g. {_LISTEN_EXAMPLE}"
+            )
+        if description.startswith("systemd:") and isinstance(exc, IndexError | KeyError):
+            detail = "no such socket was handed over by systemd (LISTEN_FDS / LISTEN_FDNAMES)"
+        return f"not a Twisted server endpoint: {detail} (got {description!r})"
+    return None
+
+
 def _listen(description: str) -> str | None:
     try:
         kind, params = _parse_endpoint(description)
     except ValueError as exc:
         return f"not a Twisted server endpoint: {exc} (got {description!r})"
+    if kind not in _ENDPOINT_PARAMS:
+        return _other_endpoint(description)
     if kind == "unix":
         if not params.get("address"):
             return f"a unix endpoint needs a path, e.g. unix:/run/cch.sock (got {description!r})"
@@ -606,10 +629,10 @@ def _parse_endpoint(description: str) -> tuple[str, dict[str, str]]:
         else:
             parts[-1][-1] += char
     head, *rest = parts
-    if len(head) != 1 or head[0] not in _ENDPOINT_PARAMS:
-        raise ValueError(
-            f"the type must be one of {', '.join(_ENDPOINT_PARAMS)}, e.g. {_LISTEN_EXAMPLE}"
-        )
+    if len(head) != 1 or not head[0]:
+        raise ValueError(f"it must start with the endpoint's type, e.g. {_LISTEN_EXAMPLE}")
+    if head[0] not in _ENDPOINT_PARAMS:
+        return head[0], {}  # another type Twisted knows (systemd:, ...): _other_endpoint checks it
     kind, names = head[0], _ENDPOINT_PARAMS[head[0]]
     escape_hint = "write a ':' inside a value as '\\:', e.g. interface=\\:\\:1"
     positional = [part[0] for part in rest if len(part) == 1]
@@ -806,6 +829,15 @@ def _build(
     tunnel["secret"] = _resolve_secret(tunnel, scopes["tunnel"], env)
 
     server = _make(ServerConfig, values["server"])
+    kind = _parse_endpoint(server.listen)[0]
+    if not keys and kind not in _ENDPOINT_PARAMS:
+        raise scopes["server"].error(
+            "listen",
+            f"the address of a {kind}: endpoint is known only once it listens, so without "
+            f"[[keys]] it is refused (anyone who can reach it could use your providers); add "
+            f"[[keys]] entries with a name and key, or listen on loopback only, e.g. "
+            f"{_LISTEN_EXAMPLE} or unix:/run/cch/cch.sock",
+        )
     if not keys and not is_loopback_endpoint(server.listen):
         port = _parse_endpoint(server.listen)[1].get("port", "8080")
         raise scopes["server"].error(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,39 +32,36 @@ from cch.web import Gateway, build_metrics_root, build_root
 log = Logger()
 
 
-class _Listener(Service):
-    """Listens on the configured endpoint and remembers the port (port 0 works in tests)."""
+class Listening:
+    """An endpoint that keeps the port it listened on (port 0 works in tests) and says so."""
 
-    def __init__(self, reactor: Any, description: str, site: Any) -> None:
-        self.reactor = reactor
+    def __init__(self, endpoint: Any, description: str) -> None:
+        self.endpoint = endpoint
         self.description = description
-        self.site = site
         self.port: IListeningPort | None = None
         self.failure: Failure | None = None
         self._waiting: list[Deferred[IListeningPort]] = []
 
-    def startService(self) -> None:
-        super().startService()
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
         self.failure = None
-        d = serverFromString(self.reactor, self.description).listen(self.site)
+        d = self.endpoint.listen(factory)
         d.addCallbacks(self._listening, self._failed)
-        if self.failure is not None:
-            # A port in use (or a bad interface) stops start-up here, so twistd reports it
-            # instead of running a gateway that listens nowhere.
-            self.failure.raiseException()
+        return d
 
-    def _listening(self, port: IListeningPort) -> None:
+    def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(port)
+        return port
 
-    def _failed(self, failure: Failure) -> None:
+    def _failed(self, failure: Failure) -> Failure:
         log.error("server_listen_failed", endpoint=self.description, error=str(failure.value))
         self.failure = failure
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(failure)
+        return failure
 
     def when_listening(self) -> Deferred[IListeningPort]:
         if self.port is not None:
@@ -74,12 +72,16 @@ class _Listener(Service):
         self._waiting.append(d)
         return d
 
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()  # type: ignore[no-any-return]
-        return None
+
+def listener(reactor: Any, description: str, factory: Any) -> tuple[StreamServerEndpointService, Listening]:
+    """Twisted's own service for any server endpoint string (``tcp:``, ``ssl:``, ``unix:``,
+    ``systemd:``, ...), and what it listens on. It listens in ``privilegedStartService``, so
+    ``twistd --uid`` binds a privileged port before dropping root, and a port in use stops
+    start-up there (twistd reports it instead of running a gateway that listens nowhere)."""
+    service = strports.service(description, factory, reactor=reactor)
+    listening = Listening(service.endpoint, description)
+    service.endpoint = listening
+    return service, listening
 
 
 class GatewayService(MultiService):
@@ -154,9 +156,9 @@ class GatewayService(MultiService):
             config.server, limits, self.keys, clock, metrics_token=config.server.admin_token, budget=budget
         )
         self.site = self._site(build_root(self.gateway), self.doors, self.connections)
-        self.listener = _Listener(reactor, config.server.listen, self.site)
-        self.listener.setServiceParent(self)
-        self.metrics_listener: _Listener | None = None
+        listening, self.listener = listener(reactor, config.server.listen, self.site)
+        listening.setServiceParent(self)
+        self.metrics_listener: Listening | None = None
         if config.server.metrics_listen:
             # Beyond loopback the metrics listener needs the admin token (config refuses it
             # without one); on loopback it is open.
@@ -170,8 +172,8 @@ class GatewayService(MultiService):
                 budget=budget,
             )
             metrics_site = self._site(build_metrics_root(self.gateway, token_required=token_required), metrics_doors)
-            self.metrics_listener = _Listener(reactor, config.server.metrics_listen, metrics_site)
-            self.metrics_listener.setServiceParent(self)
+            metrics_listening, self.metrics_listener = listener(reactor, config.server.metrics_listen, metrics_site)
+            metrics_listening.setServiceParent(self)
 
     def _site(self, root: Any, doors: Doors, slots: ConnectionSlots | None = None) -> GuardedSite:
         site = GuardedSite(

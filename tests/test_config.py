@@ -788,9 +788,14 @@ def test_accepted_listen_endpoints_parse_in_twisted(listen: str) -> None:
 @pytest.mark.parametrize(
     ("listen", "problem"),
     [
-        ("", "not a Twisted server endpoint: the type must be one of tcp, tcp6, ssl, unix"),
-        ("udp:53", "not a Twisted server endpoint: the type must be one of tcp, tcp6, ssl, unix"),
-        ("TCP:8080", "not a Twisted server endpoint: the type must be one of tcp, tcp6, ssl, unix"),
+        ("", "not a Twisted server endpoint: it must start with the endpoint's type"),
+        ("udp:53", "not a Twisted server endpoint: unknown type 'udp' (tcp, tcp6, ssl, unix, systemd"),
+        ("TCP:8080", "not a Twisted server endpoint: unknown type 'TCP'"),
+        ("systemd:domain=INET", "not a Twisted server endpoint: Specify exactly one of descriptor index or name"),
+        (
+            "systemd:domain=INET:index=0",
+            "not a Twisted server endpoint: no such socket was handed over by systemd",
+        ),
         ("tcp", "tcp endpoint needs a port 0..65535"),
         ("tcp:", "tcp endpoint needs a port 0..65535"),
         ("tcp:http", "tcp endpoint needs a port 0..65535"),
@@ -1137,7 +1142,7 @@ def test_env_number_that_does_not_parse_names_the_variable(
         ("CCH_BREAKER_COOLDOWN", "-1", "must be a number > 0 (got -1.0)"),
         ("CCH_BREAKER_COOLDOWN", "inf", "must be a number > 0 (got inf)"),
         ("CCH_TUNNEL_MODE", "sideways", "must be one of in-process, http (got 'sideways')"),
-        ("CCH_SERVER_LISTEN", "udp:1", "not a Twisted server endpoint: the type must be one of"),
+        ("CCH_SERVER_LISTEN", "udp:1", "not a Twisted server endpoint: unknown type 'udp'"),
     ],
 )
 def test_env_value_that_fails_validation_names_the_variable(
