@@ -8,13 +8,12 @@ service has its own registry, so embedding programs (and tests) never collide.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # How an HTTP POST turn ends: the response went out whole, the turn was cut short (the client
 # left, stopped reading past the send deadline, or the gateway drained), or the handler broke.
 HTTP_TURN_OUTCOMES = ("completed", "cancelled", "failed")
@@ -104,8 +103,18 @@ class Metrics(EdgeStats):
         """Add figures read at scrape time."""
         self.registry.register(_Callback(collect))
 
+    def export(self, component: Collector) -> None:
+        """Add a component's own figures (its ``collect()``), read at scrape time."""
+        self.watch(component.collect)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class Collector(Protocol):
+    """A component that reports its own figures (the pool, the handler, the router, ...)."""
+
+    def collect(self) -> Iterable[Metric]: ...
 
 
 class _Callback:
@@ -117,41 +126,3 @@ class _Callback:
 
     def describe(self) -> Iterable[Metric]:
         return []
-
-
-def gateway_figures(service: Any) -> Callable[[], Iterable[Metric]]:
-    """Scrape-time figures of a running :class:`cch.service.GatewayService`."""
-
-    def collect() -> Iterable[Metric]:
-        handler = service.handler
-        pool = service.ws_pool
-        yield GaugeMetricFamily("cch_requests_in_progress", "Responses requests being served.", value=handler.active)
-        attempts = CounterMetricFamily("cch_upstream_attempts", "Upstream attempts, by transport.", labels=["transport"])
-        attempts.add_metric(["websocket"], handler.ws_stats.get("attempts", 0))
-        attempts.add_metric(["http"], handler.http_attempts)
-        yield attempts
-        fallbacks = CounterMetricFamily(
-            "cch_upstream_ws_fallbacks", "Turns that used HTTP instead of the upstream WebSocket, by reason.", labels=["reason"]
-        )
-        for key, count in sorted(handler.ws_stats.items()):
-            if key.startswith("fallback:"):
-                fallbacks.add_metric([key.removeprefix("fallback:")], count)
-        yield fallbacks
-        yield GaugeMetricFamily("cch_upstream_ws_pool_size", "Retained upstream WebSocket sessions.", value=pool.size)
-        yield GaugeMetricFamily("cch_upstream_ws_sockets", "Open upstream WebSocket sockets.", value=len(pool.sockets))
-        events = CounterMetricFamily("cch_upstream_ws_pool_events", "Upstream WebSocket pool events.", labels=["event"])
-        for key, count in sorted(pool.stats.items()):
-            events.add_metric([key], count)
-        yield events
-        breakers = GaugeMetricFamily(
-            "cch_provider_breaker_state", "Provider circuit breaker: 0 closed, 1 half-open, 2 open.", labels=["provider"]
-        )
-        for provider in service.router.providers:
-            breakers.add_metric([provider.name], BREAKER_STATES[provider.breaker.state])
-        yield breakers
-        if service.transcripts is not None:
-            yield GaugeMetricFamily(
-                "cch_transcript_bytes", "Bytes held in conversation transcripts.", value=service.transcripts.bytes
-            )
-
-    return collect

@@ -21,7 +21,7 @@ from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.httpchannel import ConnectionSlots, GuardedSite
 from cch.logs import access_log_formatter, mask_url
-from cch.metrics import Metrics, gateway_figures
+from cch.metrics import Metrics
 from cch.transcript import TranscriptStore
 from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
@@ -134,7 +134,9 @@ class GatewayService(MultiService):
             slots=self.connections,
         )
         self.metrics.open_connections.set_function(lambda: len(self.edge_factory.live))
-        self.metrics.watch(gateway_figures(self))
+        for component in (self.handler, self.ws_pool, self.router, self.transcripts):
+            if component is not None:
+                self.metrics.export(component)  # each reports its own figures
         self.edge_factory.session_closed_hooks.append(self.ws_pool.cleanup)
         if self.transcripts is not None:
             self.edge_factory.session_closed_hooks.append(self.transcripts.drop)

@@ -10,8 +10,11 @@ bytes and entries per connection, oldest first out (DESIGN "beyond" 9).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from cch.jsoncodec import dumps_bytes
 
@@ -130,6 +133,10 @@ class TranscriptStore:
         else:
             self.sessions.move_to_end(session_id)
         return transcript
+
+    def collect(self) -> Iterator[Metric]:
+        """Bytes held, read at scrape time (cch.metrics)."""
+        yield GaugeMetricFamily("cch_transcript_bytes", "Bytes held in conversation transcripts.", value=self.bytes)
 
     def drop(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)

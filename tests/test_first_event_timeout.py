@@ -120,6 +120,8 @@ async def test_silent_upstream_after_the_frame_ends_the_turn_with_upstream_first
     assert running.service.ws_pool.sockets == set() and running.service.ws_pool.entries == {}
     assert failures == [] and running.service.router.get("primary").breaker.failures == 0
     assert not any(key.startswith("fallback:") for key in running.service.handler.ws_stats)
+    scraped = running.service.metrics.render().decode()
+    assert 'cch_upstream_ws_turn_failures_total{code="upstream_first_event_timeout"} 1.0' in scraped
     # The client connection carries the next turn, on a new upstream socket.
     assert (await within(turn(client), "the next turn"))[-1]["type"] == "response.completed"
     assert client.close_info is None

@@ -6,8 +6,10 @@ One code path serves plain HTTP ``POST /v1/responses`` and every WebSocket turn.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -82,6 +84,30 @@ class ResponsesHandler:
             for d in waiters:
                 d.callback(None)
         return result
+
+    def collect(self) -> Iterator[Metric]:
+        """The pipeline's figures, read at scrape time (cch.metrics)."""
+        yield GaugeMetricFamily("cch_requests_in_progress", "Responses requests being served.", value=self.active)
+        attempts = CounterMetricFamily("cch_upstream_attempts", "Upstream attempts, by transport.", labels=["transport"])
+        attempts.add_metric(["websocket"], self.ws_stats.get("attempts", 0))
+        attempts.add_metric(["http"], self.http_attempts)
+        yield attempts
+        fallbacks = CounterMetricFamily(
+            "cch_upstream_ws_fallbacks", "Turns that used HTTP instead of the upstream WebSocket, by reason.", labels=["reason"]
+        )
+        failures = CounterMetricFamily(
+            "cch_upstream_ws_turn_failures",
+            "Turns the upstream WebSocket took but ended without an event and were not re-sent, by code.",
+            labels=["code"],
+        )
+        for key, count in sorted(self.ws_stats.items()):
+            kind, _, detail = key.partition(":")
+            if kind == "fallback":
+                fallbacks.add_metric([detail], count)
+            elif kind == "failed":
+                failures.add_metric([detail], count)
+        yield fallbacks
+        yield failures
 
     def wait_idle(self) -> Deferred[None]:
         """Fires when no request is in progress (immediately if none is)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -83,6 +84,9 @@ class Provider:
         return not self.config.models or model in self.config.models
 
 
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}  # as the breaker gauge reports them
+
+
 class ProviderRouter:
     """Orders the providers to try for one request."""
 
@@ -95,6 +99,15 @@ class ProviderRouter:
     ) -> None:
         self.providers = [Provider(p, CircuitBreaker(p.name, breaker, clock)) for p in providers]
         self._rng = rng or random.Random()
+
+    def collect(self) -> Iterator[Metric]:
+        """Each provider's breaker state, read at scrape time (cch.metrics)."""
+        breakers = GaugeMetricFamily(
+            "cch_provider_breaker_state", "Provider circuit breaker: 0 closed, 1 half-open, 2 open.", labels=["provider"]
+        )
+        for provider in self.providers:
+            breakers.add_metric([provider.name], BREAKER_STATES[provider.breaker.state])
+        yield breakers
 
     def get(self, name: str) -> Provider:
         for provider in self.providers:

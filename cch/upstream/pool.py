@@ -14,9 +14,11 @@ import functools
 import hashlib
 import json
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -275,6 +277,15 @@ class UpstreamWSPool:
     @property
     def size(self) -> int:
         return len(self.entries)
+
+    def collect(self) -> Iterator[Metric]:
+        """The pool's figures, read at scrape time (cch.metrics)."""
+        yield GaugeMetricFamily("cch_upstream_ws_pool_size", "Retained upstream WebSocket sessions.", value=self.size)
+        yield GaugeMetricFamily("cch_upstream_ws_sockets", "Open upstream WebSocket sockets.", value=len(self.sockets))
+        events = CounterMetricFamily("cch_upstream_ws_pool_events", "Upstream WebSocket pool events.", labels=["event"])
+        for key, count in sorted(self.stats.items()):
+            events.add_metric([key], count)
+        yield events
 
 
 class _Request:
