@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from cch import secret as markers
 from cch.addresses import is_loopback_host
 from cch.config import LimitsConfig, ServerConfig
 from cch.handler import errors
@@ -26,12 +28,15 @@ from cch.handler.auth import KeyRing, presented_key
 
 log = Logger()
 
-# Paths whose requests need a client key (when keys are configured).
-_KEYED_PREFIXES = ("/v1/",)
-# The one request that carries a body, and every path served (a body sent elsewhere is refused
-# unread: 404 where nothing is served, 413 where no body is taken).
-_BODY_PATH = "/v1/responses"
-_PATHS = frozenset({_BODY_PATH, "/v1/models", "/healthz", "/readyz", "/metrics"})
+# Requests are told apart by their path's segments, percent-decoded as twisted.web routes them
+# (so "/%761/models" is "/v1/models" here too). Under "v1" every request needs a client key
+# (when keys are configured); "metrics" needs the admin token where one is required.
+_KEYED = "v1"
+_METRICS = "metrics"
+# The one request that carries a body, and every resource served (a body sent elsewhere is
+# refused unread: 404 where nothing is served, 413 where no body is taken).
+_BODY_PATH = ("v1", "responses")
+_SERVED = frozenset({_BODY_PATH, ("v1", "models"), ("healthz",), ("readyz",), ("metrics",)})
 # Headers a proxy adds: a keyless gateway refuses requests that carry one (docs/security.md).
 _PROXY_HEADERS = (b"forwarded", b"x-real-ip")
 _PROXY_PREFIX = b"x-forwarded-"
@@ -131,9 +136,11 @@ class Doors:
         *,
         metrics_token: str | None = None,
         budget: AuthFailureBudget | None = None,
+        internal_secret: str = "",
     ) -> None:
         self.keys = keys
         self.metrics_token = metrics_token  # GET /metrics needs it as a Bearer token
+        self.internal_secret = internal_secret  # the HTTP tunnel's (tunnel.secret)
         self.keyless = not keys.required
         self.allowed_origins = frozenset(origin.lower() for origin in server.allowed_origins)
         self.allowed_hosts = frozenset(host.lower().strip("[]") for host in server.allowed_hosts)
@@ -141,6 +148,7 @@ class Doors:
         self.trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = tuple(
             ip_network(proxy, strict=False) for proxy in server.trusted_proxies
         )
+        self._warned_proxy = False
         self.budget = budget or AuthFailureBudget(clock, limits.auth_failure_limit, limits.auth_failure_window)
 
     # -- the head -------------------------------------------------------------------------
@@ -149,7 +157,7 @@ class Doors:
         self, method: bytes, uri: bytes, headers: Headers, peer: Any, length: int | None, over_unix: bool = False
     ) -> DoorAnswer | None:
         """``length``: the body's Content-Length, None when chunked, 0 when there is none."""
-        path = uri.split(b"?", 1)[0].decode("latin-1")
+        path = segments(uri)
         if self.keyless:
             answer = self._keyless_check(headers, over_unix)
             if answer is not None:
@@ -165,15 +173,20 @@ class Doors:
             )
         if origin is not None and method == b"OPTIONS":
             return self._preflight(origin, headers)
-        if self.keys.required and path.startswith(_KEYED_PREFIXES):
+        if self.keys.required and path[:1] == (_KEYED,):
             answer = self._auth_check(headers, peer, self._key_matches, self._wrong_key)
             if answer is not None:
                 return answer
-        elif self.metrics_token is not None and path == "/metrics":
+        elif self.metrics_token is not None and path[:1] == (_METRICS,):
             answer = self._auth_check(headers, peer, self._token_matches, self._wrong_token)
             if answer is not None:
                 return answer
         return self._body_check(method, path, headers, length)
+
+    def is_internal(self, headers: Headers) -> bool:
+        """A turn the HTTP tunnel forwards (it carries tunnel.secret): its client connection
+        already holds a place under server.max_connections."""
+        return markers.verify_internal_request(headers, self.internal_secret)
 
     def cors_headers(self, headers: Headers) -> list[tuple[bytes, bytes]]:
         """Headers every response to an allowed browser origin carries (empty for others)."""
@@ -184,8 +197,7 @@ class Doors:
 
     def body_limit(self, method: bytes, uri: bytes) -> int:
         """The most body bytes this request may carry (chunked bodies are counted against it)."""
-        path = uri.split(b"?", 1)[0].decode("latin-1")
-        return self.max_body if (method == b"POST" and path == _BODY_PATH) else 0
+        return self.max_body if (method == b"POST" and segments(uri) == _BODY_PATH) else 0
 
     def too_large(self, limit: int) -> DoorAnswer:
         if limit == 0:
@@ -285,15 +297,17 @@ class Doors:
             "permission_error",
         )
 
-    def _body_check(self, method: bytes, path: str, headers: Headers, length: int | None) -> DoorAnswer | None:
+    def _body_check(
+        self, method: bytes, path: tuple[str, ...], headers: Headers, length: int | None
+    ) -> DoorAnswer | None:
         limit = self.max_body if (method == b"POST" and path == _BODY_PATH) else 0
         if length is None or length > limit:  # chunked, or longer than allowed
-            if path not in _PATHS:
+            if _served(path) is None:
                 return _refusal(404, "not_found", "Not found.", "invalid_request_error")
-            if length is None and limit:
-                return None  # counted as it arrives
-            return self.too_large(limit)
-        if limit and method == b"POST":
+            if length is not None or not limit:
+                return self.too_large(limit)
+            # chunked where a body is taken: counted as it arrives
+        if limit:
             media = (_one(headers, b"content-type") or "").partition(";")[0].strip().lower()
             if media != "application/json":
                 return _refusal(
@@ -308,6 +322,13 @@ class Doors:
         """The peer's address, or behind a trusted proxy the last address it was told of."""
         host = str(getattr(peer, "host", "") or "unix")
         if not self.trusted_proxies or not self._trusted(host):
+            if not self._warned_proxy and headers.hasHeader(b"x-forwarded-for"):
+                self._warned_proxy = True  # once: every client behind it shares one budget
+                log.warn(
+                    "auth_budget_shared_by_proxy",
+                    peer=host,
+                    hint="set server.trusted_proxies to the proxy's address (docs/security.md)",
+                )
             return host
         hops = ",".join(v.decode("latin-1") for v in headers.getRawHeaders(b"x-forwarded-for", []))
         for hop in reversed([h.strip() for h in hops.split(",") if h.strip()]):
@@ -321,6 +342,23 @@ class Doors:
         except ValueError:
             return False
         return any(address in network for network in self.trusted_proxies)
+
+
+def segments(uri: bytes) -> tuple[str, ...]:
+    """The path's segments as twisted.web routes them: split on "/", each percent-decoded."""
+    path = uri.split(b"?", 1)[0]
+    return tuple(unquote_to_bytes(part).decode("latin-1") for part in path[1:].split(b"/"))
+
+
+def _served(path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The resource ``path`` reaches, or None (404): leaf resources take any deeper path,
+    ``/v1/responses`` only itself."""
+    if path == _BODY_PATH:
+        return path
+    for served in _SERVED:
+        if served != _BODY_PATH and path[: len(served)] == served:
+            return served
+    return None
 
 
 def _one(headers: Headers, name: bytes) -> str | None:

@@ -90,6 +90,8 @@ class GuardedChannel(HTTPChannel):
 
     slots: ConnectionSlots | None = None
     refused = False
+    too_many: DoorAnswer  # the 503 beyond server.max_connections
+    _first_request = True
     _slot_held = False
     _transport: Any = None
     _head_timer: IDelayedCall | None = None
@@ -169,10 +171,20 @@ class GuardedChannel(HTTPChannel):
         if answer is not None:
             self.refuse(answer)
             return
+        first, self._first_request = self._first_request, False
+        if self.doors.is_internal(headers):
+            self._release_slot()  # the tunneled turn's client connection is counted already
+        elif first and self.slots is not None and self.slots.over:
+            self.refuse(self.too_many)
+            return
         request.body_limit = self.doors.body_limit(method, uri)
         for name, value in self.doors.cors_headers(headers):
             request.responseHeaders.addRawHeader(name, value)
         super().allHeadersReceived()
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self.refused:  # pipelined lines after a refusal: thrown away, not answered
+            super().lineReceived(line)
 
     def allContentReceived(self) -> None:
         if not self.refused:
@@ -209,13 +221,14 @@ class GuardedChannel(HTTPChannel):
     def _linger_close(self, transport: Any) -> None:
         """Send the answer, stop writing, read and drop the rest for a moment, then cut.
 
-        A TLS connection cannot half-close (its close_notify ends both ways): it closes at once.
+        A TLS connection cannot half-close (its close_notify ends both ways), and it may never
+        have finished its handshake: it is closed at once, and cut if that does not end it.
         """
         if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
             transport.loseWriteConnection()
-            self._linger_timer = self.clock.callLater(LINGER_SECONDS, self._cut)
         else:
             transport.loseConnection()
+        self._linger_timer = self.clock.callLater(LINGER_SECONDS, self._cut)
 
     def _cut(self) -> None:
         self._linger_timer = None
@@ -257,16 +270,18 @@ class GuardedSite(Site):
             "service_unavailable_error",
             "too_many_connections",
         )
-        self._overflow = raw_response(DoorAnswer(503, "too_many_connections", body, ((b"retry-after", b"1"),)))
+        self._too_many = DoorAnswer(503, "too_many_connections", body, ((b"retry-after", b"1"),))
+        self._overflow = raw_response(self._too_many)
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.slots.full:
             log.warn("server_connection_limit", limit=self.slots.limit, peer=str(getattr(addr, "host", "unix")))
             if self.on_refused is not None:
                 self.on_refused("too_many_connections")
-            return _Overflow(self._overflow)
+            return _Overflow(self._overflow, self.clock)
         channel = super().buildProtocol(addr)
         channel.slots = self.slots
+        channel.too_many = self._too_many
         channel.doors = self.doors
         channel.clock = self.clock
         channel.head_timeout = self.head_timeout
@@ -275,33 +290,53 @@ class GuardedSite(Site):
 
 
 class _Overflow(Protocol):
-    """A connection beyond the cap: one ``503`` and close."""
+    """A connection beyond the cap: one ``503`` and close, cut if the close does not end it
+    (a TLS handshake the peer never finishes)."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, clock: IReactorTime) -> None:
         self.body = body
+        self.clock = clock
+        self._cut: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self.transport.write(self.body)
         self.transport.loseConnection()
+        self._cut = self.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        cut, self._cut = self._cut, None
+        if cut is not None and cut.active():
+            cut.cancel()
 
 
 class ConnectionSlots:
     """Open client connections against ``server.max_connections``.
 
-    An HTTP connection holds a slot from its first byte to its end; a WebSocket upgrade hands
-    the connection to the edge, whose protocol holds it from then on (:mod:`cch.edge.protocol`).
+    A connection holds a slot from its accept to its end; a WebSocket upgrade hands it to the
+    edge, whose protocol holds it from then on (:mod:`cch.edge.protocol`). Up to ``limit`` a
+    request is served; beyond it the first request of a connection gets ``503`` — except the
+    turns the HTTP tunnel forwards (their client connection is counted already), which is what
+    the ``headroom`` of extra accepted connections is for; beyond that, a connection is
+    answered ``503`` at once.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.headroom = min(limit, max(16, limit // 10))
         self.held = 0
 
     @property
+    def over(self) -> bool:
+        """More connections than ``limit`` (their requests are refused)."""
+        return self.held > self.limit
+
+    @property
     def full(self) -> bool:
-        return self.held >= self.limit
+        """No connection is accepted any more."""
+        return self.held >= self.limit + self.headroom
 
     def take(self) -> None:
         self.held += 1

@@ -155,7 +155,13 @@ class GatewayService(MultiService):
         limits = config.limits
         budget = AuthFailureBudget(clock, limits.auth_failure_limit, limits.auth_failure_window)
         self.doors = Doors(
-            config.server, limits, self.keys, clock, metrics_token=config.server.admin_token, budget=budget
+            config.server,
+            limits,
+            self.keys,
+            clock,
+            metrics_token=config.server.admin_token,
+            budget=budget,
+            internal_secret=config.tunnel.secret,
         )
         self.site = self._site(build_root(self.gateway), self.doors, self.connections)
         listening, self.listener = listener(reactor, config.server.listen, self.site)
@@ -269,8 +275,9 @@ class GatewayService(MultiService):
 
 def fd_budget(max_connections: int) -> int:
     """Descriptors the gateway may need at ``max_connections`` (docs/security.md): one per
-    client connection, one per upstream socket, and room for pools, logs and listeners."""
-    return 2 * max_connections + 256
+    client connection and one per upstream socket, the connections accepted beyond the limit
+    to be answered 503 (cch.httpchannel.ConnectionSlots), and room for pools, logs, listeners."""
+    return 2 * max_connections + ConnectionSlots(max_connections).headroom + 256
 
 
 def _check_fd_budget(max_connections: int) -> None:

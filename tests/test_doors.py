@@ -16,6 +16,7 @@ from conftest import (
     gateway_config,
     response_create,
     start_gateway,
+    within,
 )
 from test_upstream_tls import self_signed
 from twisted.internet import reactor
@@ -35,7 +36,7 @@ from wire import client_frame, read_frames
 from cch.addresses import is_loopback_host
 from cch.config import ClientKey, LimitsConfig, ServerConfig
 from cch.doors import AuthFailureBudget, host_name, mask_key
-from cch.httpchannel import GuardedChannel
+from cch.httpchannel import LINGER_SECONDS, GuardedChannel
 from cch.testing import FakeUpstream
 
 TIMEOUT = 10.0
@@ -296,6 +297,44 @@ async def test_a_chunked_body_is_cut_at_the_limit(fake: FakeUpstream) -> None:
         await gateway.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_text_plain_post_gets_415_too(open_gateway: RunningGateway, fake: FakeUpstream) -> None:
+    head = b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    client = await raw(open_gateway, head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(TURN), TURN))
+    assert status_of(await client.ended()) == 415
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_pipelined_after_a_refusal_get_no_answer(open_gateway: RunningGateway) -> None:
+    refused = b"GET /healthz HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    client = await raw(open_gateway, refused + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + b"NOT HTTP\r\n\r\n")
+    data = await client.ended()
+    assert data.count(b"HTTP/1.1") == 1 and status_of(data) == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelined_request_does_not_get_a_head_deadline_while_the_first_streams(fake: FakeUpstream) -> None:
+    clock = Clock()
+    gateway = await start_gateway(gateway_config(fake, limits=LimitsConfig(handshake_timeout=10.0)), clock)
+    try:
+        body = json.dumps(response_create(stream=True)).encode()
+        head = (
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        # Both heads in one write; the second request's body comes later.
+        client = await raw(gateway, HEALTH.replace(b"Connection: close\r\n", b"") + head)
+        await client.until(b'{"status":"ok"}')
+        client.transport.write(body)
+        await client.until(b"response.completed")
+        clock.advance(30)  # well past the head deadline, had one been armed
+        data = await client.ended()
+        assert b"408" not in data and data.rstrip().endswith(b"0")  # the chunked stream ended cleanly
+    finally:
+        await gateway.stop()
+
+
 @pytest.mark.parametrize("path", [b"/healthz", b"/v1/models", b"/metrics"])
 @pytest_twisted.ensureDeferred
 async def test_paths_that_take_no_body_refuse_one_at_once(open_gateway: RunningGateway, path: bytes) -> None:
@@ -378,8 +417,11 @@ async def test_a_kept_alive_connection_waits_for_its_next_request(fake: FakeUpst
         await gateway.stop()
 
 
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
 @pytest_twisted.ensureDeferred
-async def test_connections_beyond_max_connections_get_503(fake: FakeUpstream) -> None:
+async def test_requests_beyond_max_connections_get_503(fake: FakeUpstream) -> None:
     config = gateway_config(fake, server=ServerConfig(listen="tcp:0:interface=127.0.0.1", max_connections=3))
     gateway = await start_gateway(config)
     try:
@@ -387,18 +429,55 @@ async def test_connections_beyond_max_connections_get_503(fake: FakeUpstream) ->
         for client in held:
             await client.until(b"\r\n\r\n")  # two WebSockets count
         idle = await raw(gateway)
-        extra = await raw(gateway)
+        extra = await raw(gateway, HEALTH)
         data = await extra.ended()
         assert status_of(data) == 503
         assert body_of(data)["error"]["code"] == "too_many_connections"
         idle.transport.loseConnection()
         await idle.ended()
         await eventually(lambda: gateway.service.connections.held == 2, "the idle connection's slot freed")
-        again = await raw(gateway, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        again = await raw(gateway, HEALTH)
         assert status_of(await again.ended()) == 200
         for client in held:
             client.transport.abortConnection()
             await client.ended()
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_headroom_get_503_at_once(fake: FakeUpstream) -> None:
+    config = gateway_config(fake, server=ServerConfig(listen="tcp:0:interface=127.0.0.1", max_connections=3))
+    gateway = await start_gateway(config)
+    slots = gateway.service.connections
+    try:
+        silent = [await raw(gateway) for _ in range(slots.limit + slots.headroom)]
+        await eventually(lambda: slots.held == slots.limit + slots.headroom, "every silent connection accepted")
+        extra = await raw(gateway)  # sends nothing: answered on accept
+        assert status_of(await extra.ended()) == 503
+        for client in silent:
+            client.transport.abortConnection()
+            await client.ended()
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunneled_turns_run_while_clients_fill_max_connections(fake: FakeUpstream) -> None:
+    # tunnel.mode = "http" POSTs each turn back to this listener: those requests are the
+    # gateway's own and must not be refused for the connections its clients hold.
+    config = gateway_config(fake, tunnel="http", server=ServerConfig(listen="tcp:0:interface=127.0.0.1", max_connections=2))
+    gateway = await start_gateway(config)
+    try:
+        first = await gateway.connect()
+        second = await gateway.connect()
+        for client in (first, second):
+            client.send_json(response_create())
+        for client in (first, second):
+            events = await within(Deferred.fromCoroutine(client.recv_turn()), "a tunneled turn")
+            assert events[-1]["type"] == "response.completed"
+        crowd = await raw(gateway, HEALTH)  # a third client is still refused
+        assert status_of(await crowd.ended()) == 503
     finally:
         await gateway.stop()
 
@@ -454,6 +533,48 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_budget(fake: FakeU
         assert status_of(await again.ended()) == 429
         other = await raw(gateway, models_request(KEY, "X-Forwarded-For: 1.2.3.4, 198.51.100.8"))
         assert status_of(await other.ended()) == 200
+    finally:
+        await gateway.stop()
+
+
+@pytest.mark.parametrize("path", ["/%761/models", "/v1/%6dodels", "/v1/models/"])
+@pytest_twisted.ensureDeferred
+async def test_a_percent_encoded_path_meets_the_same_door(fake: FakeUpstream, path: str) -> None:
+    config = gateway_config(fake, keys=(ClientKey(name="alice", key=KEY),), limits=LimitsConfig(auth_failure_limit=1))
+    gateway = await start_gateway(config)
+    try:
+        guess = await raw(gateway, models_request("sk-guess-000000000000").replace(b"/v1/models", path.encode()))
+        assert status_of(await guess.ended()) == 401
+        blocked = await raw(gateway, models_request(KEY).replace(b"/v1/models", path.encode()))
+        assert status_of(await blocked.ended()) == 429
+    finally:
+        await gateway.stop()
+
+
+@pytest.mark.parametrize("path", [b"/%6detrics", b"/metrics/"])
+@pytest_twisted.ensureDeferred
+async def test_a_percent_encoded_metrics_path_needs_the_token_too(fake: FakeUpstream, path: bytes) -> None:
+    server = ServerConfig(listen="tcp:0:interface=127.0.0.1", admin_token=TOKEN)
+    config = gateway_config(fake, keys=(ClientKey(name="alice", key=KEY),), server=server, limits=LimitsConfig(auth_failure_limit=1))
+    gateway = await start_gateway(config)
+    try:
+        guess = await raw(gateway, metrics_request("admin-guess-0000000000").replace(b"/metrics", path))
+        assert status_of(await guess.ended()) == 403
+        blocked = await raw(gateway, metrics_request(TOKEN).replace(b"/metrics", path))
+        assert status_of(await blocked.ended()) == 429
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keyed_gateway_behind_an_untrusted_proxy_says_so(fake: FakeUpstream) -> None:
+    gateway = await keyed(fake)
+    try:
+        with LogWatch("auth_budget_shared_by_proxy") as watch:
+            client = await raw(gateway, models_request(KEY, "X-Forwarded-For: 198.51.100.7"))
+            assert status_of(await client.ended()) == 200
+            event = await within(watch.seen, "the warning")
+        assert "server.trusted_proxies" in event["hint"]
     finally:
         await gateway.stop()
 
@@ -542,6 +663,33 @@ async def test_over_tls_refusals_arrive_and_a_websocket_turn_runs(fake: FakeUpst
         assert json.loads(frames[-1][1])["type"] == "response.completed"
         client.transport.abortConnection()
         await client.ended()
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_silent_and_refused_connections_are_cut(fake: FakeUpstream, tmp_path: Path) -> None:
+    # A TLS connection that never finishes its handshake cannot be closed politely.
+    _, pem = self_signed(tmp_path)
+    key_file = tmp_path / "server.pem"
+    key_file.write_bytes(pem)
+    clock = Clock()
+    config = gateway_config(
+        fake,
+        server=ServerConfig(listen=f"ssl:0:privateKey={key_file}:interface=127.0.0.1", max_connections=4),
+        limits=LimitsConfig(handshake_timeout=10.0),
+    )
+    gateway = await start_gateway(config, clock)
+    slots = gateway.service.connections
+    try:
+        silent = [await raw(gateway) for _ in range(slots.limit + slots.headroom)]  # plain TCP, no hello
+        await eventually(lambda: slots.held == slots.limit + slots.headroom, "every connection accepted")
+        beyond = await raw(gateway)
+        clock.advance(10)  # the head deadline: a 408 nobody can read
+        clock.advance(LINGER_SECONDS)  # then cut
+        for client in [*silent, beyond]:
+            await client.ended()
+        await eventually(lambda: slots.held == 0, "every slot freed")
     finally:
         await gateway.stop()
 
