@@ -8,8 +8,7 @@ arrives, and gives a request head ``limits.handshake_timeout`` in all. :class:`G
 answers ``503`` beyond ``server.max_connections`` (:class:`ConnectionSlots`, WebSocket
 connections included).
 
-The channel leans on ``HTTPChannel``'s single-underscore state (``_command``, ``_path``); the
-tests in tests/test_doors.py fail if a Twisted upgrade moves it.
+The request line comes from ``HTTPChannel``'s own state (:func:`cch.adapters.request_line`).
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from cch.adapters import request_line
 from cch.doors import DoorAnswer, Doors
 from cch.handler import errors
 from cch.logs import mask_query
@@ -165,7 +165,9 @@ class GuardedChannel(HTTPChannel):
         self._cancel_head_deadline()
         request: _GuardedRequest = self.requests[-1]
         headers = request.requestHeaders
-        method, uri = self._command, self._path
+        line = request_line(self)
+        assert line is not None, "the request line is read before the headers"
+        method, uri = line
         over_unix = isinstance(self.transport.getHost(), UNIXAddress)
         answer = self.doors.check(method, uri, headers, self.transport.getPeer(), self.length, over_unix)
         if answer is not None:
@@ -201,12 +203,12 @@ class GuardedChannel(HTTPChannel):
             return
         self.refused = True
         self._cancel_head_deadline()
-        uri = getattr(self, "_path", None)  # the request line, when it has arrived
+        method, uri = request_line(self) or (b"", None)  # the request line, when it has arrived
         log.info(
             "http_request_refused",
             status=answer.status,
             reason=answer.reason,
-            method=getattr(self, "_command", b"").decode("latin-1")[:16] or None,
+            method=method.decode("latin-1")[:16] or None,
             path=mask_query(uri) if uri else None,
             peer=str(getattr(transport.getPeer(), "host", "unix")),
         )

@@ -19,16 +19,25 @@ from hyperlink import URL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TCPTimedOutError
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import (
+    ILoggingContext,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from cch.writes import write_batch
+
+log = Logger()
 
 
 @implementer(IBodyProducer)
@@ -54,7 +63,7 @@ class BytesBody:
 
 
 class _BatchedReads(Factory):
-    """Builds the wrapped factory's protocol, reading each chunk inside a write batch."""
+    """Builds the wrapped factory's protocol behind a :class:`_BatchedReader`."""
 
     def __init__(self, wrapped: IProtocolFactory) -> None:
         self.wrapped = wrapped
@@ -67,15 +76,84 @@ class _BatchedReads(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         proto = self.wrapped.buildProtocol(addr)
-        if proto is not None:
-            read = proto.dataReceived
+        return None if proto is None else _BatchedReader(proto)
 
-            def dataReceived(data: bytes) -> None:
-                with write_batch:
-                    read(data)
 
-            proto.dataReceived = dataReceived  # type: ignore[method-assign]
-        return proto
+MAX_RESPONSE_HEAD_BYTES = 256 * 1024  # real response heads are a few KiB
+
+
+class _BatchedReader(Protocol):
+    """Hands each chunk read to ``wrapped`` inside a write batch, and caps response heads.
+
+    Twisted's HTTP client bounds each header line but not how many there are, so an upstream
+    answering with endless headers would grow memory until the first-byte timeout
+    (docs/security.md): from each request written until its response's first blank line, at
+    most :data:`MAX_RESPONSE_HEAD_BYTES` are read, then the connection is cut. ``wrapped``
+    writes through this reader (a call per write: one or two per request); everything else of
+    the transport is the real one's, and :class:`_BatchedEndpoint` connects to ``wrapped``
+    itself (the pool keeps the connection it would have kept without this).
+    """
+
+    limit = MAX_RESPONSE_HEAD_BYTES
+
+    def __init__(self, wrapped: IProtocol) -> None:
+        self.wrapped = wrapped
+        self._read = wrapped.dataReceived  # looked up once, not per read
+        self._in_head = False
+        self._head_bytes = 0
+        self._tail = b""
+        self._cut = False
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrapped
+        if ILoggingContext.providedBy(wrapped):
+            return wrapped.logPrefix()  # type: ignore[no-any-return]
+        return wrapped.__class__.__name__
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        directlyProvides(self, providedBy(transport))  # IPushProducer, ITCPTransport, ...
+        self.wrapped.makeConnection(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for what this class lacks: the rest of the transport's interface.
+        transport = self.__dict__.get("transport")
+        if transport is None:
+            raise AttributeError(name)
+        return getattr(transport, name)
+
+    # -- writes (the transport's, for ``wrapped``) -----------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self._in_head:
+            self._in_head, self._head_bytes, self._tail = True, 0, b""
+        self.transport.write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._cut:
+            return
+        if self._in_head:
+            window = self._tail + data
+            if b"\r\n\r\n" in window or b"\n\n" in window:
+                self._in_head = False  # the head is complete; a body is not counted
+            else:
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limit:
+                    self._cut = True
+                    log.warn("upstream_response_head_too_large", limit=self.limit)
+                    self.transport.abortConnection()
+                    return
+                self._tail = window[-3:]
+        with write_batch:
+            self._read(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.wrapped.connectionLost(reason)
 
 
 class ConnectTimeout(TCPTimedOutError):
@@ -117,7 +195,13 @@ class _BatchedEndpoint:
         self.endpoint = endpoint
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        return self.endpoint.connect(_BatchedReads(factory))
+        # Like Twisted's own wrapping endpoints (wrapClientTLS): fires with the protocol
+        # ``factory`` built, not the wrapper around it.
+        return self.endpoint.connect(_BatchedReads(factory)).addCallback(_unwrap)
+
+
+def _unwrap(reader: _BatchedReader) -> IProtocol:
+    return reader.wrapped
 
 
 @implementer(IAgentEndpointFactory)

@@ -18,8 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestTransmissionFailed
-from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.client import HTTPConnectionPool, RequestTransmissionFailed, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 

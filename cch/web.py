@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from cch import secret as markers
+from cch.adapters import request_gone
 from cch.edge.factory import EdgeFactory
 from cch.handler import errors
 from cch.handler.auth import KeyRing, presented_key
@@ -220,7 +221,7 @@ class HttpTurn:
     def _release_request(self) -> None:
         """Unregister from the request before its response ends (Twisted insists)."""
         request = self.request
-        if request.producer is self and not request._disconnected:
+        if request.producer is self and not request_gone(request):
             request.unregisterProducer()
 
     def _completed(self, _: object) -> None:
@@ -235,7 +236,7 @@ class HttpTurn:
         if not self._end("failed"):
             return
         request = self.request
-        if request._disconnected:
+        if request_gone(request):
             return
         log.failure("http_handler_error", failure, request_id=self.request_id)
         self._release_request()
@@ -269,7 +270,7 @@ class HttpTurn:
         if self.deferred is not None:
             self.deferred.cancel()
         request = self.request
-        if request._disconnected or request.finished:
+        if request_gone(request) or request.finished:
             return
         sink = self.sink
         sink.flush_writes()
@@ -377,7 +378,7 @@ class ResponsesResource(JsonResource):
     @staticmethod
     def _finished(request: Request, sink: HttpResponseSink) -> None:
         sink.flush_writes()  # the last events of a batch go before the end of the body
-        if not request.finished and not request._disconnected:
+        if not request.finished and not request_gone(request):
             request.finish()
 
 

@@ -7,6 +7,10 @@ masker object) cost more than the frames themselves. The functions here handle e
 common frames and leave everything else in Autobahn's buffer, so Autobahn keeps the whole
 protocol: control frames, fragments, partial frames, RSV bits, 64-bit lengths, oversized
 frames and invalid UTF-8 (which it fails with the right close code).
+
+The protocol state read and written here (``data``, Autobahn's read buffer, the payload limits,
+``state``) is Autobahn's undocumented internals, read inline because a helper would cost a call
+per frame; cch/adapters.py lists it and tests/test_adapters.py checks it is still there.
 """
 
 from __future__ import annotations

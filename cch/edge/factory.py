@@ -10,11 +10,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from cch.adapters import run_timers_on
 from cch.config import LimitsConfig
 from cch.edge.connection import CLOSE_GOING_AWAY, EdgeConnection
 from cch.edge.protocol import EdgeProtocol
 from cch.metrics import EdgeStats
-from cch.timers import batched_timer
 from cch.turn import Tunnel
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class EdgeFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=reactor)
         # Autobahn's own timers (keepalive pings, close handshake) on the injected clock too.
-        self._batched_timer = batched_timer(clock)
+        run_timers_on(self, clock)
         self.stats = stats if stats is not None else EdgeStats()
         self.tunnel = tunnel
         self.slots = slots  # open connections against server.max_connections

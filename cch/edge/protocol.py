@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
+from cch.adapters import ServerProtocol, cancel_close_timer, not_clean_reason
 from cch.edge.connection import EdgeConnection
 from cch.headers import EDGE_NOT_FORWARDED, without_hop_by_hop
 from cch.logs import mask_query
-from cch.timers import cancel_close_timer
 from cch.writes import BatchedWriter
 from cch.wsframes import take_text_frames, text_frame_header
 
@@ -32,7 +31,7 @@ def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
     }
 
 
-class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
+class EdgeProtocol(ServerProtocol, BatchedWriter):
     """One client WebSocket on ``/v1/responses``; stays thin on purpose."""
 
     factory: EdgeFactory
@@ -89,7 +88,8 @@ class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
 
     def consumeData(self) -> None:
         # The per-turn hot path: a turn's frame is one final masked text frame, cut straight
-        # out of the buffer (cch.wsframes); Autobahn handles everything else.
+        # out of the buffer (cch.wsframes); Autobahn handles everything else. Autobahn's
+        # consumeData and the state read here are listed in cch/adapters.py.
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
             take_text_frames(self, masked=True, deliver=self._text_frame)
         super().consumeData()
@@ -100,7 +100,7 @@ class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
         except UnicodeDecodeError:
             return False  # Autobahn's validator fails the connection with 1007
         if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
-            self._cancelAutoPingTimeoutCall()  # what Autobahn does on any data frame
+            self.cancel_ping_timeout()  # what Autobahn does on any data frame (cch/adapters.py)
         self.onMessage(payload, False)
         return True
 
@@ -125,16 +125,15 @@ class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
 
     # Any close decided below us (a client close frame, a protocol error such as 1009 or
     # 1007, a dropped connection) finalizes the edge at once, not when the TCP is gone, so
-    # no queued frame can start a turn in between (reference §2.12 L1/C1).
+    # no queued frame can start a turn in between (docs/architecture.md, "Close means stop").
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
         if self.edge is not None:
             self.edge.connection_lost()
         return super().onCloseFrame(code, reasonRaw)
 
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+    def failing_connection(self) -> None:
         if self.edge is not None:
             self.edge.connection_lost()
-        super()._fail_connection(code, reason)
 
     def dropConnection(self, abort: bool = False) -> None:
         if self.edge is not None:
@@ -153,7 +152,7 @@ class EdgeProtocol(WebSocketServerProtocol, BatchedWriter):
         if edge is not None:
             if not wasClean and not edge.closed:
                 # Codex ends `codex exec` by dropping TCP without a close frame: info, not alarm.
-                log.info("ws_client_error", error=getattr(self, "wasNotCleanReason", None) or "connection lost")
+                log.info("ws_client_error", error=not_clean_reason(self) or "connection lost")
             edge.connection_lost()
             self.factory.connection_closed(self)
             log.info("ws_client_disconnected", code=code, clean=wasClean, turns=edge.turns_started)

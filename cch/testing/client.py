@@ -37,6 +37,20 @@ class _ClientProtocol(WebSocketClientProtocol):
         self.client._closed(CloseInfo(code, reason, wasClean))
 
 
+class _ClientFactory(WebSocketClientFactory):
+    """Builds the protocol of one :class:`ResponsesWSClient` connection."""
+
+    def __init__(self, client: ResponsesWSClient, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        proto = _ClientProtocol()
+        proto.factory = self
+        proto.client = self.client
+        return proto
+
+
 class ResponsesWSClient:
     """One client connection to ``ws://host:port/v1/responses``."""
 
@@ -59,7 +73,7 @@ class ResponsesWSClient:
     ) -> Deferred[ResponsesWSClient]:
         """Connect and fire once the WebSocket is open (fails if the upgrade is refused)."""
         client = cls()
-        factory = WebSocketClientFactory(url, headers=headers or {}, reactor=reactor)
+        factory = _ClientFactory(client, url, headers=headers or {}, reactor=reactor)
         factory.setProtocolOptions(
             maxMessagePayloadSize=max_message_bytes,
             maxFramePayloadSize=max_message_bytes,
@@ -67,14 +81,6 @@ class ResponsesWSClient:
             openHandshakeTimeout=0,
             closeHandshakeTimeout=5,
         )
-
-        def build(addr: Any) -> _ClientProtocol:
-            proto = _ClientProtocol()
-            proto.factory = factory
-            proto.client = client
-            return proto
-
-        factory.buildProtocol = build  # type: ignore[method-assign]
         parts = urlsplit(url)
         endpoint = TCP4ClientEndpoint(reactor, parts.hostname or "127.0.0.1", parts.port or 80)
         d = endpoint.connect(factory)

@@ -32,6 +32,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import directlyProvides, providedBy
 
+from cch.adapters import cancel_close_timer
 from cch.testing.scripts import (
     Event,
     Script,
@@ -664,9 +665,7 @@ class _WSProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
         # Autobahn leaves this timer running when the peer never answers our close frame.
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
+        cancel_close_timer(self)
 
 
 class _WSFactory(WebSocketServerFactory):

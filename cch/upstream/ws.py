@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -22,8 +22,15 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cch.adapters import (
+    ClientProtocol,
+    cancel_close_timer,
+    handshake_status_line,
+    not_clean_reason,
+    refused_oversized,
+    run_timers_on,
+)
 from cch.headers import UPGRADE_NOT_FORWARDED
-from cch.timers import batched_timer, cancel_close_timer
 from cch.writes import write_batch
 from cch.wsframes import masked_text_frame, take_text_frames
 
@@ -68,8 +75,9 @@ class SocketConsumer(Protocol):
     def ws_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None: ...
 
 
-class _ClientProtocol(WebSocketClientProtocol):
+class _ClientProtocol(ClientProtocol):
     owner: UpstreamConnection
+    _was_open = False
 
     def onOpen(self) -> None:
         self.owner._opened(self)
@@ -81,17 +89,15 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def consumeData(self) -> None:
         # The per-event hot path: upstreams send each event as one small final text frame,
-        # many to a read; those are cut straight out of the buffer (cch.wsframes).
+        # many to a read; those are cut straight out of the buffer (cch.wsframes). Autobahn's
+        # consumeData and the state read here are listed in cch/adapters.py.
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
             take_text_frames(self, masked=False, deliver=self.owner._message)
         super().consumeData()
 
-    def onMessageEnd(self) -> None:
-        # Messages Autobahn parsed: hand them over directly, skipping its per-message
-        # signal (a txaio future and callbacks nobody listens to).
-        if not self.failedByMe:
-            self.owner._message(b"".join(self.message_data))
-        self.message_data = None
+    def message_parsed(self, payload: bytes) -> None:
+        # Messages Autobahn parsed (cch.adapters.ClientProtocol): handed over directly.
+        self.owner._message(payload)
 
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
         # The upstream is closing: never hand this socket to another request meanwhile.
@@ -101,20 +107,35 @@ class _ClientProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         status = None
-        line = getattr(self, "http_status_line", None)
-        if self.state != self.STATE_OPEN and line and not getattr(self, "_was_open", False):
+        line = handshake_status_line(self)
+        if self.state != self.STATE_OPEN and line and not self._was_open:
             parts = line.split()
             if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
                 status = int(parts[1])
                 self.owner.status_text = " ".join(parts[1:])
         cancel_close_timer(self)
-        not_clean = getattr(self, "wasNotCleanReason", None)
+        not_clean = not_clean_reason(self)
         # Autobahn's record that it refused an oversized frame/message (tests/test_upstream_event_cap.py).
-        if getattr(self, "wasMaxFramePayloadSizeExceeded", False) or getattr(
-            self, "wasMaxMessagePayloadSizeExceeded", False
-        ):
+        if refused_oversized(self):
             not_clean = MessageTooLarge(not_clean or "message too large", self.owner.max_message_bytes)
         self.owner._closed(code, reason, wasClean, status, not_clean)
+
+
+class _ClientFactory(WebSocketClientFactory):
+    """The Autobahn factory of one :class:`UpstreamConnection`: it builds that connection's
+    socket, whose timers run on the connection's clock."""
+
+    def __init__(self, owner: UpstreamConnection, headers: dict[str, str], useragent: str | None) -> None:
+        super().__init__(owner.url, headers=headers, useragent=useragent, reactor=owner.reactor)
+        run_timers_on(self, owner.clock)
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        proto = _ClientProtocol()
+        proto.factory = self
+        proto.owner = owner = self.owner
+        owner._proto = proto
+        return proto
 
 
 _ids = itertools.count(1)
@@ -172,8 +193,7 @@ class UpstreamConnection:
         """The Autobahn factory whose one protocol is this connection's socket."""
         headers = dict(self.headers)
         useragent = headers.pop("user-agent", None)
-        factory = WebSocketClientFactory(self.url, headers=headers, useragent=useragent, reactor=self.reactor)
-        factory._batched_timer = batched_timer(self.clock)
+        factory = _ClientFactory(self, headers, useragent)
         factory.setProtocolOptions(
             maxMessagePayloadSize=self.max_message_bytes,
             maxFramePayloadSize=self.max_message_bytes,
@@ -183,15 +203,6 @@ class UpstreamConnection:
             closeHandshakeTimeout=5,
             autoFragmentSize=0,
         )
-
-        def build(addr: Any) -> _ClientProtocol:
-            proto = _ClientProtocol()
-            proto.factory = factory
-            proto.owner = self
-            self._proto = proto
-            return proto
-
-        factory.buildProtocol = build  # type: ignore[method-assign]
         return factory
 
     def _tcp_connected(self, proto: Any) -> None:
@@ -210,7 +221,7 @@ class UpstreamConnection:
             self._abort()
 
     def _opened(self, proto: _ClientProtocol) -> None:
-        proto._was_open = True  # type: ignore[attr-defined]
+        proto._was_open = True
         self._cancel_handshake_timer()
         if self.state != CONNECTING:
             return
