@@ -18,6 +18,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,6 +76,9 @@ class SocketConsumer(Protocol):
     def ws_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None: ...
 
 
+SERVER_DROP_TIMEOUT = 1.0  # Autobahn's default wait for the server to drop TCP after a close
+
+
 class _ClientProtocol(ClientProtocol):
     owner: UpstreamConnection
     _was_open = False
@@ -99,11 +103,26 @@ class _ClientProtocol(ClientProtocol):
         # Messages Autobahn parsed (cch.adapters.ClientProtocol): handed over directly.
         self.owner._message(payload)
 
+    _drop_deadline: IDelayedCall | None = None
+
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
         # The upstream is closing: never hand this socket to another request meanwhile.
         if self.owner.state == OPEN:
             self.owner.state = CLOSING
-        return super().onCloseFrame(code, reasonRaw)
+        answered = self.state == self.STATE_CLOSING  # the upstream's reply to our close frame
+        result = super().onCloseFrame(code, reasonRaw)
+        if answered and self.transport is not None and self._drop_deadline is None:
+            # The server drops TCP now; if it does not, we do. Autobahn's own timer for this
+            # (serverConnectionDropTimeout) runs on txaio's global reactor, so it is off and
+            # this one runs on the injected clock.
+            self._drop_deadline = self.owner.clock.callLater(SERVER_DROP_TIMEOUT, self.onServerConnectionDropTimeout)
+        return result
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        deadline, self._drop_deadline = self._drop_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         status = None
@@ -201,6 +220,7 @@ class UpstreamConnection:
             # Payloads are decoded once, with replacement, where they are used.
             utf8validateIncoming=False,
             closeHandshakeTimeout=5,
+            serverConnectionDropTimeout=0,  # its timer is txaio's global one: see _ClientProtocol
             autoFragmentSize=0,
         )
         return factory
