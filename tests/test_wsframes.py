@@ -195,6 +195,19 @@ def test_a_close_frame_after_events_delivers_them_then_the_close() -> None:
     assert h.consumer.closed[0][:2] == (1001, "bye")
 
 
+def test_after_the_close_handshake_the_wait_for_the_server_to_drop_tcp_is_on_the_clock() -> None:
+    from twisted.internet import reactor
+
+    before = set(reactor.getDelayedCalls())
+    h = Upstream()
+    h.conn.safe_close(1000)
+    h.feed(frame(struct.pack("!H", 1000), opcode=8))  # the upstream's reply to our close frame
+    assert set(reactor.getDelayedCalls()) == before  # nothing on the global reactor
+    assert not h.transport.disconnecting  # the server is expected to drop TCP first
+    h.clock.advance(1.0)
+    assert h.transport.disconnecting  # it did not: we do, on the injected clock
+
+
 def test_a_consumer_closing_the_socket_mid_read_gets_nothing_more_from_that_read() -> None:
     h = Upstream()
 
