@@ -739,7 +739,7 @@ Scenarios:
   (HTTP keep-alive is always on), so it has no "without" number.
 
 Note on `inproc-http`: an HTTP upstream cannot resolve a `store: false` `previous_response_id`,
-so cch replays the conversation from its transcript on every turn (DESIGN "beyond" 9): its
+so cch replays the conversation from its transcript on every turn ([architecture.md](architecture.md#continuity)): its
 request bodies grow along each {client["chain"]}-turn conversation. That cost is real for Codex on an
 HTTP-only upstream and is part of its numbers.
 

@@ -1,9 +1,9 @@
 """The gateway's configuration: a TOML file plus ``CCH_*`` environment overrides.
 
-Config is data made once at start-up (DESIGN "Safe defaults", STYLE "Config is data"): every
-problem is found here and reported as one line naming where it came from (the file, the
-environment variable or the command line), the key and what is wrong, so a mistake never
-surfaces later as a traceback deep inside the running service.
+Config is data made once at start-up (docs/configuration.md; the safe defaults:
+docs/security.md#threat-model): every problem is found here and reported as one line naming
+where it came from (the file, the environment variable or the command line), the key and what
+is wrong, so a mistake never surfaces later as a traceback deep inside the running service.
 
 Validation is table-driven: each TOML table is checked against the fields of its dataclass
 (type by annotation, numbers positive), plus per-key rules in ``_RULES`` and the form a value is

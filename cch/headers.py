@@ -76,10 +76,12 @@ NEVER_FORWARDED = WEBSOCKET_HANDSHAKE | FRAMING | HOP_BY_HOP | CLIENT_CREDENTIAL
 # Dropped unless the provider's forward_headers lists them (the operator's call).
 DROPPED_BY_DEFAULT = CLIENT_NETWORK | CLIENT_TRACING | BILLING_CHOICE
 
-# Upgrade-request headers a WebSocket turn does not carry inward (reference §2.6).
+# Upgrade-request headers a WebSocket turn does not carry inward
+# (docs/reference-behaviour.md#the-internal-tunnel).
 EDGE_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | FRAMING
 
-# Never sent in an upstream upgrade request (reference §6.3).
+# Never sent in an upstream upgrade request
+# (docs/reference-behaviour.md#the-upstream-websocket-pool).
 UPGRADE_NOT_FORWARDED = WEBSOCKET_HANDSHAKE | FRAMING | {"accept", "content-type"} | RESERVED_HEADERS
 
 

@@ -163,6 +163,9 @@ class GuardedChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._cancel_head_deadline()
+        # A head parsed from what Twisted already held (pipelined behind a request answered
+        # at once) came through no dataReceived: this request is not waiting any more.
+        self._between_requests = False
         request: _GuardedRequest = self.requests[-1]
         headers = request.requestHeaders
         line = request_line(self)

@@ -1,4 +1,4 @@
-"""Structured log output: one JSON object per line (reference §2.14, §2.15).
+"""Structured log output: one JSON object per line (docs/reference-behaviour.md#log-events).
 
 Our events use a stable event name as the ``twisted.logger`` format string and
 carry their data as fields, e.g. ``log.info("ws_client_connected", path=masked)``.

@@ -1,9 +1,9 @@
-"""The per-process internal secret and the reserved ``x-cch-*`` headers (reference §3, §4).
+"""The per-process internal secret and the reserved ``x-cch-*`` headers.
 
 The WebSocket edge tunnels each turn to the internal ``/v1/responses`` handler as
 an HTTP request carrying marker headers.  Only a request that also carries the
 process secret (and the forward flag) is trusted as a tunneled turn, so a client
-cannot spoof the markers.
+cannot spoof the markers (docs/reference-behaviour.md#the-internal-tunnel).
 """
 
 from __future__ import annotations

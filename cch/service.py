@@ -248,9 +248,9 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        """Graceful drain (DESIGN "beyond" 4): readiness 503 and no new work; idle clients
-        closed 1001 now; turns in flight may finish until ``server.drain_timeout``; then
-        everyone is closed 1001; the upstream pool goes last."""
+        """Graceful drain (docs/operations.md#draining-and-rolling-deploys): readiness 503 and
+        no new work; idle clients closed 1001 now; turns in flight may finish until
+        ``server.drain_timeout``; then everyone is closed 1001; the upstream pool goes last."""
         self.gateway.draining = True
         deadline = self.config.server.drain_timeout
         log.info("shutdown_received", drainSeconds=deadline, live=len(self.edge_factory.live))

@@ -1,4 +1,4 @@
-"""Incremental Server-Sent Events decoding and encoding (reference §2.8.2).
+"""Incremental Server-Sent Events decoding and encoding (docs/reference-behaviour.md#sse-parsing).
 
 Only the ``data:`` payload of each event matters to the gateway, so the decoder
 returns one ``str`` per complete event and ignores ``event:``, ``id:``, ``retry:``

@@ -4,7 +4,7 @@ Codex over WebSocket sends only a turn's new items and points at the previous re
 ``previous_response_id`` (usually with ``store=false``). That works only on the upstream socket
 that produced the previous response. The transcript lets the gateway rebuild the whole input
 when a turn must go elsewhere (HTTP-only upstream, a new socket, another provider), bounded in
-bytes and entries per connection, oldest first out (DESIGN "beyond" 9).
+bytes and entries per connection, oldest first out (docs/architecture.md#continuity).
 """
 
 from __future__ import annotations

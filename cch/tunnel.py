@@ -49,7 +49,7 @@ class InProcessTunnel:
         return self.handler.handle(ctx, turn.body, sink)
 
 
-BODY_DRAIN_TIMEOUT = 30.0  # reference REQUEST_BODY_DRAIN_TIMEOUT_MS
+BODY_DRAIN_TIMEOUT = 30.0  # docs/reference-behaviour.md#request-body-drain-timeout
 
 
 class _DeadlineBody(BytesBody):
@@ -57,8 +57,9 @@ class _DeadlineBody(BytesBody):
 
     The connection registers the body as its streaming producer: when the body leaves more in
     the socket's buffer than it wants, the connection pauses it and resumes it once drained.
-    A body still paused after ``deadline`` seconds fails the request (reference
-    REQUEST_BODY_DRAIN_TIMEOUT). No cooperator, so the body goes out with the request headers.
+    A body still paused after ``deadline`` seconds fails the request
+    (docs/reference-behaviour.md#request-body-drain-timeout). No cooperator, so the body goes
+    out with the request headers.
     """
 
     def __init__(self, payload: bytes, clock: IReactorTime, deadline: float) -> None:
@@ -118,7 +119,8 @@ class _DeadlineBody(BytesBody):
 
 
 class HttpTunnel:
-    """POSTs each turn to ``url`` with the internal markers (reference §2.6)."""
+    """POSTs each turn to ``url`` with the internal markers
+    (docs/reference-behaviour.md#the-internal-tunnel)."""
 
     def __init__(self, reactor: Any, url: str, secret: str, clock: IReactorTime | None = None) -> None:
         self.url = url
@@ -166,7 +168,8 @@ class HttpTunnel:
 
 
 class _InternalResponseReader(Protocol):
-    """Reads the internal response into the sink (reference §2.8)."""
+    """Reads the internal response into the sink: SSE (docs/reference-behaviour.md#sse-parsing)
+    or one whole non-SSE body (docs/reference-behaviour.md#error-frames)."""
 
     def __init__(self, response: IResponse, sink: ResponseSink) -> None:
         self.response = response

@@ -1,6 +1,6 @@
-"""Graceful drain on stop (DESIGN "beyond" 4): idle clients get 1001 at once, turns in flight
-finish until the deadline, then everyone gets 1001 and HTTP POST turns end with the ``draining``
-error (docs/operations.md); nothing is left behind."""
+"""Graceful drain on stop: idle clients get 1001 at once, turns in flight finish until the
+deadline, then everyone gets 1001 and HTTP POST turns end with the ``draining`` error
+(docs/operations.md#draining-and-rolling-deploys); nothing is left behind."""
 
 from __future__ import annotations
 

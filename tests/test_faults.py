@@ -349,7 +349,8 @@ async def test_upstream_ws_error_event_is_a_terminal_and_retires_the_socket(ws_m
     client.send_json(create())
     assert await client.recv_turn() == [error]
     await quiet(running, client)
-    # An error terminal closes and forgets the upstream socket (reference §6.8).
+    # An error terminal closes and forgets the upstream socket
+    # (docs/reference-behaviour.md#one-request-on-an-upstream-socket).
     await within(fake.wait_for_ws_close(0), "the upstream socket to close")
     await eventually(lambda: not running.service.ws_pool.sockets, "the socket to leave the pool")
     assert running.service.ws_pool.entries == {}
@@ -443,7 +444,7 @@ async def test_client_dropping_mid_turn_with_frames_queued_cancels_the_one_upstr
     await within(fake.wait_for_idle(), "the fake to see every connection close")
     assert len(fake.requests) == 1
     if matrix.ws:
-        # The retained upstream socket is closed 1000 (DESIGN "close means stop").
+        # The retained upstream socket is closed 1000 (docs/architecture.md#close-means-stop).
         assert fake.ws_connections[0].close_code == 1000
 
 

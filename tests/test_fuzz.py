@@ -60,7 +60,8 @@ QUERY_MODEL = "query-model"
 LIMITS = LimitsConfig(max_pending_frames=3, max_pending_bytes=3000, outbound_send_timeout=30.0)
 
 
-# --- the oracle: what a text frame must lead to (reference §2.5) ----------------------------------
+# --- the oracle: what a text frame must lead to ---------------------------------------------------
+# (docs/reference-behaviour.md#inbound-frames-and-the-queue)
 
 
 def _reject_constant(name: str) -> Any:

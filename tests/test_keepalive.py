@@ -1,4 +1,5 @@
-"""Server keepalive pings (DESIGN "beyond" 8), on the gateway's clock."""
+"""Server keepalive pings (``limits.auto_ping_*``, docs/configuration.md#limits), on the
+gateway's clock."""
 
 from __future__ import annotations
 

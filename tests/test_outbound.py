@@ -1,4 +1,5 @@
-"""What the gateway sends upstream: URL joining and header building (reference §5)."""
+"""What the gateway sends upstream: URL joining and header building
+(docs/reference-behaviour.md#upstream-headers)."""
 
 from __future__ import annotations
 

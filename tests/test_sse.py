@@ -35,7 +35,8 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def reference_decode(data: bytes) -> list[str]:
-    """A whole-body transcription of the reference parser (§2.8.2), used as an oracle."""
+    """A whole-body transcription of the reference parser, used as an oracle
+    (docs/reference-behaviour.md#sse-parsing)."""
     text = data.decode("utf-8", "replace")
     *complete, rest = re.split(r"\r?\n\r?\n", text)
     if rest.strip(JS_WHITESPACE):

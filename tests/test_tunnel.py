@@ -1,6 +1,7 @@
-"""The HTTP tunnel's own failure paths (reference §2.7): a body that cannot be written in time,
-a peer that goes away while it is written, a peer that refuses the connection; and a body the
-peer reads, small or large, arrives whole with no deadline left running."""
+"""The HTTP tunnel's own failure paths (docs/reference-behaviour.md#request-body-drain-timeout):
+a body that cannot be written in time, a peer that goes away while it is written, a peer that
+refuses the connection; and a body the peer reads, small or large, arrives whole with no
+deadline left running."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The upstream Responses WebSocket: adapter, session pool and HTTP fallback (reference §4-§7).
+"""The upstream Responses WebSocket: adapter, session pool and HTTP fallback.
+
+The rules: docs/reference-behaviour.md, from "Upstream WebSocket eligibility" to
+"Unsupported-endpoint cache".
 
 Two levels, all on real sockets on 127.0.0.1:
 
@@ -1054,8 +1057,9 @@ async def test_error_terminal_reaches_the_client_and_the_next_turn_opens_a_fresh
 async def test_connection_limit_as_the_first_event_is_retried_on_a_fresh_socket(
     fake: FakeUpstream, launch: Launch, tunnel_mode: str
 ) -> None:
-    """DESIGN "beyond" 9 (continuity): the age-cap error before anything was delivered is not
-    shown to the client; the socket is closed 1000 and forgotten and the turn runs on a new one."""
+    """Continuity (docs/reference-behaviour.md#the-60-minute-connection-cap): the age-cap error
+    before anything was delivered is not shown to the client; the socket is closed 1000 and
+    forgotten and the turn runs on a new one."""
     fake.enqueue(Script((Event(LIMIT_ERROR),)))
     running = await launch(ws_config(fake, tunnel_mode))
     client = await running.connect()

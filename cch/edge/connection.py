@@ -1,7 +1,8 @@
 """One client WebSocket connection's rules: the inbound queue, one turn at a time, closes.
 
-The Autobahn protocol only turns bytes into calls on :class:`EdgeConnection`; everything the
-reference specifies for a connection (§2.3-§2.12) lives here, testable without a transport.
+The Autobahn protocol only turns bytes into calls on :class:`EdgeConnection`; every rule of
+docs/reference-behaviour.md for a connection (from "The client connection" to "Error frames")
+lives here, testable without a transport.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class _Turn:
 
 @implementer(IPushProducer)
 class EdgeConnection:
-    """The state of one client connection (reference §2.3).
+    """The state of one client connection (docs/reference-behaviour.md#the-client-connection).
 
     It is also the push producer registered on the client transport: when the client stops
     reading, the transport pauses it and it pauses the producer of the turn in flight, so TCP
@@ -187,7 +188,8 @@ class EdgeConnection:
     # -- inbound --------------------------------------------------------------------------
 
     def text_received(self, text: str, size: int) -> None:
-        """A text message arrived: queue it behind the turn in flight (§2.4)."""
+        """A text message arrived: queue it behind the turn in flight
+        (docs/reference-behaviour.md#inbound-frames-and-the-queue)."""
         if self.closed:
             return
         self.stats.frame_in(size)
@@ -214,7 +216,8 @@ class EdgeConnection:
         self._drain()
 
     def binary_received(self) -> None:
-        """Binary frames are refused at once, even while a turn streams (§2.4 step 2)."""
+        """Binary frames are refused at once, even while a turn streams
+        (docs/reference-behaviour.md#inbound-frames-and-the-queue)."""
         if self.closed:
             return
         self.close(
@@ -303,7 +306,8 @@ class EdgeConnection:
         if turn.dead or failure.check(CancelledError):
             return
         if turn.terminal_seen:
-            # The body broke after the terminal event: the turn is complete (§2.8.2).
+            # The body broke after the terminal event: the turn is complete
+            # (docs/reference-behaviour.md#one-turn-at-a-time).
             self._release(turn)
             self._drain()
             return
@@ -350,7 +354,7 @@ class EdgeConnection:
 
     def close(self, code: int, reason: str, error: tuple[str, str] | None = None) -> None:
         """Server-initiated close: stop everything first, then flush the error frame and the
-        close frame, in that order (§2.12 "initiate close")."""
+        close frame, in that order (docs/reference-behaviour.md#close-means-stop)."""
         if self.closed:
             return
         self._stop_everything()
@@ -366,7 +370,8 @@ class EdgeConnection:
         self.stats.frame_out(written if written is not None else len(text))
 
     def connection_lost(self) -> None:
-        """The socket is gone (client close, TCP drop, 1009, ...): finalize (§2.12)."""
+        """The socket is gone (client close, TCP drop, 1009, ...): finalize
+        (docs/reference-behaviour.md#close-means-stop)."""
         if self.closed:
             return
         self._stop_everything()

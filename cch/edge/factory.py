@@ -54,7 +54,8 @@ class EdgeFactory(WebSocketServerFactory):
             maxFramePayloadSize=limits.max_message_bytes,
             # Send 1009 with a close frame instead of dropping the TCP connection.
             failByDrop=False,
-            # Like the reference's `ws`: answer a client's close with its own code and reason.
+            # Like the reference: answer a client's close with its own code and reason
+            # (docs/reference-behaviour.md#the-client-connection).
             echoCloseCodeReason=True,
             autoPingInterval=limits.auto_ping_interval,
             autoPingTimeout=limits.auto_ping_timeout,

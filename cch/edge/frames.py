@@ -1,7 +1,8 @@
 """Client frames in, WebSocket frames out: validation, error frames and SSE translation.
 
-Pure functions (no transport, no state) so every rule of reference §2.5, §2.8 and §2.11 can be
-tested directly.
+Pure functions (no transport, no state) so every rule of
+docs/reference-behaviour.md#inbound-frames-and-the-queue, docs/reference-behaviour.md#error-frames
+and docs/reference-behaviour.md#sse-parsing can be tested directly.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ DONE_FRAME = OutFrame('{"type":"response.completed","response":null}', "response
 
 
 def translate_sse_data(data: str) -> OutFrame:
-    """Map one SSE event's data text to the client frame (reference §2.8.2).
+    """Map one SSE event's data text to the client frame (docs/reference-behaviour.md#sse-parsing).
 
     JSON objects and arrays are forwarded byte for byte as the upstream wrote them (the
     reference re-serialises; same JSON value, fewer surprises); a JSON string is sent as its
@@ -114,7 +115,8 @@ def _js_truthy(value: Any) -> bool:
 
 
 def translate_json_response(status: int, body: bytes) -> OutFrame:
-    """Map a complete non-SSE internal response to one terminal frame (reference §2.8.1)."""
+    """Map a complete non-SSE internal response to one terminal frame
+    (docs/reference-behaviour.md#error-frames)."""
     text = body.decode("utf-8", errors="replace")
     try:
         parsed: Any = loads(text)

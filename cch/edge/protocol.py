@@ -55,7 +55,8 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         self._request = request
-        # Like the reference's `ws` server: pick the first offered subprotocol, if any.
+        # Like the reference: pick the first offered subprotocol, if any
+        # (docs/reference-behaviour.md#the-client-connection).
         return request.protocols[0] if request.protocols else None
 
     def onOpen(self) -> None:

@@ -1,4 +1,4 @@
-"""Conversation continuity on every upstream (DESIGN "beyond" 9).
+"""Conversation continuity on every upstream (docs/architecture.md#continuity).
 
 For each attempt the pipeline asks :func:`prepare` what to send: the body as the client sent
 it when the upstream can resolve ``previous_response_id`` (same socket, or stored at the same

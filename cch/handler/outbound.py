@@ -1,4 +1,7 @@
-"""What goes to an upstream: the URL and the headers (reference §5)."""
+"""What goes to an upstream: the URL and the headers.
+
+See docs/reference-behaviour.md#upstream-headers.
+"""
 
 from __future__ import annotations
 

@@ -180,9 +180,10 @@ class ResponsesHandler:
         """Try the provider's Responses WebSocket; False means "use HTTP for this attempt".
 
         Failures before the first upstream event fall back to HTTP on the same provider and
-        never count against its breaker (reference §5) — unless the provider may already have
-        the turn (:class:`WSTurnFailed`): then it ends here with an ``error`` event, still
-        without a breaker failure, so it never reaches the provider twice.
+        never count against its breaker (docs/reference-behaviour.md#fallback-to-http) — unless
+        the provider may already have the turn (:class:`WSTurnFailed`): then it ends here with
+        an ``error`` event, still without a breaker failure, so it never reaches the provider
+        twice.
         """
         pool = self.ws_pool
         if pool is None:
@@ -252,7 +253,8 @@ class ResponsesHandler:
             provider.breaker.attempt_abandoned()
             raise
         except Exception:
-            # Reference §5 step 7: whatever went wrong, HTTP on the same provider still may work.
+            # Whatever went wrong, HTTP on the same provider still may work
+            # (docs/reference-behaviour.md#fallback-to-http).
             log.failure("upstream_ws_attempt_threw", level=LogLevel.warn, provider=provider.name)
             self.ws_stats["fallback:exception"] += 1
             provider.breaker.attempt_abandoned()
@@ -369,7 +371,8 @@ def _stored(body: dict[str, Any]) -> bool:
 
 
 def _ws_frame(body: dict[str, Any]) -> bytes:
-    """The upstream frame (UTF-8): ``type`` first, transport-only fields removed (reference §6.4)."""
+    """The upstream frame (UTF-8): ``type`` first, transport-only fields removed
+    (docs/reference-behaviour.md#the-upstream-websocket-pool)."""
     frame: dict[str, Any] = {"type": "response.create"}
     frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
     return dumps_bytes(frame)

@@ -1,4 +1,7 @@
-"""Should this attempt try an upstream WebSocket? (reference §4, with cch's provider setting)."""
+"""Should this attempt try an upstream WebSocket?
+
+docs/reference-behaviour.md#upstream-websocket-eligibility, with cch's provider setting.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Stall detection for upstream streams (DESIGN "beyond" 5), on the injected clock."""
+"""Stall detection for upstream streams, on the injected clock.
+
+The setting is ``providers[].idle_timeout`` (docs/configuration.md); the reference has no such
+timeout (docs/reference-behaviour.md#one-request-on-an-upstream-socket).
+"""
 
 from __future__ import annotations
 

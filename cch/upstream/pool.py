@@ -1,4 +1,4 @@
-"""The upstream WebSocket pool and one request's life on a socket (reference §6.5-§6.8).
+"""The upstream WebSocket pool and one request's life on a socket.
 
 One :class:`UpstreamWSPool` per process (owned by the service) keeps at most one idle socket per
 client connection (session id), so a Codex session's warm-up and every following turn ride the
@@ -6,6 +6,8 @@ same upstream connection. :meth:`UpstreamWSPool.request` returns a Deferred that
 first upstream event arrived (with a :class:`WSStream` to deliver into a sink), or fails before
 it with :class:`WSFailure` (the provider never started the turn: the caller falls back to HTTP)
 or :class:`WSTurnFailed` (it may have: the caller ends the turn with that error, never re-sends it).
+The rules: docs/reference-behaviour.md#the-upstream-websocket-pool and
+docs/reference-behaviour.md#one-request-on-an-upstream-socket.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class UpstreamWSPool:
         tls_ca: str | None = None,
         max_event_bytes: int = LimitsConfig.max_upstream_event_bytes,
     ) -> Deferred[WSStream]:
-        """Send ``frame`` on a socket for ``session_id`` (reference §6.5.3 acquire rules).
+        """Send ``frame`` on a socket for ``session_id``
+        (docs/reference-behaviour.md#acquire-rules).
 
         A new socket refuses upstream messages over ``max_event_bytes`` (0: no cap); a reused
         one keeps the cap it was opened with.
@@ -289,7 +292,8 @@ class UpstreamWSPool:
 
 
 class _Request:
-    """One request's life on a socket (reference §6.6); also the socket's consumer."""
+    """One request's life on a socket; also the socket's consumer
+    (docs/reference-behaviour.md#one-request-on-an-upstream-socket)."""
 
     def __init__(
         self,
@@ -441,7 +445,8 @@ class _Request:
     # -- end of the request -------------------------------------------------------------------
 
     def finish(self, close_code: int | None = None, *, forget: bool = False) -> None:
-        """Release everything this request holds, exactly once (reference §6.6 finish)."""
+        """Release everything this request holds, exactly once
+        (docs/reference-behaviour.md#one-request-on-an-upstream-socket)."""
         if self.finished:
             return
         self.finished = True
@@ -537,7 +542,8 @@ class WSStream:
         self.sink.sse_event(text, kind)
         if kind in TERMINAL_EVENT_TYPES:
             req.terminal_seen = True
-            # An `error` terminal, or the 60-minute cap, retires the socket (§6.8 step 2).
+            # An `error` terminal, or the 60-minute cap, retires the socket
+            # (docs/reference-behaviour.md#the-60-minute-connection-cap).
             req.close_persistent = kind == "error" or (
                 CONNECTION_LIMIT in text and _error_code(text) == CONNECTION_LIMIT
             )

@@ -1,4 +1,7 @@
-"""Endpoints that refused a WebSocket upgrade recently (reference §7): skip them for a while."""
+"""Endpoints that refused a WebSocket upgrade recently: skip them for a while.
+
+See docs/reference-behaviour.md#unsupported-endpoint-cache.
+"""
 
 from __future__ import annotations
 

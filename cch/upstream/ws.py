@@ -1,10 +1,11 @@
 """One upstream Responses WebSocket (Autobahn client), and how to close it safely.
 
 :class:`UpstreamConnection` owns the socket's life: connecting (with a handshake deadline on
-the injected clock), its state, and ``safe_close`` (reference §6.6): never two closes, abort
-instead of a close frame while connecting, nothing left registered afterwards. Whoever uses the
-socket for a request attaches as its ``consumer`` and receives ``ws_opened``/``ws_message``/
-``ws_closed`` calls.
+the injected clock), its state, and ``safe_close``: never two closes, abort instead of a close
+frame while connecting, nothing left registered afterwards
+(docs/reference-behaviour.md#one-request-on-an-upstream-socket). Whoever uses the socket for a
+request attaches as its ``consumer`` and receives ``ws_opened``/``ws_message``/``ws_closed``
+calls.
 """
 
 from __future__ import annotations
