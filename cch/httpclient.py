@@ -170,23 +170,10 @@ class _DeadlineEndpoint:
         self.timeout = timeout
 
     def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        connecting = self.endpoint.connect(factory)
-        expired: list[bool] = []
+        def expired(_: Any, timeout: float) -> Failure:
+            return Failure(ConnectTimeout(string=f"no connection within {timeout:g}s"))
 
-        def expire() -> None:
-            expired.append(True)
-            connecting.cancel()
-
-        timer = self.clock.callLater(self.timeout, expire)
-
-        def settled(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            if expired and isinstance(result, Failure):
-                return Failure(ConnectTimeout(string=f"no connection within {self.timeout:g}s"))
-            return result
-
-        return connecting.addBoth(settled)
+        return self.endpoint.connect(factory).addTimeout(self.timeout, self.clock, onTimeoutCancel=expired)
 
 
 @implementer(IStreamClientEndpoint)

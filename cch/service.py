@@ -8,7 +8,8 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -227,14 +228,10 @@ class GatewayService(MultiService):
     async def _within(self, work: Any, seconds: float) -> bool:
         """Wait for ``work`` (a coroutine or Deferred) at most ``seconds`` on the clock."""
         d = Deferred.fromCoroutine(work) if not isinstance(work, Deferred) else work
-        timer = self.clock.callLater(seconds, d.cancel)
         try:
-            await d
-        except CancelledError:
+            await d.addTimeout(seconds, self.clock)
+        except DeferredTimeout:
             return False
-        finally:
-            if timer.active():
-                timer.cancel()
         return True
 
     @property

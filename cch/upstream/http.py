@@ -63,34 +63,27 @@ class HttpUpstream:
     ) -> Deferred[IResponse]:
         """POST and fire with the response once its headers arrived (body not read yet)."""
         d = self._client(connect_timeout, tls_ca).post(url, headers, BytesBody(body))
-        # Why the request stopped, when we stopped it: the Agent reports a cancelled request
-        # as whatever it was doing (DNSLookupError, ConnectingCancelledError,
-        # RequestGenerationFailed, ResponseNeverReceived, ...), none of them the provider's fault.
-        stopped: list[str] = []
-
-        def _timeout() -> None:
-            stopped.append("timeout")
-            d.cancel()
+        # The Agent reports a cancelled request as whatever it was doing (DNSLookupError,
+        # ConnectingCancelledError, ResponseNeverReceived, ...), none of them the provider's
+        # fault: a cancel by the caller is reported as CancelledError, the deadline as
+        # UpstreamTimeout.
+        cancelled: list[bool] = []
 
         def _cancel(_: Deferred[IResponse]) -> None:
-            stopped.append("cancelled")
+            cancelled.append(True)
             d.cancel()
 
-        timer = self.clock.callLater(first_byte_timeout, _timeout)
+        def _timed_out(_: Any, timeout: float) -> Failure:
+            return Failure(UpstreamTimeout(f"no response within {timeout:g}s"))
+
+        d.addTimeout(first_byte_timeout, self.clock, onTimeoutCancel=_timed_out)
         result: Deferred[IResponse] = Deferred(_cancel)
 
         def _done(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
             if result.called:
                 return  # cancelled by the caller, already answered
-            if isinstance(outcome, Failure) and stopped:
-                if stopped[0] == "timeout":
-                    outcome = Failure(UpstreamTimeout(f"no response within {first_byte_timeout:g}s"))
-                else:
-                    outcome = Failure(CancelledError())
             if isinstance(outcome, Failure):
-                result.errback(outcome)
+                result.errback(Failure(CancelledError()) if cancelled else outcome)
             else:
                 result.callback(outcome)
 
