@@ -241,7 +241,7 @@ class HttpTurn:
         log.failure("http_handler_error", failure, request_id=self.request_id)
         self._release_request()
         if not self.sink.started:
-            request.write(_json(request, 500, errors.error_body("Internal error.", "server_error", "internal_error")))
+            request.write(_json(request, 500, errors.INTERNAL_ERROR))
             request.finish()
         else:
             # Half a response was sent: break the connection so the client sees it as broken.

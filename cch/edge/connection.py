@@ -28,12 +28,12 @@ from cch.edge.frames import (
     translate_json_response,
     translate_sse_data,
 )
+from cch.handler import errors
 from cch.metrics import EdgeStats
 from cch.turn import TERMINAL_EVENT_TYPES, Tunnel, TurnRequest, TurnTransportError
 
 log = Logger()
 
-INTERNAL_ERROR_BODY = b'{"error":{"message":"Internal error.","type":"server_error","code":"internal_error"}}'
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -325,7 +325,7 @@ class EdgeConnection:
             )
             return
         # Nothing went out: the same per-turn 500 error frame the HTTP tunnel would deliver.
-        turn.json_body(500, INTERNAL_ERROR_BODY, "application/json")
+        turn.json_body(500, errors.INTERNAL_ERROR, "application/json")
         self._release(turn)
         self._drain()
 

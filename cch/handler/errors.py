@@ -13,6 +13,10 @@ def error_body(message: str, type_: str, code: str | None, **extra: Any) -> byte
     return json.dumps({"error": error}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+# The one body of a failure inside the gateway (a handler that broke before any event).
+INTERNAL_ERROR = error_body("Internal error.", "server_error", "internal_error")
+
+
 def unauthorized() -> tuple[int, bytes]:
     return 401, error_body(
         "Invalid or missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
