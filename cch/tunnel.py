@@ -23,6 +23,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from cch import secret as markers
+from cch.bodies import turn_body
 from cch.handler.pipeline import ResponsesHandler
 from cch.httpclient import BytesBody, HttpClient
 from cch.jsoncodec import dumps_bytes
@@ -130,10 +131,7 @@ class HttpTunnel:
         self._client = HttpClient(reactor, self.pool)
 
     def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Deferred[None]:
-        body = dict(turn.body)
-        body["stream"] = True
-        body.pop("background", None)
-        payload = dumps_bytes(body)
+        payload = dumps_bytes(turn_body(turn.body))
         headers = {k: v for k, v in turn.headers.items() if not markers.is_reserved(k)}
         headers["accept"] = "text/event-stream"
         headers["content-type"] = "application/json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cch.bodies import turn_body
 from cch.jsoncodec import dumps, loads
 from cch.turn import TERMINAL_EVENT_TYPES
 
@@ -68,11 +69,7 @@ def parse_client_frame(text: str, query_model: str | None) -> dict[str, Any]:
             "unsupported_event_type",
             f"Only type=response.create is supported; received: {shown}",
         )
-    body = {k: v for k, v in frame.items() if k != "type" and k != "background"}
-    if query_model and body.get("model") in (None, ""):
-        body["model"] = query_model
-    body["stream"] = True
-    return body
+    return turn_body(frame, query_model)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
+from cch.bodies import upstream_ws_frame
 from cch.config import LimitsConfig
 from cch.events import error_event
 from cch.handler import continuity, errors
@@ -212,7 +213,7 @@ class ResponsesHandler:
         cap = self.limits.max_upstream_event_bytes
         provider.breaker.attempt_started()
         try:
-            stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
+            stream = await pool.request(frame=upstream_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
             problem = _first_event_problem(stream)
             if problem == "limit" or (
                 problem == "previous" and send is body and transcript is not None and transcript.knows(body["previous_response_id"])
@@ -228,7 +229,7 @@ class ResponsesHandler:
                 if send is None:
                     _send_events(sink, [lost])
                     return True
-                stream = await pool.request(frame=_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
+                stream = await pool.request(frame=upstream_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
         except WSFailure as failure:
             if failure.cacheable:
                 self.unsupported.mark(provider.name, None, failure.reason)
@@ -368,14 +369,6 @@ class ResponsesHandler:
 def _stored(body: dict[str, Any]) -> bool:
     """Responses are stored upstream unless the request said ``store: false``."""
     return body.get("store") is not False
-
-
-def _ws_frame(body: dict[str, Any]) -> bytes:
-    """The upstream frame (UTF-8): ``type`` first, transport-only fields removed
-    (docs/reference-behaviour.md#the-upstream-websocket-pool)."""
-    frame: dict[str, Any] = {"type": "response.create"}
-    frame.update((k, v) for k, v in body.items() if k not in ("stream", "background", "type"))
-    return dumps_bytes(frame)
 
 
 def _first_event_problem(stream: WSStream) -> str | None:
