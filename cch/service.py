@@ -28,6 +28,7 @@ from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
 from cch.upstream.pool import UpstreamWSPool
 from cch.upstream.unsupported import UnsupportedCache
+from cch.waiters import Waiters
 from cch.web import Gateway, build_metrics_root, build_root
 
 log = Logger()
@@ -41,7 +42,7 @@ class Listening:
         self.description = description
         self.port: IListeningPort | None = None
         self.failure: Failure | None = None
-        self._waiting: list[Deferred[IListeningPort]] = []
+        self._waiting: Waiters[IListeningPort] = Waiters()
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         self.failure = None
@@ -51,17 +52,13 @@ class Listening:
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(port)
+        self._waiting.fire(port)
         return port
 
     def _failed(self, failure: Failure) -> Failure:
         log.error("server_listen_failed", endpoint=self.description, error=str(failure.value))
         self.failure = failure
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.errback(failure)
+        self._waiting.fail(failure)
         return failure
 
     def when_listening(self) -> Deferred[IListeningPort]:
@@ -69,9 +66,7 @@ class Listening:
             return succeed(self.port)
         if self.failure is not None:
             return fail(self.failure)
-        d: Deferred[IListeningPort] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self._waiting.wait()
 
 
 def listener(reactor: Any, description: str, factory: Any) -> tuple[StreamServerEndpointService, Listening]:

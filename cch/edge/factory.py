@@ -16,6 +16,7 @@ from cch.edge.connection import CLOSE_GOING_AWAY, EdgeConnection
 from cch.edge.protocol import EdgeProtocol
 from cch.metrics import EdgeStats
 from cch.turn import Tunnel
+from cch.waiters import Waiters
 
 if TYPE_CHECKING:
     from cch.httpchannel import ConnectionSlots
@@ -47,7 +48,7 @@ class EdgeFactory(WebSocketServerFactory):
         self.limits = limits
         self.clock = clock
         self.live: set[EdgeProtocol] = set()
-        self._empty_waiters: list[Deferred[None]] = []
+        self._empty: Waiters[None] = Waiters()
         self.session_closed_hooks: list[Callable[[str], None]] = []
         self.setProtocolOptions(
             maxMessagePayloadSize=limits.max_message_bytes,
@@ -70,17 +71,13 @@ class EdgeFactory(WebSocketServerFactory):
     def connection_closed(self, proto: EdgeProtocol) -> None:
         self.live.discard(proto)
         if not self.live:
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self._empty.fire(None)
 
     def wait_empty(self) -> Deferred[None]:
         """Fires once no client connection is left (immediately if none is)."""
         if not self.live:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._empty_waiters.append(d)
-        return d
+        return self._empty.wait()
 
     def close_decided(self, edge: EdgeConnection) -> None:
         """A connection is closing: release what it holds upstream (pool entries)."""

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
@@ -30,6 +30,7 @@ from cch.upstream.http import HttpUpstream, collect_body, read_body
 from cch.upstream.pool import CONNECTION_LIMIT, UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
+from cch.waiters import Waiters
 
 log = Logger()
 
@@ -67,7 +68,7 @@ class ResponsesHandler:
         self.ws_enabled = ws_enabled
         self.transcripts = transcripts
         self.active = 0  # requests in progress (leak checks, drain, metrics)
-        self._idle_waiters: list[Deferred[None]] = []
+        self._idle: Waiters[None] = Waiters()
         self.http_attempts = 0
         self.ws_stats: Counter[str] = Counter()  # attempts, connected, reused, fallback:<reason>
 
@@ -81,9 +82,7 @@ class ResponsesHandler:
     def _done(self, result: Any) -> Any:
         self.active -= 1
         if self.active == 0:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self._idle.fire(None)
         return result
 
     def collect(self) -> Iterator[Metric]:
@@ -112,12 +111,9 @@ class ResponsesHandler:
 
     def wait_idle(self) -> Deferred[None]:
         """Fires when no request is in progress (immediately if none is)."""
-        d: Deferred[None] = Deferred()
         if self.active == 0:
-            d.callback(None)
-        else:
-            self._idle_waiters.append(d)
-        return d
+            return succeed(None)
+        return self._idle.wait()
 
     async def _handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> None:
         allowed, key = self.keys.authenticate(ctx.headers)
