@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from twisted.logger import Logger
 
 from cch.addresses import is_loopback_host
-from cch.headers import FRAMING, never_forwarded_reason
+from cch.headers import FRAMING, HEADER_NAME, never_forwarded_reason
 from cch.secret import RESERVED_PREFIX, SECRET_ENV, new_secret
 
 __all__ = [
@@ -323,7 +323,6 @@ def _keys_of(cls: type) -> dict[str, tuple[str, Any]]:
 
 # --- per-key rules -----------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _GATEWAY_HEADERS = ("authorization", "connection", *sorted(FRAMING))
 _MIN_KEY_CHARS = 16  # client keys and server.admin_token
 _MIN_SECRET_CHARS = 32  # tunnel.secret; the generated one (a UUIDv4) has 36
@@ -489,7 +488,7 @@ def _networks(values: tuple[str, ...]) -> str | None:
 
 def _forward_headers(names: tuple[str, ...]) -> str | None:
     for name in names:
-        if not _TOKEN.fullmatch(name):
+        if not HEADER_NAME.fullmatch(name):
             return f"{name!r} is not a valid header name"
         reason = never_forwarded_reason(name)
         if reason is not None:
@@ -520,7 +519,7 @@ def _extra_headers(headers: tuple[tuple[str, str], ...]) -> str | None:
                 f"{name!r} may not be set here: the gateway sets {', '.join(_GATEWAY_HEADERS)} "
                 f"and {RESERVED_PREFIX}* itself (use api_key or api_key_env for the key)"
             )
-        if not _TOKEN.fullmatch(name):
+        if not HEADER_NAME.fullmatch(name):
             return f"{name!r} is not a valid header name"
         if any(c in value for c in "\r\n\0"):
             return f"the value of {name!r} contains a line break or NUL"

@@ -25,6 +25,7 @@ from cch.addresses import is_loopback_host
 from cch.config import LimitsConfig, ServerConfig
 from cch.handler import errors
 from cch.handler.auth import KeyRing, presented_key
+from cch.headers import HEADER_NAME, lower_headers
 
 log = Logger()
 
@@ -56,7 +57,7 @@ class DoorAnswer:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
-def _refusal(
+def refusal(
     status: int, code: str, message: str, kind: str, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> DoorAnswer:
     return DoorAnswer(status, code, errors.error_body(message, kind, code), tuple(headers))
@@ -164,7 +165,7 @@ class Doors:
                 return answer
         origin = _one(headers, b"origin")
         if origin is not None and origin.lower() not in self.allowed_origins:
-            return _refusal(
+            return refusal(
                 403,
                 "origin_not_allowed",
                 f"Requests from the browser origin {origin[:200]!r} are not allowed; list it in "
@@ -201,8 +202,8 @@ class Doors:
 
     def too_large(self, limit: int) -> DoorAnswer:
         if limit == 0:
-            return _refusal(413, "body_not_allowed", "This request takes no body.", "invalid_request_error")
-        return _refusal(
+            return refusal(413, "body_not_allowed", "This request takes no body.", "invalid_request_error")
+        return refusal(
             413,
             "request_too_large",
             f"Request body too large (limit {limit} bytes, limits.max_request_body_bytes).",
@@ -215,7 +216,7 @@ class Doors:
         for name, _ in headers.getAllRawHeaders():
             lowered = name.lower()
             if lowered in _PROXY_HEADERS or lowered.startswith(_PROXY_PREFIX):
-                return _refusal(
+                return refusal(
                     403,
                     "proxied_without_keys",
                     "This gateway has no [[keys]] and refuses requests that came through a proxy "
@@ -229,11 +230,11 @@ class Doors:
         if values is None:
             return None  # no browser sends a request without Host
         if len(values) != 1:
-            return _refusal(400, "invalid_host", "More than one Host header.", "invalid_request_error")
+            return refusal(400, "invalid_host", "More than one Host header.", "invalid_request_error")
         name = host_name(values[0].decode("latin-1"))
         if is_loopback_host(name) or name.lower().rstrip(".") in self.allowed_hosts:
             return None
-        return _refusal(
+        return refusal(
             403,
             "host_not_allowed",
             f"Host {name[:200]!r} is not served by this keyless gateway (loopback names only); list "
@@ -251,29 +252,29 @@ class Doors:
         asked = _one(headers, b"access-control-request-headers")
         if asked:
             wanted = [name.strip() for name in asked.split(",") if name.strip()]
-            if all(_is_token(name) for name in wanted):
+            if all(HEADER_NAME.fullmatch(name) for name in wanted):
                 answer.append((b"access-control-allow-headers", ", ".join(wanted).encode("latin-1")))
         return DoorAnswer(204, "cors_preflight", b"", tuple(answer))
 
     def _auth_check(
-        self, headers: Headers, peer: Any, matches: Callable[[str | None], bool], refusal: Callable[[], DoorAnswer]
+        self, headers: Headers, peer: Any, matches: Callable[[str | None], bool], wrong: Callable[[], DoorAnswer]
     ) -> DoorAnswer | None:
         address = self.client_address(headers, peer)
         wait = self.budget.blocked_for(address)
         if wait > 0:
-            return _refusal(
+            return refusal(
                 429,
                 "too_many_auth_failures",
                 "Too many failed key checks from this address; try again later.",
                 "rate_limit_error",
                 [(b"retry-after", str(max(1, round(wait))).encode("ascii"))],
             )
-        presented = presented_key(_text_headers(headers))
+        presented = presented_key(lower_headers(headers))
         if matches(presented):
             return None
         self.budget.failed(address)
         log.info("auth_refused", address=address, presented=mask_key(presented) if presented else None)
-        return refusal()
+        return wrong()
 
     def _key_matches(self, presented: str | None) -> bool:
         return self.keys.match(presented) is not None
@@ -290,7 +291,7 @@ class Doors:
 
     @staticmethod
     def _wrong_token() -> DoorAnswer:
-        return _refusal(
+        return refusal(
             403,
             "metrics_forbidden",
             "Metrics need 'Authorization: Bearer <server.admin_token>' here.",
@@ -303,14 +304,14 @@ class Doors:
         limit = self.max_body if (method == b"POST" and path == _BODY_PATH) else 0
         if length is None or length > limit:  # chunked, or longer than allowed
             if _served(path) is None:
-                return _refusal(404, "not_found", "Not found.", "invalid_request_error")
+                return refusal(404, "not_found", "Not found.", "invalid_request_error")
             if length is not None or not limit:
                 return self.too_large(limit)
             # chunked where a body is taken: counted as it arrives
         if limit:
             media = (_one(headers, b"content-type") or "").partition(";")[0].strip().lower()
             if media != "application/json":
-                return _refusal(
+                return refusal(
                     415,
                     "unsupported_media_type",
                     "POST /v1/responses needs 'Content-Type: application/json'.",
@@ -364,14 +365,3 @@ def _served(path: tuple[str, ...]) -> tuple[str, ...] | None:
 def _one(headers: Headers, name: bytes) -> str | None:
     values = headers.getRawHeaders(name)
     return None if not values else values[0].decode("latin-1")
-
-
-def _text_headers(headers: Headers) -> dict[str, str]:
-    return {
-        name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
-        for name, values in headers.getAllRawHeaders()
-    }
-
-
-def _is_token(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name) and name.isascii()

@@ -8,7 +8,9 @@ where an operator could otherwise ask for them (``providers[].headers``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from cch.secret import RESERVED_HEADERS, RESERVED_PREFIX
 
@@ -131,3 +133,15 @@ def forwardable(name: str, allowed: Iterable[str] = ()) -> bool:
     if lowered in DROPPED_BY_DEFAULT or lowered.startswith(CLIENT_NETWORK_PREFIX):
         return lowered in allowed
     return True
+
+
+# RFC 9110 token: what a header name may be made of.
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def lower_headers(headers: Any) -> dict[str, str]:
+    """A ``twisted.web`` ``Headers`` as ``{lower-case name: values joined by ", "}``."""
+    return {
+        name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
+        for name, values in headers.getAllRawHeaders()
+    }

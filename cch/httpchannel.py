@@ -23,8 +23,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from cch.adapters import request_line
-from cch.doors import DoorAnswer, Doors
-from cch.handler import errors
+from cch.doors import DoorAnswer, Doors, refusal
 from cch.logs import mask_query
 
 log = Logger()
@@ -57,10 +56,6 @@ def raw_response(answer: DoorAnswer) -> bytes:
     lines.append(b"connection: close")
     lines.extend(name + b": " + value for name, value in answer.headers)
     return b"\r\n".join(lines) + b"\r\n\r\n" + answer.body
-
-
-def _answer(status: int, code: str, message: str, kind: str) -> DoorAnswer:
-    return DoorAnswer(status, code, errors.error_body(message, kind, code))
 
 
 class _GuardedRequest(Request):
@@ -151,7 +146,7 @@ class GuardedChannel(HTTPChannel):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         self.refuse(
-            _answer(
+            refusal(
                 408,
                 "request_head_timeout",
                 f"The request head did not arrive within {self.head_timeout:g}s.",
@@ -270,12 +265,13 @@ class GuardedSite(Site):
         self.head_timeout = head_timeout
         self.on_refused: Any = None
         self.slots = slots if slots is not None else ConnectionSlots(10_000)
-        body = errors.error_body(
+        self._too_many = refusal(
+            503,
+            "too_many_connections",
             "Too many connections to this gateway; try again shortly.",
             "service_unavailable_error",
-            "too_many_connections",
+            [(b"retry-after", b"1")],
         )
-        self._too_many = DoorAnswer(503, "too_many_connections", body, ((b"retry-after", b"1"),))
         self._overflow = raw_response(self._too_many)
 
     def buildProtocol(self, addr: Any) -> Any:

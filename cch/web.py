@@ -26,6 +26,7 @@ from cch.handler import errors
 from cch.handler.auth import KeyRing, presented_key
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
+from cch.headers import lower_headers
 from cch.jsoncodec import dumps, loads
 from cch.logs import mask_query
 from cch.metrics import Metrics
@@ -39,13 +40,6 @@ log = Logger()
 DRAINING_BODY = errors.error_body("The gateway is shutting down.", "service_unavailable_error", "draining")
 # The same error as the terminal event of an SSE response the drain deadline cuts short.
 DRAINING_EVENT = encode_event(dumps({"type": "error", **loads(DRAINING_BODY)}))
-
-
-def _lower_headers(request: Request) -> dict[str, str]:
-    return {
-        name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
-        for name, values in request.requestHeaders.getAllRawHeaders()
-    }
 
 
 def _json(request: Request, status: int, body: bytes | dict[str, Any]) -> bytes:
@@ -316,7 +310,7 @@ class ResponsesResource(JsonResource):
         if gateway.draining:
             log.info("ws_upgrade_refused", status=503, reason="draining", path=path)
             return _json(request, 503, DRAINING_BODY)
-        headers = _lower_headers(request)
+        headers = lower_headers(request.requestHeaders)
         allowed, key = gateway.keys.authenticate(headers)
         if not allowed:
             log.info("ws_upgrade_refused", status=401, reason="invalid_api_key", path=path)
@@ -351,7 +345,7 @@ class ResponsesResource(JsonResource):
             return _json(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
         if not isinstance(body, dict):
             return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
-        headers = _lower_headers(request)
+        headers = lower_headers(request.requestHeaders)
         ctx = RequestContext(headers={k: v for k, v in headers.items() if not markers.is_reserved(k)})
         ctx.request_id = uuid.uuid4().hex
         if markers.is_websocket_client(headers, gateway.secret):
@@ -388,7 +382,7 @@ class ModelsResource(JsonResource):
         self.gateway = gateway
 
     def render_GET(self, request: Request) -> bytes:
-        allowed, _ = self.gateway.keys.authenticate(_lower_headers(request))
+        allowed, _ = self.gateway.keys.authenticate(lower_headers(request.requestHeaders))
         if not allowed:
             return _json(request, *errors.unauthorized())
         data = [{"id": m, "object": "model", "owned_by": "cch"} for m in self.gateway.router.models()]
@@ -439,7 +433,7 @@ class MetricsResource(JsonResource):
         token = self.gateway.admin_token
         if token is None:
             return not self.gateway.keys.required
-        presented = presented_key(_lower_headers(request))
+        presented = presented_key(lower_headers(request.requestHeaders))
         return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
 
@@ -486,15 +480,10 @@ class Gateway:
         self.websocket_enabled = websocket_enabled
         self.metrics = metrics
         self.admin_token = admin_token
-        self._clock = clock
+        # Send deadlines of HTTP turns; by default the edge's clock (the service's injected one).
+        self.clock: IReactorTime = clock if clock is not None else edge_factory.clock
         self.draining = False
         self.http_turns: set[HttpTurn] = set()  # every POST /v1/responses in flight
-
-    @property
-    def clock(self) -> IReactorTime:
-        """The gateway's clock (send deadlines): the one given, else the handler's (the
-        service's injected clock)."""
-        return self._clock if self._clock is not None else self.handler.clock
 
     def cancel_http_turns(self) -> None:
         """The drain deadline passed: end every HTTP POST turn in flight, plain clients' and
