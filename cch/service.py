@@ -150,15 +150,19 @@ class GatewayService(MultiService):
         )
         limits = config.limits
         budget = AuthFailureBudget(clock, limits.auth_failure_limit, limits.auth_failure_window)
-        self.doors = Doors(
-            config.server,
-            limits,
-            self.keys,
-            clock,
-            metrics_token=config.server.admin_token,
-            budget=budget,
-            internal_secret=config.tunnel.secret,
-        )
+
+        def doors(metrics_token: str | None) -> Doors:  # one failed-auth budget for every listener
+            return Doors(
+                config.server,
+                limits,
+                self.keys,
+                clock,
+                metrics_token=metrics_token,
+                budget=budget,
+                internal_secret=config.tunnel.secret,
+            )
+
+        self.doors = doors(config.server.admin_token)
         self.site = self._site(build_root(self.gateway), self.doors, self.connections)
         listening, self.listener = listener(reactor, config.server.listen, self.site)
         listening.setServiceParent(self)
@@ -167,14 +171,7 @@ class GatewayService(MultiService):
             # Beyond loopback the metrics listener needs the admin token (config refuses it
             # without one); on loopback it is open.
             token_required = not is_loopback_endpoint(config.server.metrics_listen)
-            metrics_doors = Doors(
-                config.server,
-                limits,
-                self.keys,
-                clock,
-                metrics_token=config.server.admin_token if token_required else None,
-                budget=budget,
-            )
+            metrics_doors = doors(config.server.admin_token if token_required else None)
             metrics_site = self._site(build_metrics_root(self.gateway, token_required=token_required), metrics_doors)
             metrics_listening, self.metrics_listener = listener(reactor, config.server.metrics_listen, metrics_site)
             metrics_listening.setServiceParent(self)
