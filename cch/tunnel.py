@@ -23,12 +23,12 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from cch import secret as markers
-from cch.bodies import turn_body
 from cch.handler.pipeline import ResponsesHandler
 from cch.httpclient import BytesBody, HttpClient
 from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
+from cch.wire import turn_body
 
 # Carries the edge's turn id to the handler, so both ends log one id; trusted like the markers.
 REQUEST_ID = "x-cch-request-id"

@@ -26,7 +26,7 @@ class ResponseSink(Protocol):
     def sse_event(self, data: str, kind: str | None = None) -> None:
         """One SSE event's data text (``data:`` lines joined, trimmed).
 
-        ``kind``, when given, is the event's ``type`` as found by :func:`cch.events.event_type`
+        ``kind``, when given, is the event's ``type`` as found by :func:`cch.wire.event_type`
         (the data is a JSON object with that string type): whoever parsed the event passes it
         on so nobody parses it again. None means not known.
         """
@@ -84,8 +84,3 @@ class Tunnel(Protocol):
 
     def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Any:
         """Return a cancellable Deferred[None] that fires when the response is complete."""
-
-
-TERMINAL_EVENT_TYPES = frozenset(
-    {"response.completed", "response.failed", "response.incomplete", "error"}
-)

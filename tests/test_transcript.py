@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from cch.handler.continuity import NEW_SOCKET, prepare, previous_not_found, warmup_events
+from cch.handler.continuity import NEW_SOCKET, prepare, warmup_events
 from cch.jsoncodec import loads
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
+from cch.wire import previous_not_found
 
 WS = Origin("p", "websocket", 7, stored=False)
 

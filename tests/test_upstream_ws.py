@@ -38,7 +38,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from cch.config import Config, ProviderConfig, UpstreamWebSocketConfig
-from cch.events import event_type
 from cch.testing import FakeUpstream
 from cch.testing.scripts import (
     CONNECTION_LIMIT_ERROR,
@@ -53,6 +52,7 @@ from cch.testing.scripts import (
 )
 from cch.upstream.pool import UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
 from cch.upstream.ws import CLOSED, UpstreamConnection
+from cch.wire import event_type
 
 CREATED = {"type": "response.created", "response": {"id": "resp_u", "status": "in_progress"}}
 DELTA = {"type": "response.output_text.delta", "delta": "hello"}

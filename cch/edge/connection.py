@@ -23,14 +23,14 @@ from cch.config import LimitsConfig
 from cch.edge.frames import (
     DONE_FRAME,
     FrameRejected,
-    error_frame,
     parse_client_frame,
     translate_json_response,
     translate_sse_data,
 )
 from cch.handler import errors
 from cch.metrics import EdgeStats
-from cch.turn import TERMINAL_EVENT_TYPES, Tunnel, TurnRequest, TurnTransportError
+from cch.turn import Tunnel, TurnRequest, TurnTransportError
+from cch.wire import TERMINAL_EVENT_TYPES, error_event
 
 log = Logger()
 
@@ -265,7 +265,7 @@ class EdgeConnection:
         try:
             body = parse_client_frame(text, self.query_model)
         except FrameRejected as rejected:
-            self._send_error(error_frame(rejected.code, rejected.message))
+            self._send_error(error_event(rejected.code, rejected.message))
             return
         model = body.get("model")
         turn = _Turn(self, self.turns_started)
@@ -361,7 +361,7 @@ class EdgeConnection:
         self.stats.closed(code, reason)
         log.info("ws_client_close_initiated", code=code, reason=reason)
         if error is not None:
-            self._send_error(error_frame(*error))
+            self._send_error(error_event(*error))
         self.channel.send_close(code, reason)
 
     def _send_error(self, text: str) -> None:

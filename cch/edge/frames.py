@@ -10,18 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cch.bodies import turn_body
 from cch.jsoncodec import dumps, loads
-from cch.turn import TERMINAL_EVENT_TYPES
-
-
-def error_frame(code: str, message: str, status: int | None = None) -> str:
-    """``{"type":"error","error":{"code":..,"message":..}}`` (``status`` first when given)."""
-    frame: dict[str, Any] = {"type": "error"}
-    if status is not None:
-        frame["status"] = status
-    frame["error"] = {"code": code, "message": message}
-    return dumps(frame)
+from cch.wire import TERMINAL_EVENT_TYPES, turn_body
 
 
 class FrameRejected(Exception):

@@ -17,40 +17,12 @@ from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 
-from cch.events import event_type
 from cch.jsoncodec import dumps, loads
 from cch.transcript import Origin, Transcript, as_items
 from cch.turn import ResponseSink
+from cch.wire import event_type, previous_not_found
 
 NEW_SOCKET = -1  # an attempt on a socket that does not exist yet
-
-
-def previous_not_found(response_id: str) -> str:
-    """The canonical error that makes Codex resend its full context."""
-    return dumps(
-        {
-            "type": "error",
-            "error": {
-                "type": "invalid_request_error",
-                "code": "previous_response_not_found",
-                "message": f"Previous response with id '{response_id}' not found.",
-                "param": "previous_response_id",
-            },
-        }
-    )
-
-
-def is_previous_not_found(data: str | bytes) -> bool:
-    """Does this event or JSON error body say the upstream lost ``previous_response_id``?"""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    if "previous_response_not_found" not in text:
-        return False
-    try:
-        value = loads(text)
-    except ValueError:
-        return False
-    error = value.get("error") if isinstance(value, dict) else None
-    return isinstance(error, dict) and error.get("code") == "previous_response_not_found"
 
 
 def prepare(

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-
-def error_body(message: str, type_: str, code: str | None, **extra: Any) -> bytes:
-    """The bytes of an OpenAI-style error object."""
-    error: dict[str, Any] = {"message": message, "type": type_, "code": code}
-    error.update(extra)
-    return json.dumps({"error": error}, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
+from cch.wire import error_body
 
 # The one body of a failure inside the gateway (a handler that broke before any event).
 INTERNAL_ERROR = error_body("Internal error.", "server_error", "internal_error")

@@ -14,23 +14,22 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-from cch.bodies import upstream_ws_frame
 from cch.config import LimitsConfig
-from cch.events import error_event
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
 from cch.handler.continuity import RecordingSink
+from cch.handler.eligibility import evaluate
 from cch.handler.outbound import upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
 from cch.jsoncodec import dumps_bytes
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
-from cch.upstream.eligibility import evaluate
 from cch.upstream.http import HttpUpstream, collect_body, read_body
 from cch.upstream.pool import CONNECTION_LIMIT, UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
 from cch.waiters import Waiters
+from cch.wire import error_event, is_previous_not_found, upstream_ws_frame
 
 log = Logger()
 
@@ -334,7 +333,7 @@ class ResponsesHandler:
         ):
             content_type = (response.headers.getRawHeaders("content-type") or [JSON])[0]
             error = await collect_body(response, self.clock, idle_timeout=config.idle_timeout)
-            if not continuity.is_previous_not_found(error):
+            if not is_previous_not_found(error):
                 sink.json_body(400, error, content_type)
                 return None
             # The upstream lost the chain it was expected to hold: replay it once.
@@ -374,7 +373,7 @@ def _first_event_problem(stream: WSStream) -> str | None:
         return None
     first = stream.first_event()
     assert first is not None
-    if continuity.is_previous_not_found(first):
+    if is_previous_not_found(first):
         return "previous"
     if CONNECTION_LIMIT in first:
         return "limit"

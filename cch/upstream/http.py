@@ -17,13 +17,12 @@ from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, Re
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from cch.events import error_event, event_too_large, event_type
-from cch.handler.errors import error_body
 from cch.httpclient import BytesBody, HttpClient
 from cch.sse import EventTooLarge, SSEDecoder
-from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
+from cch.turn import ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.tls import trust_root
+from cch.wire import TERMINAL_EVENT_TYPES, error_body, error_event, event_too_large, event_type
 
 log = Logger()
 

@@ -26,16 +26,22 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from cch.config import LimitsConfig, UpstreamWebSocketConfig
-from cch.events import error_event, event_too_large, event_type
-from cch.turn import TERMINAL_EVENT_TYPES, ResponseSink
+from cch.turn import ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.tls import trust_root
 from cch.upstream.ws import OPEN, MessageTooLarge, UpstreamConnection
+from cch.wire import (
+    CONNECTION_LIMIT,
+    TERMINAL_EVENT_TYPES,
+    error_code,
+    error_event,
+    event_too_large,
+    event_type,
+)
 
 log = Logger()
 
 UPGRADE_CACHEABLE = frozenset({400, 404, 405, 426, 501})
-CONNECTION_LIMIT = "websocket_connection_limit_reached"
 
 
 class WSFailure(Exception):
@@ -545,7 +551,7 @@ class WSStream:
             # An `error` terminal, or the 60-minute cap, retires the socket
             # (docs/reference-behaviour.md#the-60-minute-connection-cap).
             req.close_persistent = kind == "error" or (
-                CONNECTION_LIMIT in text and _error_code(text) == CONNECTION_LIMIT
+                CONNECTION_LIMIT in text and error_code(text) == CONNECTION_LIMIT
             )
             self._complete()
 
@@ -607,12 +613,3 @@ class _SocketProducer:
 
     def stopProducing(self) -> None:
         self.conn.safe_close(1000)
-
-
-def _error_code(text: str) -> str | None:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    error = value.get("error") if isinstance(value, dict) else None
-    return error.get("code") if isinstance(error, dict) else None

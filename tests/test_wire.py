@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cch.bodies import turn_body, upstream_ws_frame
+from cch.wire import turn_body, upstream_ws_frame
 
 
 def test_a_turn_body_keeps_the_clients_order_less_the_frame_fields() -> None:
