@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -94,8 +95,10 @@ class PoolEntry:
     reuses: int = field(default=0)
 
 
-class UpstreamWSPool:
-    """Retained upstream sockets keyed by client session id."""
+class UpstreamWSPool(Service):
+    """Retained upstream sockets keyed by client session id; stopping the service closes them all."""
+
+    name = "upstream-ws-pool"
 
     def __init__(self, reactor: Any, clock: IReactorTime, config: UpstreamWebSocketConfig) -> None:
         self.reactor = reactor
@@ -282,6 +285,10 @@ class UpstreamWSPool:
         if not waiting:
             return succeed(None)
         return DeferredList(waiting)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return self.close_all()
 
     @property
     def size(self) -> int:
