@@ -135,7 +135,7 @@ async def test_connection_limit_is_never_seen_by_the_client(fake: FakeUpstream, 
         assert_every_turn_whole(talk, fake)
         assert len(fake.ws_connections) == 2
         assert fake.ws_connections[0].close_code == 1000
-        assert running.service.handler.ws_stats["retried:limit"] == 1
+        assert running.service.handler.ws_figures.retries["connection_limit"] == 1
     finally:
         await running.stop()
 

@@ -189,10 +189,10 @@ async def test_unreachable_upstream_is_a_502_error_frame_and_the_connection_stay
         client.send_json(create())
         assert await client.recv() == UNREACHABLE
         await quiet(running, client)
-    stats = running.service.handler.ws_stats
+    fallbacks = running.service.handler.ws_figures.fallbacks
     if matrix.ws:
         # The socket never opened: that fell back to HTTP, which was refused too.
-        assert stats["fallback:ws_error_pre_first_event"] == 2
+        assert fallbacks["ws_error_pre_first_event"] == 2
     assert running.service.ws_pool.sockets == set()
     assert matrix.fake.requests == []
 
@@ -334,7 +334,7 @@ async def test_upstream_error_status_reaches_the_client_as_an_error_frame(matrix
     assert [r.transport for r in fake.requests] == ["http"]
     if matrix.ws:
         assert len(fake.refused_upgrades) == 1
-        assert running.service.handler.ws_stats["fallback:ws_upgrade_rejected"] == 1
+        assert running.service.handler.ws_figures.fallbacks["ws_upgrade_rejected"] == 1
         fake.upgrade_status = None
     await next_turn_completes(client)
 

@@ -119,7 +119,7 @@ async def test_silent_upstream_after_the_frame_ends_the_turn_with_upstream_first
     await within(sockets_gone(running), "the silent socket to be gone")
     assert running.service.ws_pool.sockets == set() and running.service.ws_pool.entries == {}
     assert failures == [] and running.service.router.get("primary").breaker.failures == 0
-    assert not any(key.startswith("fallback:") for key in running.service.handler.ws_stats)
+    assert not running.service.handler.ws_figures.fallbacks
     scraped = running.service.metrics.render().decode()
     assert 'cch_upstream_ws_turn_failures_total{code="upstream_first_event_timeout"} 1.0' in scraped
     # The client connection carries the next turn, on a new upstream socket.
@@ -197,6 +197,6 @@ async def test_first_event_timeout_while_still_connecting_falls_back_to_http(
     clock.advance(1)
     assert (await within(answer, "the HTTP fallback"))[-1]["type"] == "response.completed"
     assert [r.transport for r in fake.requests] == ["http"]
-    assert running.service.handler.ws_stats["fallback:ws_error_pre_first_event"] == 1
+    assert running.service.handler.ws_figures.fallbacks["ws_error_pre_first_event"] == 1
     assert failures == []
     assert client.close_info is None

@@ -30,7 +30,8 @@ from cch.sse import EventTooLarge, SSEDecoder
 from cch.testing import FakeUpstream
 from cch.testing.client import ResponsesWSClient
 from cch.testing.scripts import SSE_HEADERS, Event, Hold, Script
-from cch.upstream.pool import UpstreamWSPool, WSTurnFailed
+from cch.upstream.exchange import NotResent
+from cch.upstream.pool import Target, UpstreamWSPool
 
 CAP = 4096
 CREATED = {"type": "response.created", "response": {"id": "resp_cap", "status": "in_progress"}}
@@ -154,18 +155,10 @@ async def test_upstream_socket_refuses_a_128_mib_frame_from_its_header_and_ends_
     clock = Clock()
     pool = UpstreamWSPool(reactor, clock, UpstreamWebSocketConfig())
     try:
-        d = pool.request(
-            provider="primary",
-            endpoint=None,
-            url=f"ws://127.0.0.1:{port.getHost().port}/v1/responses",
-            headers={},
-            frame=json.dumps(create()),
-            session_id="sess-1",
-            max_event_bytes=CAP,
-        )
-        with pytest.raises(WSTurnFailed) as failed:
-            await within(d, "the refusal")
-        assert (failed.value.code, failed.value.message) == (TOO_LARGE["error"]["code"], TOO_LARGE["error"]["message"])
+        target = Target.of("primary", f"ws://127.0.0.1:{port.getHost().port}/v1/responses", {}, "sess-1", max_event_bytes=CAP)
+        outcome = await within(pool.exchange(target, json.dumps(create())), "the refusal")
+        assert isinstance(outcome, NotResent)
+        assert (outcome.code, outcome.message) == (TOO_LARGE["error"]["code"], TOO_LARGE["error"]["message"])
         (server,) = factory.connections  # type: ignore[attr-defined]
         await within(server.lost, "the upstream socket to be dropped")
         assert pool.sockets == set() and pool.entries == {}

@@ -5,8 +5,8 @@ The rules: docs/reference-behaviour.md, from "Upstream WebSocket eligibility" to
 
 Two levels, all on real sockets on 127.0.0.1:
 
-* unit: an :class:`UpstreamWSPool` on a ``task.Clock`` driven directly (``pool.request`` then
-  ``WSStream.deliver`` into a recording sink), against the fake upstream or a server that
+* unit: an :class:`UpstreamWSPool` on a ``task.Clock`` driven directly (``pool.exchange`` then
+  ``Exchange.deliver`` into a recording sink), against the fake upstream or a server that
   accepts TCP and never answers the upgrade;
 * end to end: a client WebSocket through the edge (both tunnel modes) to a gateway whose
   provider speaks WebSocket, with the gateway's timers on a ``task.Clock`` where they matter.
@@ -50,7 +50,8 @@ from cch.testing.scripts import (
     hold,
     ws_close_after,
 )
-from cch.upstream.pool import UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
+from cch.upstream.exchange import Exchange, Failed, NotResent, Outcome
+from cch.upstream.pool import Target, UpstreamWSPool
 from cch.upstream.ws import CLOSED, UpstreamConnection
 from cch.wire import event_type
 
@@ -105,19 +106,35 @@ def gone(conn: UpstreamConnection) -> Deferred[None]:
     return d
 
 
-async def failure_of(d: Deferred[Any]) -> WSFailure:
+class NoEvent(Exception):
+    """The exchange ended before its first event (``outcome`` says how)."""
+
+    def __init__(self, outcome: Failed | NotResent) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+def _exchange_of(outcome: Outcome) -> Exchange:
+    if isinstance(outcome, (Failed, NotResent)):
+        raise NoEvent(outcome)
+    return outcome.exchange
+
+
+async def failure_of(d: Deferred[Any]) -> Failed:
     try:
         await d
-    except WSFailure as failure:
-        return failure
+    except NoEvent as ended:
+        assert isinstance(ended.outcome, Failed), ended.outcome
+        return ended.outcome
     raise AssertionError("the request did not fail")
 
 
-async def turn_failure_of(d: Deferred[Any]) -> WSTurnFailed:
+async def turn_failure_of(d: Deferred[Any]) -> NotResent:
     try:
         await d
-    except WSTurnFailed as failed:
-        return failed
+    except NoEvent as ended:
+        assert isinstance(ended.outcome, NotResent), ended.outcome
+        return ended.outcome
     raise AssertionError("the request did not fail without a fallback")
 
 
@@ -323,18 +340,12 @@ def ask(
     session: str | None = "sess-1",
     headers: dict[str, str] | None = None,
     **fields: Any,
-) -> Deferred[WSStream]:
-    return pool.request(
-        provider="primary",
-        endpoint=None,
-        url=url,
-        headers=dict(HEADERS if headers is None else headers),
-        frame=json.dumps(create(**fields)),
-        session_id=session,
-    )
+) -> Deferred[Exchange]:
+    target = Target.of("primary", url, HEADERS if headers is None else headers, session)
+    return pool.exchange(target, json.dumps(create(**fields))).addCallback(_exchange_of)
 
 
-async def turn(pool: UpstreamWSPool, url: str, session: str | None = "sess-1", **kwargs: Any) -> tuple[WSStream, RecordingSink]:
+async def turn(pool: UpstreamWSPool, url: str, session: str | None = "sess-1", **kwargs: Any) -> tuple[Exchange, RecordingSink]:
     stream = await ask(pool, url, session, **kwargs)
     sink = RecordingSink()
     await stream.deliver(sink)
@@ -601,7 +612,7 @@ async def test_upstream_closing_a_retained_idle_socket_forgets_it_and_its_idle_t
     pool = make_pool()
     stream, sink = await turn(pool, fake.ws_url)
     assert sink.events == [CREATED, COMPLETED]
-    await gone(stream.req.conn)
+    await gone(stream.conn)
     assert pool.entries == {} and pool.sockets == set()
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
     again, _ = await turn(pool, fake.ws_url)
@@ -815,7 +826,7 @@ async def test_drop_mid_stream_ends_with_upstream_ws_mid_stream_error(fake: Fake
     stream, sink = await turn(pool, fake.ws_url)
     assert types(sink.events) == ["response.created", "response.output_text.delta", "error"]
     assert sink.events[-1]["error"]["code"] == "upstream_ws_mid_stream_error"
-    await gone(stream.req.conn)
+    await gone(stream.conn)
     assert pool.entries == {} and pool.sockets == set()
 
 
@@ -972,8 +983,8 @@ async def test_turn_streams_over_one_upstream_socket_with_the_right_upgrade_head
     assert headers["accept-encoding"] == "identity"
     assert not any(name.startswith("x-cch-") for name in headers)
     assert "accept" not in headers and "content-type" not in headers and "content-length" not in headers
-    stats = running.service.handler.ws_stats
-    assert (stats["attempts"], stats["connected"], stats["reused"]) == (1, 1, 0)
+    figures = running.service.handler.ws_figures
+    assert (figures.attempts, figures.connected, figures.reused) == (1, 1, 0)
     assert len(running.service.ws_pool.entries) == 1
 
 
@@ -1009,7 +1020,7 @@ async def test_two_turns_reuse_one_upstream_socket(fake: FakeUpstream, launch: L
         assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert len(fake.ws_connections) == 1
     assert [r.connection_index for r in fake.requests] == [0, 0]
-    assert running.service.handler.ws_stats["reused"] == 1
+    assert running.service.handler.ws_figures.reused == 1
     assert running.service.ws_pool.stats["connects"] == 1
 
 
@@ -1050,7 +1061,7 @@ async def test_error_terminal_reaches_the_client_and_the_next_turn_opens_a_fresh
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert len(fake.ws_connections) == 2
     assert fake.requests[1].connection_index == 1
-    assert running.service.handler.ws_stats["reused"] == 0
+    assert running.service.handler.ws_figures.reused == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -1068,7 +1079,7 @@ async def test_connection_limit_as_the_first_event_is_retried_on_a_fresh_socket(
     assert (await fake.wait_for_ws_close(0)).close_code == 1000
     assert len(fake.ws_connections) == 2
     assert [r.connection_index for r in fake.requests] == [0, 1]
-    assert running.service.handler.ws_stats["retried:limit"] == 1
+    assert running.service.handler.ws_figures.retries["connection_limit"] == 1
     client.send_json(create())
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert len(fake.ws_connections) == 2 and fake.requests[-1].connection_index == 1
@@ -1122,7 +1133,7 @@ async def test_rejected_upgrade_falls_back_to_http_and_caches_only_cacheable_sta
     assert [r.transport for r in fake.requests] == ["http"]
     assert len(fake.refused_upgrades) == 1
     service = running.service
-    assert service.handler.ws_stats["fallback:ws_upgrade_rejected"] == 1
+    assert service.handler.ws_figures.fallbacks["ws_upgrade_rejected"] == 1
     assert failures.count == 0 and failures.breaker.failures == 0
     cached = service.unsupported.lookup("primary", None)
     assert (cached is not None) is (status in CACHEABLE)
@@ -1132,11 +1143,11 @@ async def test_rejected_upgrade_falls_back_to_http_and_caches_only_cacheable_sta
     assert [r.transport for r in fake.requests] == ["http", "http"]
     if status in CACHEABLE:
         assert len(fake.refused_upgrades) == 1  # straight to HTTP, no second upgrade
-        assert service.handler.ws_stats["fallback:endpoint_ws_unsupported_cached"] == 1
-        assert service.handler.ws_stats["attempts"] == 1
+        assert service.handler.ws_figures.fallbacks["endpoint_ws_unsupported_cached"] == 1
+        assert service.handler.ws_figures.attempts == 1
     else:
         assert len(fake.refused_upgrades) == 2  # tried WebSocket again
-        assert service.handler.ws_stats["attempts"] == 2
+        assert service.handler.ws_figures.attempts == 2
     assert failures.count == 0
     assert service.ws_pool.sockets == set()
 
@@ -1221,7 +1232,7 @@ async def test_socket_ending_before_the_first_event_falls_back_to_http_without_a
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert client.close_info is None
     assert [r.transport for r in fake.requests] == ["websocket", "http"]
-    assert running.service.handler.ws_stats["fallback:" + reason] == 1
+    assert running.service.handler.ws_figures.fallbacks[reason] == 1
     assert failures.count == 0 and failures.breaker.failures == 0
     assert running.service.unsupported.lookup("primary", None) is None
     # Not cacheable: the next turn tries WebSocket again (and gets it).
@@ -1249,7 +1260,7 @@ async def test_first_event_timeout_falls_back_to_http_with_fallback_after_send(
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert [r.transport for r in fake.requests] == ["websocket", "http"]
     assert (await fake.wait_for_ws_close(0)).close_code == 1011
-    assert running.service.handler.ws_stats["fallback:ws_error_pre_first_event"] == 1
+    assert running.service.handler.ws_figures.fallbacks["ws_error_pre_first_event"] == 1
     assert failures.count == 0
     assert client.close_info is None
 
@@ -1269,7 +1280,7 @@ async def test_handshake_timeout_falls_back_to_http(
     gateway_clock.advance(1)
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert [r.transport for r in fake.requests] == ["http"]
-    assert running.service.handler.ws_stats["fallback:ws_error_pre_first_event"] == 1
+    assert running.service.handler.ws_figures.fallbacks["ws_error_pre_first_event"] == 1
     assert failures.count == 0
     await front.held_connections_gone()
 
@@ -1329,7 +1340,7 @@ async def test_idle_upstream_socket_is_closed_after_65_minutes_and_the_client_st
     client.send_json(create())
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert len(fake.ws_connections) == 2
-    assert running.service.handler.ws_stats["reused"] == 0
+    assert running.service.handler.ws_figures.reused == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -1398,8 +1409,8 @@ async def test_websocket_switched_off_uses_http_without_an_attempt(
     assert (await client.recv_turn())[-1]["type"] == "response.completed"
     assert [r.transport for r in fake.requests] == ["http"]
     assert fake.ws_connections == [] and fake.refused_upgrades == []
-    stats = running.service.handler.ws_stats
-    assert stats["attempts"] == 0 and stats["fallback:" + reason] == 1
+    figures = running.service.handler.ws_figures
+    assert figures.attempts == 0 and figures.fallbacks[reason] == 1
 
 
 @pytest.mark.parametrize("spoofed", [True, False], ids=["spoofed-markers", "no-markers"])
@@ -1432,7 +1443,7 @@ async def test_plain_http_post_never_tries_the_upstream_websocket(
         await http.closeCachedConnections()
     assert response.code == 200
     assert [r.transport for r in fake.requests] == ["http"]
-    assert running.service.handler.ws_stats["attempts"] == 0
+    assert running.service.handler.ws_figures.attempts == 0
     assert not any(name.startswith("x-cch-") for name in fake.requests[0].headers)
 
 
@@ -1485,8 +1496,8 @@ async def test_acceptance_five_turns_ride_one_upstream_websocket(
         previous = events[-1]["response"]["id"]
     assert len(fake.ws_connections) == 1
     assert [(r.transport, r.connection_index) for r in fake.requests] == [("websocket", 0)] * 5
-    stats = running.service.handler.ws_stats
-    assert (stats["attempts"], stats["connected"], stats["reused"]) == (5, 5, 4)
+    figures = running.service.handler.ws_figures
+    assert (figures.attempts, figures.connected, figures.reused) == (5, 5, 4)
     assert running.service.ws_pool.stats["connects"] == 1
     assert client.close_info is None
 
@@ -1506,9 +1517,9 @@ async def test_acceptance_five_turns_fall_back_to_http_after_one_refused_upgrade
     assert len(fake.refused_upgrades) == 1 and fake.ws_connections == []
     service = running.service
     assert service.unsupported.lookup("primary", None) == "ws_upgrade_rejected"
-    stats = service.handler.ws_stats
-    assert stats["attempts"] == 1
-    assert stats["fallback:ws_upgrade_rejected"] == 1
-    assert stats["fallback:endpoint_ws_unsupported_cached"] == 4
+    figures = service.handler.ws_figures
+    assert figures.attempts == 1
+    assert figures.fallbacks["ws_upgrade_rejected"] == 1
+    assert figures.fallbacks["endpoint_ws_unsupported_cached"] == 4
     assert failures.count == 0
     assert client.close_info is None

@@ -27,7 +27,7 @@ from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, s
 
 from cch.config import LimitsConfig
 from cch.edge.protocol import EdgeProtocol
-from cch.upstream.ws import CLOSED, OPEN, UpstreamConnection
+from cch.upstream.ws import CLOSED, OPEN, SocketClosed, UpstreamConnection
 from cch.wsframes import masked_text_frame, text_frame_header
 
 
@@ -43,8 +43,8 @@ class Consumer:
     def ws_message(self, text: str, size: int) -> None:
         self.messages.append((text, size))
 
-    def ws_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None:
-        self.closed.append((code, reason, failure, status))
+    def ws_closed(self, closed: SocketClosed) -> None:
+        self.closed.append((closed.code, closed.reason, closed.failure, closed.status))
 
 
 # --- upstream sockets: unmasked frames from a server ------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,15 +18,16 @@ from twisted.logger import Logger, LogLevel
 from cch.config import LimitsConfig
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
-from cch.handler.continuity import RecordingSink
+from cch.handler.continuity import NEW_SOCKET, RecordingSink
 from cch.handler.eligibility import evaluate
 from cch.handler.outbound import upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
 from cch.jsoncodec import dumps_bytes
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
+from cch.upstream.exchange import ConnectionLimit, Failed, NotResent, Outcome, PreviousLost
 from cch.upstream.http import HttpUpstream, collect_body, read_body
-from cch.upstream.pool import CONNECTION_LIMIT, UpstreamWSPool, WSFailure, WSStream, WSTurnFailed
+from cch.upstream.pool import Target, UpstreamWSPool
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
 from cch.waiters import Waiters
@@ -39,6 +41,21 @@ JSON = "application/json"
 def _retryable(status: int) -> bool:
     """Statuses that say "this provider, not this request": try the next provider."""
     return status == 429 or status >= 500
+
+
+RETRY_REASONS = {ConnectionLimit: "connection_limit", PreviousLost: "previous_lost"}
+
+
+@dataclass
+class WebSocketFigures:
+    """What upstream WebSocket attempts came to (exported by :meth:`ResponsesHandler.collect`)."""
+
+    attempts: int = 0
+    connected: int = 0
+    reused: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)  # by reason: the turn went to HTTP
+    failures: Counter[str] = field(default_factory=Counter)  # by code: ended, not re-sent
+    retries: Counter[str] = field(default_factory=Counter)  # by RETRY_REASONS: sent again
 
 
 class ResponsesHandler:
@@ -69,7 +86,7 @@ class ResponsesHandler:
         self.active = 0  # requests in progress (leak checks, drain, metrics)
         self._idle: Waiters[None] = Waiters()
         self.http_attempts = 0
-        self.ws_stats: Counter[str] = Counter()  # attempts, connected, reused, fallback:<reason>
+        self.ws_figures = WebSocketFigures()
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
         """Fires when the whole response went to ``sink``; cancel it to abort upstream."""
@@ -86,27 +103,26 @@ class ResponsesHandler:
 
     def collect(self) -> Iterator[Metric]:
         """The pipeline's figures, read at scrape time (cch.metrics)."""
+        ws = self.ws_figures
         yield GaugeMetricFamily("cch_requests_in_progress", "Responses requests being served.", value=self.active)
         attempts = CounterMetricFamily("cch_upstream_attempts", "Upstream attempts, by transport.", labels=["transport"])
-        attempts.add_metric(["websocket"], self.ws_stats.get("attempts", 0))
+        attempts.add_metric(["websocket"], ws.attempts)
         attempts.add_metric(["http"], self.http_attempts)
         yield attempts
-        fallbacks = CounterMetricFamily(
-            "cch_upstream_ws_fallbacks", "Turns that used HTTP instead of the upstream WebSocket, by reason.", labels=["reason"]
-        )
-        failures = CounterMetricFamily(
-            "cch_upstream_ws_turn_failures",
-            "Turns the upstream WebSocket took but ended without an event and were not re-sent, by code.",
-            labels=["code"],
-        )
-        for key, count in sorted(self.ws_stats.items()):
-            kind, _, detail = key.partition(":")
-            if kind == "fallback":
-                fallbacks.add_metric([detail], count)
-            elif kind == "failed":
-                failures.add_metric([detail], count)
-        yield fallbacks
-        yield failures
+        for name, text, label, counts in (
+            ("cch_upstream_ws_fallbacks", "Turns that used HTTP instead of the upstream WebSocket, by reason.", "reason", ws.fallbacks),
+            (
+                "cch_upstream_ws_turn_failures",
+                "Turns the upstream WebSocket took but ended without an event and were not re-sent, by code.",
+                "code",
+                ws.failures,
+            ),
+            ("cch_upstream_ws_retries", "Turns sent again on a fresh upstream socket, by what the first event said.", "reason", ws.retries),
+        ):
+            family = CounterMetricFamily(name, text, labels=[label])
+            for value, count in sorted(counts.items()):
+                family.add_metric([value], count)
+            yield family
 
     def wait_idle(self) -> Deferred[None]:
         """Fires when no request is in progress (immediately if none is)."""
@@ -177,9 +193,8 @@ class ResponsesHandler:
 
         Failures before the first upstream event fall back to HTTP on the same provider and
         never count against its breaker (docs/reference-behaviour.md#fallback-to-http) — unless
-        the provider may already have the turn (:class:`WSTurnFailed`): then it ends here with
-        an ``error`` event, still without a breaker failure, so it never reaches the provider
-        twice.
+        the provider may already have the turn (:class:`NotResent`): then it ends here with an
+        ``error`` event, still without a breaker failure, so it never reaches the provider twice.
         """
         pool = self.ws_pool
         if pool is None:
@@ -187,64 +202,38 @@ class ResponsesHandler:
         verdict = evaluate(ctx, provider, enabled=self.ws_enabled, unsupported=self.unsupported)
         if not verdict.eligible:
             if verdict.downgrade_reason is not None:
-                self.ws_stats["fallback:" + verdict.downgrade_reason] += 1
+                self.ws_figures.fallbacks[verdict.downgrade_reason] += 1
                 log.debug("upstream_ws_downgraded", provider=provider.name, reason=verdict.downgrade_reason, request_id=ctx.request_id)
             return False
-        target = {
-            "provider": provider.name,
-            "endpoint": None,
-            "url": ws_url(upstream_url(provider.base_url)),
-            "headers": upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
-            "session_id": ctx.ws_session,
-        }
-        socket = pool.peek(**target)
-        send, lost = continuity.prepare(
-            transcript, body, provider.name, continuity.NEW_SOCKET if socket is None else socket
+        target = Target.of(
+            provider.name,
+            ws_url(upstream_url(provider.base_url)),
+            upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
+            ctx.ws_session,
+            tls_ca=provider.config.tls_ca,
+            max_event_bytes=self.limits.max_upstream_event_bytes,
         )
+        socket = pool.peek(target)
+        send, lost = continuity.prepare(transcript, body, provider.name, NEW_SOCKET if socket is None else socket)
         if send is None:
             _send_events(sink, [lost])
             return True
-        self.ws_stats["attempts"] += 1
-        cap = self.limits.max_upstream_event_bytes
+        self.ws_figures.attempts += 1
         provider.breaker.attempt_started()
         try:
-            stream = await pool.request(frame=upstream_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
-            problem = _first_event_problem(stream)
-            if problem == "limit" or (
-                problem == "previous" and send is body and transcript is not None and transcript.knows(body["previous_response_id"])
-            ):
+            outcome = await pool.exchange(target, upstream_ws_frame(send))
+            again = _second_try(outcome, transcript, body, send, provider.name)
+            if again is not None:
                 # The socket hit its age cap, or the upstream forgot what it held: take a fresh
                 # socket and make the turn whole from the transcript, so the client never sees it.
-                stream.discard()
-                self.ws_stats["retried:" + problem] += 1
-                if problem == "limit":
-                    send, lost = continuity.prepare(transcript, body, provider.name, continuity.NEW_SOCKET)
-                else:
-                    send, lost = continuity.replay(transcript, body)  # type: ignore[arg-type]
+                assert not isinstance(outcome, (Failed, NotResent))
+                outcome.exchange.discard()
+                self.ws_figures.retries[RETRY_REASONS[type(outcome)]] += 1
+                send, lost = again
                 if send is None:
                     _send_events(sink, [lost])
                     return True
-                stream = await pool.request(frame=upstream_ws_frame(send), tls_ca=provider.config.tls_ca, max_event_bytes=cap, **target)
-        except WSFailure as failure:
-            if failure.cacheable:
-                self.unsupported.mark(provider.name, None, failure.reason)
-            self.ws_stats["fallback:" + failure.reason] += 1
-            log.info(
-                "upstream_ws_fallback",
-                provider=provider.name,
-                reason=failure.reason,
-                cacheable=failure.cacheable,
-                message=failure.message,
-                request_id=ctx.request_id,
-            )
-            provider.breaker.attempt_abandoned()
-            return False
-        except WSTurnFailed as failed:
-            self.ws_stats["failed:" + failed.code] += 1
-            log.warn(failed.log_event, provider=provider.name, code=failed.code, message=failed.message, request_id=ctx.request_id)
-            provider.breaker.attempt_abandoned()
-            _send_events(sink, [error_event(failed.code, failed.message)])
-            return True
+                outcome = await pool.exchange(target, upstream_ws_frame(send))
         except CancelledError:
             provider.breaker.attempt_abandoned()
             raise
@@ -252,25 +241,47 @@ class ResponsesHandler:
             # Whatever went wrong, HTTP on the same provider still may work
             # (docs/reference-behaviour.md#fallback-to-http).
             log.failure("upstream_ws_attempt_threw", level=LogLevel.warn, provider=provider.name)
-            self.ws_stats["fallback:exception"] += 1
+            self.ws_figures.fallbacks["exception"] += 1
             provider.breaker.attempt_abandoned()
             return False
+        if isinstance(outcome, Failed):
+            if outcome.cacheable:
+                self.unsupported.mark(provider.name, None, outcome.reason)
+            self.ws_figures.fallbacks[outcome.reason] += 1
+            log.info(
+                "upstream_ws_fallback",
+                provider=provider.name,
+                reason=outcome.reason,
+                cacheable=outcome.cacheable,
+                message=outcome.message,
+                request_id=ctx.request_id,
+            )
+            provider.breaker.attempt_abandoned()
+            return False
+        if isinstance(outcome, NotResent):
+            self.ws_figures.failures[outcome.code] += 1
+            log.warn(outcome.log_event, provider=provider.name, code=outcome.code, message=outcome.message, request_id=ctx.request_id)
+            provider.breaker.attempt_abandoned()
+            _send_events(sink, [error_event(outcome.code, outcome.message)])
+            return True
+        # Ready — or an error first event not worth a second try: the client gets it as is.
+        exchange = outcome.exchange
         provider.breaker.record_success()
-        self.ws_stats["connected"] += 1
-        if stream.reused:
-            self.ws_stats["reused"] += 1
+        self.ws_figures.connected += 1
+        if exchange.reused:
+            self.ws_figures.reused += 1
         log.info(
             "upstream_attempt_started",
             provider=provider.name,
             attempt=attempt,
             transport="websocket",
-            reused=stream.reused,
+            reused=exchange.reused,
             request_id=ctx.request_id,
         )
         if transcript is not None:
-            origin = Origin(provider.name, "websocket", stream.socket_id, _stored(body))
+            origin = Origin(provider.name, "websocket", exchange.socket_id, _stored(body))
             sink = RecordingSink(sink, transcript, body, origin)
-        await stream.deliver(sink, provider.config.idle_timeout)
+        await exchange.deliver(sink, provider.config.idle_timeout)
         return True
 
     async def _attempt(
@@ -366,17 +377,21 @@ def _stored(body: dict[str, Any]) -> bool:
     return body.get("store") is not False
 
 
-def _first_event_problem(stream: WSStream) -> str | None:
-    """"limit" (the 60-minute cap) or "previous" (unknown previous_response_id) when the
-    upstream's first event is that error, else None."""
-    if stream.first_event_type() != "error":
-        return None
-    first = stream.first_event()
-    assert first is not None
-    if is_previous_not_found(first):
-        return "previous"
-    if CONNECTION_LIMIT in first:
-        return "limit"
+def _second_try(
+    outcome: Outcome, transcript: Transcript | None, body: dict[str, Any], sent: dict[str, Any], provider: str
+) -> tuple[dict[str, Any] | None, str | None] | None:
+    """What to send on a fresh socket after the first event said the socket hit its age cap, or
+    that the upstream lost a ``previous_response_id`` the transcript can replay; None when the
+    outcome stands."""
+    if isinstance(outcome, ConnectionLimit):
+        return continuity.prepare(transcript, body, provider, NEW_SOCKET)
+    if (
+        isinstance(outcome, PreviousLost)
+        and sent is body
+        and transcript is not None
+        and transcript.knows(body["previous_response_id"])
+    ):
+        return continuity.replay(transcript, body)
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,17 +45,19 @@ CLOSING = "closing"
 CLOSED = "closed"
 
 
-class MessageTooLarge(str):
-    """A close ``failure`` text that means: the upstream sent a frame or message over
-    ``max_message_bytes`` (``limit``), which Autobahn refused from its header, before buffering
-    the payload, and dropped the socket. Still the text, so consumers that only log it may."""
+@dataclass(frozen=True, slots=True)
+class SocketClosed:
+    """How a socket ended, as its consumer is told: the close frame's ``code`` and ``reason``
+    (None without one), ``failure`` text when it did not end cleanly, the HTTP ``status`` when
+    the upgrade was refused, and ``too_large`` (the limit) when the upstream sent a frame or
+    message over ``max_message_bytes`` — Autobahn refused it from its header, before buffering
+    the payload, and dropped the socket."""
 
-    limit: int
-
-    def __new__(cls, text: str, limit: int) -> MessageTooLarge:
-        value = super().__new__(cls, text)
-        value.limit = limit
-        return value
+    code: int | None = None
+    reason: str | None = None
+    failure: str | None = None
+    status: int | None = None
+    too_large: int | None = None
 
 
 def ws_url(http_url: str) -> str:
@@ -74,7 +77,7 @@ class SocketConsumer(Protocol):
 
     def ws_message(self, text: str, size: int) -> None: ...
 
-    def ws_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None: ...
+    def ws_closed(self, closed: SocketClosed) -> None: ...
 
 
 SERVER_DROP_TIMEOUT = 1.0  # Autobahn's default wait for the server to drop TCP after a close
@@ -136,9 +139,10 @@ class _ClientProtocol(ClientProtocol):
         cancel_close_timer(self)
         not_clean = not_clean_reason(self)
         # Autobahn's record that it refused an oversized frame/message (tests/test_upstream_event_cap.py).
-        if refused_oversized(self):
-            not_clean = MessageTooLarge(not_clean or "message too large", self.owner.max_message_bytes)
-        self.owner._closed(code, reason, wasClean, status, not_clean)
+        too_large = self.owner.max_message_bytes if refused_oversized(self) else None
+        if too_large is not None:
+            not_clean = not_clean or "message too large"
+        self.owner._closed(code, reason, wasClean, status, not_clean, too_large)
 
 
 class _ClientFactory(WebSocketClientFactory):
@@ -233,7 +237,7 @@ class UpstreamConnection:
         self._connecting = None
         if self.state == CLOSED:
             return
-        self._finish_closed(None, None, _text(failure), None)
+        self._finish_closed(SocketClosed(failure=_text(failure)))
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
@@ -294,7 +298,7 @@ class UpstreamConnection:
         self.resume()
         proto = self._proto
         if proto is None:
-            self._finish_closed(None, None, None, None)
+            self._finish_closed(SocketClosed())
             return
         try:
             proto.sendCloseFrame(code=code, isReply=False)
@@ -310,23 +314,31 @@ class UpstreamConnection:
         elif self._proto is not None and self._proto.transport is not None:
             self._proto.transport.abortConnection()
         else:
-            self._finish_closed(None, None, self._failure_text, None)
+            self._finish_closed(SocketClosed(failure=self._failure_text))
 
     def _closed(
-        self, code: int | None, reason: str | None, clean: bool, status: int | None, not_clean: str | None
+        self,
+        code: int | None,
+        reason: str | None,
+        clean: bool,
+        status: int | None,
+        not_clean: str | None,
+        too_large: int | None,
     ) -> None:
         failure = None if clean else (self._failure_text or not_clean or "connection lost")
-        self._finish_closed(code, reason, failure, status)
+        self._finish_closed(SocketClosed(code, reason, failure, status, too_large))
 
-    def _finish_closed(self, code: int | None, reason: str | None, failure: str | None, status: int | None) -> None:
+    def _finish_closed(self, closed: SocketClosed) -> None:
         if self.state == CLOSED:
             return
         self.state = CLOSED
-        self.status = status
+        self.status = closed.status
         self._cancel_handshake_timer()
+        if self._failure_text is not None and closed.failure != self._failure_text:
+            closed = replace(closed, failure=self._failure_text)
         consumer, self.consumer = self.consumer, None
         if consumer is not None:
-            consumer.ws_closed(code, reason, self._failure_text or failure, status)
+            consumer.ws_closed(closed)
         hooks, self.on_gone = self.on_gone, []
         for hook in hooks:
             hook(self)
