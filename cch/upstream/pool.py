@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,10 +92,19 @@ class UpstreamWSPool(Service):
 
     name = "upstream-ws-pool"
 
-    def __init__(self, reactor: Any, clock: IReactorTime, config: UpstreamWebSocketConfig) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        clock: IReactorTime,
+        config: UpstreamWebSocketConfig,
+        open_socket: Callable[[Target], UpstreamConnection] | None = None,
+    ) -> None:
+        """``open_socket`` makes an unconnected socket for a target (default: a real
+        :class:`UpstreamConnection`; tests/test_pool.py passes in-memory ones)."""
         self.reactor = reactor
         self.clock = clock
         self.config = config
+        self.open_socket = open_socket or self._new_socket
         self.max_entries = config.pool_max_entries
         self.entries: dict[str, PoolEntry] = {}
         self.sockets: set[UpstreamConnection] = set()  # every live socket, retained or not
@@ -165,8 +174,8 @@ class UpstreamWSPool(Service):
         conn.connect()
         return exchange.result
 
-    def _open(self, target: Target) -> UpstreamConnection:
-        conn = UpstreamConnection(
+    def _new_socket(self, target: Target) -> UpstreamConnection:
+        return UpstreamConnection(
             self.reactor,
             self.clock,
             target.url,
@@ -175,6 +184,9 @@ class UpstreamWSPool(Service):
             max_message_bytes=target.max_event_bytes,
             trust=trust_root(target.tls_ca),
         )
+
+    def _open(self, target: Target) -> UpstreamConnection:
+        conn = self.open_socket(target)
         self.sockets.add(conn)
         conn.on_gone.append(self.sockets.discard)
         self.stats["connects"] += 1
