@@ -7,7 +7,8 @@ is wrong, so a mistake never surfaces later as a traceback deep inside the runni
 
 Validation is table-driven: each TOML table is checked against the fields of its dataclass
 (type by annotation, numbers positive), plus per-key rules in ``_RULES`` and the form a value is
-stored in (``_NORMAL_FORMS``); the few rules that span tables are checked in ``_build``.
+stored in (``_NORMAL_FORMS``); a [[keys]] table also holds its limits flat (``_INLINE``), laid
+over [key_defaults]; the few rules that span tables are checked in ``_build``.
 Messages never show a secret (keys, tokens and secrets by their length, URLs without userinfo).
 """
 
@@ -17,9 +18,10 @@ import difflib
 import math
 import os
 import re
+import socket
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from ipaddress import ip_address, ip_network
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +43,9 @@ __all__ = [
     "TunnelConfig",
     "UpstreamWebSocketConfig",
     "ContinuityConfig",
+    "KeyLimitsConfig",
+    "PriceConfig",
+    "UsageConfig",
     "config_schema",
     "demo_config",
     "is_loopback_endpoint",
@@ -72,6 +77,22 @@ class ServerConfig:
     # Proxies (addresses or CIDR ranges) whose X-Forwarded-For names the client address
     # (for the failed-auth budget and logs).
     trusted_proxies: tuple[str, ...] = ()
+    # This replica's name in usage rows; "" in the file = socket.gethostname(), resolved at load.
+    replica: str = ""
+
+
+@dataclass(frozen=True)
+class KeyLimitsConfig:
+    """What one client key may use; None = unlimited. Written in [key_defaults] and, field by
+    field, in each [[keys]] table (the key's own value wins)."""
+
+    max_connections: int | None = None  # client WebSocket connections at once
+    max_concurrent_turns: int | None = None
+    requests_per_minute: int | None = None  # turns started in the last 60 s
+    tokens_per_minute: int | None = None  # input + output tokens in the last 60 s
+    tokens_per_day: int | None = None  # input + output tokens this UTC day
+    budget_per_month: float | None = None  # USD this UTC month, priced by [[prices]]
+    models: tuple[str, ...] | None = None  # models this key may ask for
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,8 @@ class ClientKey:
     name: str
     key: str
     websocket: bool = True  # this key may use the WebSocket edge
+    # Written flat in the [[keys]] table; already merged with [key_defaults] at load.
+    limits: KeyLimitsConfig = field(default_factory=KeyLimitsConfig)
 
 
 @dataclass(frozen=True)
@@ -158,6 +181,34 @@ class ContinuityConfig:
 
 
 @dataclass(frozen=True)
+class UsageConfig:
+    """The usage ledger: one row per turn, written in batches off the hot path
+    (docs/configuration.md#usage--the-usage-ledger)."""
+
+    # "off" | "sqlite:///<path>" (relative to the run directory; sqlite:////abs for /abs) |
+    # "postgresql://[user[:password]@][host][:port][/db]" (libpq's PG* variables fill the rest)
+    database: str = "sqlite:///cch-usage.sqlite3"
+    flush_interval: float = 1.0  # seconds between batched writes
+    max_pending_rows: int = 10000  # rows held while the database is down, then spilled
+    spill_file: str = "cch-usage-spill.jsonl"  # JSON lines, relative to the run directory
+    admin_report: bool = True  # GET /admin/usage (needs server.admin_token)
+
+    @property
+    def enabled(self) -> bool:
+        return self.database != "off"
+
+
+@dataclass(frozen=True)
+class PriceConfig:
+    """USD per million tokens for one model (and its dated snapshots, see cch/usage/prices.py)."""
+
+    model: str
+    input_per_mtok: float
+    output_per_mtok: float
+    cached_input_per_mtok: float | None = None  # None = input_per_mtok
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     keys: tuple[ClientKey, ...] = ()
@@ -167,6 +218,9 @@ class Config:
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     upstream_websocket: UpstreamWebSocketConfig = field(default_factory=UpstreamWebSocketConfig)
     continuity: ContinuityConfig = field(default_factory=ContinuityConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
+    prices: tuple[PriceConfig, ...] = ()
+    key_defaults: KeyLimitsConfig = field(default_factory=KeyLimitsConfig)
     source: str = "<defaults>"  # where it came from, for messages
 
     @property
@@ -290,7 +344,16 @@ _KINDS: dict[str, _Kind] = {
     "str": _Kind("string", lambda v: isinstance(v, str), _same, _same),
     # An empty environment value unsets an optional string.
     "str | None": _Kind("string", lambda v: isinstance(v, str), _same, lambda s: s or None),
+    # An empty environment value unsets an optional limit, as it does an optional string.
+    "int | None": _Kind("integer", _is_int, _same, lambda s: int(s) if s.strip() else None),
+    "float | None": _Kind(
+        "number",
+        lambda v: _is_int(v) or isinstance(v, float),
+        float,
+        lambda s: float(s) if s.strip() else None,
+    ),
     "tuple[str, ...]": _Kind("array of strings", _strings, tuple),
+    "tuple[str, ...] | None": _Kind("array of strings", _strings, tuple),
     "tuple[tuple[str, str], ...]": _Kind(
         "table of strings", _string_table, lambda v: tuple(v.items())
     ),
@@ -303,8 +366,14 @@ _SECTIONS: dict[str, type] = {
     "tunnel": TunnelConfig,
     "upstream_websocket": UpstreamWebSocketConfig,
     "continuity": ContinuityConfig,
+    "usage": UsageConfig,
+    "key_defaults": KeyLimitsConfig,
 }
-_ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig}
+_ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig, "prices": PriceConfig}
+
+# A field whose dataclass is written flat in the same TOML table: a key's limits sit beside
+# its name, as in [key_defaults]. Rules for those keys are looked up under the inner class.
+_INLINE: dict[type, tuple[str, type]] = {ClientKey: ("limits", KeyLimitsConfig)}
 
 # TOML keys that are not dataclass fields: they name where a secret comes from.
 _EXTRA_KEYS: dict[type, dict[str, tuple[str, Any]]] = {
@@ -316,9 +385,20 @@ _EXTRA_KEYS: dict[type, dict[str, tuple[str, Any]]] = {
 
 def _keys_of(cls: type) -> dict[str, tuple[str, Any]]:
     """The TOML keys a table for ``cls`` may hold: key -> (annotation, default or MISSING)."""
-    keys = {f.name: (str(f.type), f.default) for f in fields(cls)}
+    inline_field, inline_cls = _INLINE.get(cls, ("", None))
+    keys = {f.name: (str(f.type), f.default) for f in fields(cls) if f.name != inline_field}
+    if inline_cls is not None:
+        keys.update(_keys_of(inline_cls))
     keys.update(_EXTRA_KEYS.get(cls, {}))
     return keys
+
+
+def _owner(cls: type, key: str) -> type:
+    """The dataclass whose rules apply to ``key`` in a table for ``cls`` (see _INLINE)."""
+    inline_cls = _INLINE.get(cls, ("", None))[1]
+    if inline_cls is not None and key in {f.name for f in fields(inline_cls)}:
+        return inline_cls
+    return cls
 
 
 # --- per-key rules -----------------------------------------------------------------------------
@@ -378,6 +458,47 @@ def _tunnel_secret(value: str) -> str | None:
             f"must be at least {_MIN_SECRET_CHARS} characters (got {len(value)}); make one with "
             "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
+    return None
+
+
+def _database(value: str) -> str | None:
+    """The ledger's database URL. Shown without userinfo: a password may sit in it."""
+    example = (
+        '"off", "sqlite:///cch-usage.sqlite3" (relative to the run directory; '
+        '"sqlite:////var/lib/cch/usage.sqlite3" for an absolute path) or '
+        '"postgresql://user@host:5432/db"'
+    )
+    if value == "off":
+        return None
+    if value.startswith("sqlite:"):
+        if value.startswith("sqlite:///") and value.removeprefix("sqlite:///"):
+            return None
+        return f"a SQLite database is sqlite:/// and a file path, e.g. {example} (got {value!r})"
+    if value.startswith(("postgresql://", "postgres://")):
+        try:
+            urlsplit(value).port  # noqa: B018 - raises ValueError for a port that is no number
+        except ValueError:
+            return (
+                f"not a valid PostgreSQL URL (got {_shown_url(value)!r}); percent-encode ':', "
+                "'/' and '@' in a password, or leave it out and set PGPASSWORD or ~/.pgpass"
+            )
+        return None
+    return f"must be {example} (got {_shown_url(value)!r})"
+
+
+def _postgresql_scheme(value: str) -> str:
+    """One spelling for the ledger to dispatch on; libpq takes postgres:// as a synonym."""
+    if value.startswith("postgres://"):
+        return "postgresql://" + value.removeprefix("postgres://")
+    return value
+
+
+def _model_names(values: tuple[str, ...]) -> str | None:
+    # An empty list would refuse every turn: leave models out to allow any model.
+    if not values:
+        return "must list at least one model (leave it out to allow every model)"
+    if any(not value.strip() for value in values):
+        return "must not hold an empty model name"
     return None
 
 
@@ -590,21 +711,37 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (TunnelConfig, "url"): _tunnel_url,
     (TunnelConfig, "secret"): _tunnel_secret,
     (TunnelConfig, "secret_env"): _not_empty,
+    (UsageConfig, "database"): _database,
+    (UsageConfig, "spill_file"): _not_empty,
+    (PriceConfig, "model"): _not_empty,
+    (KeyLimitsConfig, "models"): _model_names,
 }
 # Values stored in the one form their users compare against (after the rule accepted them).
 _NORMAL_FORMS: dict[tuple[type, str], Callable[[Any], Any]] = {
     (ServerConfig, "allowed_hosts"): _host_names,
     (ProviderConfig, "forward_headers"): _lower_case,
+    (UsageConfig, "database"): _postgresql_scheme,
 }
 # Numbers must be positive (integers >= 1, durations > 0) except these.
 _ANY_INT = frozenset({(ProviderConfig, "priority")})
+_NON_NEGATIVE = frozenset(  # a model may be free (a local one), never paid for negatively
+    {
+        (PriceConfig, "input_per_mtok"),
+        (PriceConfig, "cached_input_per_mtok"),
+        (PriceConfig, "output_per_mtok"),
+    }
+)
 
 
 def _problem(cls: type, key: str, kind: str, value: Any) -> str | None:
-    if kind == "int" and (cls, key) not in _ANY_INT and value < 1:
+    if kind in ("int", "int | None") and (cls, key) not in _ANY_INT and value < 1:
         return f"must be >= 1 (got {value})"
-    if kind == "float" and not (math.isfinite(value) and value > 0):
-        return f"must be a number > 0 (got {value})"
+    if kind in ("float", "float | None"):
+        if (cls, key) in _NON_NEGATIVE:
+            if not (math.isfinite(value) and value >= 0):
+                return f"must be a number >= 0 (got {value})"
+        elif not (math.isfinite(value) and value > 0):
+            return f"must be a number > 0 (got {value})"
     rule = _RULES.get((cls, key))
     return rule(value) if rule else None
 
@@ -683,12 +820,25 @@ def _toml_type(value: Any) -> str:
     return "date/time" if value is not None else "nothing"
 
 
+def _did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """The closest known name as a hint ending in a space, or "" when none is close."""
+    guess = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean {prefix}{guess[0]}? " if guess else ""
+
+
+def _unknown(what: str, word: str, choices: Iterable[str]) -> str:
+    """'unknown key ' or, when a known name is close, 'unknown key; did you mean x? '."""
+    hint = _did_you_mean(word, choices)
+    return f"unknown {what}; {hint}" if hint else f"unknown {what} "
+
+
 def _check_table(cls: type, table: Mapping[str, Any], scope: _Scope) -> dict[str, Any]:
     """Type-check and rule-check one table against ``cls``; return the converted values."""
     keys = _keys_of(cls)
     for key in table:
         if key not in keys:
-            raise scope.error(key, f"unknown key (allowed: {', '.join(sorted(keys))})")
+            lead = _unknown("key", key, keys)
+            raise scope.error(key, f"{lead}(allowed: {', '.join(sorted(keys))})")
     values: dict[str, Any] = {}
     for key, (kind_name, default) in keys.items():
         if key not in table:
@@ -699,10 +849,11 @@ def _check_table(cls: type, table: Mapping[str, Any], scope: _Scope) -> dict[str
         if not kind.accepts(raw):
             raise scope.error(key, f"must be {_article(kind.name)} (got {_toml_type(raw)})")
         value = kind.convert(raw)
-        problem = _problem(cls, key, kind_name, value)
+        owner = _owner(cls, key)
+        problem = _problem(owner, key, kind_name, value)
         if problem:
             raise scope.error(key, problem)
-        normal_form = _NORMAL_FORMS.get((cls, key))
+        normal_form = _NORMAL_FORMS.get((owner, key))
         values[key] = normal_form(value) if normal_form else value
     return values
 
@@ -739,8 +890,7 @@ def _apply_env(
                 prefix = next(p for p in prefixes if name.startswith(p))
                 siblings = sorted(n for n in known if n.startswith(prefix))
                 suffixes = [n.removeprefix(prefix) for n in siblings]
-                guess = difflib.get_close_matches(name.removeprefix(prefix), suffixes, n=1)
-                hint = f"did you mean {prefix}{guess[0]}? " if guess else ""
+                hint = _did_you_mean(name.removeprefix(prefix), suffixes, prefix)
                 raise ConfigError(
                     f"environment: {name}: not a cch setting; {hint}(known: {', '.join(siblings)})"
                 )
@@ -796,7 +946,8 @@ def _sections_of(raw: Mapping[str, Any], source: str) -> None:
                 )
         else:
             what = "table" if isinstance(value, dict | list) else "top-level key"
-            raise ConfigError(f"{source}: {name}: unknown {what} (allowed tables: {allowed})")
+            lead = _unknown(what, name, [*_SECTIONS, *_ARRAYS])
+            raise ConfigError(f"{source}: {name}: {lead}(allowed tables: {allowed})")
 
 
 def _from_env(scope: _Scope, key: str, variable: str, env: Mapping[str, str]) -> str:
@@ -822,10 +973,16 @@ def _build(
     values = {
         name: _check_table(cls, tables[name], scopes[name]) for name, cls in _SECTIONS.items()
     }
-    keys = _client_keys(raw.get("keys", []), source, env)
+    key_defaults = _make(KeyLimitsConfig, values["key_defaults"])
+    keys = _client_keys(raw.get("keys", []), source, env, key_defaults)
     providers = _providers(raw.get("providers", []), source, env)
+    prices = _prices(raw.get("prices", []), source)
+    if not prices:
+        _refuse_budget_without_prices(key_defaults, scopes["key_defaults"], raw.get("keys", []))
     tunnel = values["tunnel"]
     tunnel["secret"] = _resolve_secret(tunnel, scopes["tunnel"], env)
+    if not values["server"].get("replica"):
+        values["server"]["replica"] = socket.gethostname()
 
     server = _make(ServerConfig, values["server"])
     kind = _parse_endpoint(server.listen)[0]
@@ -872,6 +1029,9 @@ def _build(
         tunnel=tunnel_config,
         upstream_websocket=_make(UpstreamWebSocketConfig, values["upstream_websocket"]),
         continuity=_make(ContinuityConfig, values["continuity"]),
+        usage=_make(UsageConfig, values["usage"]),
+        prices=prices,
+        key_defaults=key_defaults,
         source=source,
     )
 
@@ -892,8 +1052,13 @@ def _refuse_duplicate(
 
 
 def _client_keys(
-    tables: list[dict[str, Any]], source: str, env: Mapping[str, str]
+    tables: list[dict[str, Any]],
+    source: str,
+    env: Mapping[str, str],
+    defaults: KeyLimitsConfig,
 ) -> tuple[ClientKey, ...]:
+    """Each [[keys]] table, its limit fields laid over [key_defaults] one by one."""
+    own_limits = {f.name for f in fields(KeyLimitsConfig)}
     keys = []
     for index, table in enumerate(tables):
         scope = _Scope(source, f"keys[{index}]")
@@ -902,12 +1067,16 @@ def _client_keys(
             if "key" in table:
                 raise scope.error("key_env", "set either key or key_env, not both")
             if not isinstance(variable, str) or not variable:
-                raise scope.error("key_env", f"must be a non-empty string (got {_toml_type(variable)})")
+                raise scope.error(
+                    "key_env", f"must be a non-empty string (got {_toml_type(variable)})"
+                )
             # The key lives in the environment (a Kubernetes Secret, a systemd credential).
             table = dict(table, key=_from_env(scope, "key_env", variable, env))
             named = (source, f"keys[{index}].key_env ({variable})")
             scope = _Scope(source, scope.path, {"key": named})
-        keys.append(_make(ClientKey, _check_table(ClientKey, table, scope)))
+        values = _check_table(ClientKey, table, scope)
+        limits = replace(defaults, **{k: v for k, v in values.items() if k in own_limits})
+        keys.append(_make(ClientKey, {**values, "limits": limits}))
     _refuse_duplicate(keys, "name", "keys", source)
     _refuse_duplicate(keys, "key", "keys", source, show=False)
     return tuple(keys)
@@ -928,6 +1097,31 @@ def _providers(
         providers.append(_make(ProviderConfig, values))
     _refuse_duplicate(providers, "name", "providers", source)
     return tuple(providers)
+
+
+def _prices(tables: list[dict[str, Any]], source: str) -> tuple[PriceConfig, ...]:
+    prices = [
+        _make(PriceConfig, _check_table(PriceConfig, table, _Scope(source, f"prices[{index}]")))
+        for index, table in enumerate(tables)
+    ]
+    _refuse_duplicate(prices, "model", "prices", source)
+    return tuple(prices)
+
+
+def _refuse_budget_without_prices(
+    defaults: KeyLimitsConfig, scope: _Scope, key_tables: list[dict[str, Any]]
+) -> None:
+    """A budget counts spend, and spend is priced by [[prices]]: without any, every turn would
+    cost nothing and the budget would silently never bind."""
+    problem = (
+        "needs [[prices]] to count spend in USD; add a [[prices]] table (model, input_per_mtok, "
+        "output_per_mtok) for each model the key uses, or remove budget_per_month"
+    )
+    if defaults.budget_per_month is not None:
+        raise scope.error("budget_per_month", problem)
+    for index, table in enumerate(key_tables):
+        if "budget_per_month" in table:
+            raise _Scope(scope.source, f"keys[{index}]").error("budget_per_month", problem)
 
 
 def _resolve_secret(values: Mapping[str, Any], scope: _Scope, env: Mapping[str, str]) -> str:

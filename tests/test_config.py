@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,14 @@ from cch.config import (
     Config,
     ConfigError,
     ContinuityConfig,
+    KeyLimitsConfig,
     LimitsConfig,
+    PriceConfig,
     ProviderConfig,
     ServerConfig,
     TunnelConfig,
     UpstreamWebSocketConfig,
+    UsageConfig,
     config_schema,
     demo_config,
     is_loopback_endpoint,
@@ -31,17 +35,23 @@ from cch.config import (
 
 PROVIDER = '[[providers]]\nname = "p"\nbase_url = "https://api.example.com/v1"\n'
 KEY = '[[keys]]\nname = "alice"\nkey = "sk-cch-alice-0123456789"\n'
+PRICE = '[[prices]]\nmodel = "gpt-5"\ninput_per_mtok = 1.25\noutput_per_mtok = 10.0\n'
+# The server section as loaded with no replica name given: this host's name.
+DEFAULT_SERVER = ServerConfig(replica=socket.gethostname())
 
 FULL_EXAMPLE = """
 [server]
 listen = "tcp:9090:interface=127.0.0.1"
 websocket = false
 drain_timeout = 12
+replica = "eu-1"
 
 [[keys]]
 name = "alice"
 key = "sk-cch-alice-0123456789"
 websocket = false
+requests_per_minute = 10
+models = ["gpt-5.5"]
 
 [[keys]]
 name = "bob"
@@ -93,6 +103,33 @@ pool_max_entries = 13
 idle_timeout = 14
 unsupported_ttl = 15
 max_buffer_bytes = 16
+
+[usage]
+database = "postgresql://cch@db.internal:5432/cch"
+flush_interval = 0.5
+max_pending_rows = 17
+spill_file = "/var/lib/cch/spill.jsonl"
+admin_report = false
+
+[[prices]]
+model = "gpt-5.5"
+input_per_mtok = 1.25
+cached_input_per_mtok = 0.125
+output_per_mtok = 10
+
+[[prices]]
+model = "gpt-5.5-mini"
+input_per_mtok = 0.25
+output_per_mtok = 2.0
+
+[key_defaults]
+max_connections = 8
+max_concurrent_turns = 4
+requests_per_minute = 60
+tokens_per_minute = 200000
+tokens_per_day = 5000000
+budget_per_month = 50
+models = ["gpt-5.5", "gpt-5.5-mini"]
 """
 
 
@@ -124,8 +161,10 @@ def env_error(env: dict[str, str], text: str = "") -> str:
 
 def test_no_file_gives_every_default() -> None:
     config = load_config(None, {})
-    assert config.server == ServerConfig()
+    assert config.server == DEFAULT_SERVER
     assert config.keys == () and config.providers == ()
+    assert config.usage == UsageConfig() and config.usage.enabled
+    assert config.prices == () and config.key_defaults == KeyLimitsConfig()
     assert config.limits == LimitsConfig()
     assert config.breaker == BreakerConfig()
     assert config.upstream_websocket == UpstreamWebSocketConfig()
@@ -153,20 +192,43 @@ def test_defaults_are_the_documented_values() -> None:
         300.0,
     )
     assert ClientKey(name="a", key="k").websocket is True
+    assert ClientKey(name="a", key="k").limits == KeyLimitsConfig()
+    assert UsageConfig() == UsageConfig(
+        "sqlite:///cch-usage.sqlite3", 1.0, 10000, "cch-usage-spill.jsonl", True
+    )
+    assert KeyLimitsConfig() == KeyLimitsConfig(None, None, None, None, None, None, None)
+    assert PriceConfig("m", 1.0, 2.0).cached_input_per_mtok is None
 
 
 def test_empty_file_gives_defaults_with_file_as_source() -> None:
     config = load("")
-    assert config.server == ServerConfig() and config.limits == LimitsConfig()
+    assert config.server == DEFAULT_SERVER and config.limits == LimitsConfig()
     assert config.source == "cch.toml"
 
 
 def test_full_example_file_sets_every_key() -> None:
     config = load(FULL_EXAMPLE, {"OPENAI_API_KEY": "sk-openai"})
-    assert config.server == ServerConfig("tcp:9090:interface=127.0.0.1", False, 12.0)
+    assert config.server == ServerConfig(
+        "tcp:9090:interface=127.0.0.1", False, 12.0, replica="eu-1"
+    )
+    defaults = KeyLimitsConfig(
+        max_connections=8,
+        max_concurrent_turns=4,
+        requests_per_minute=60,
+        tokens_per_minute=200000,
+        tokens_per_day=5000000,
+        budget_per_month=50.0,
+        models=("gpt-5.5", "gpt-5.5-mini"),
+    )
+    assert config.key_defaults == defaults
     assert config.keys == (
-        ClientKey("alice", "sk-cch-alice-0123456789", websocket=False),
-        ClientKey("bob", "sk-cch-bob-0123456789", websocket=True),
+        ClientKey(
+            "alice",
+            "sk-cch-alice-0123456789",
+            websocket=False,
+            limits=dataclasses.replace(defaults, requests_per_minute=10, models=("gpt-5.5",)),
+        ),
+        ClientKey("bob", "sk-cch-bob-0123456789", websocket=True, limits=defaults),
     )
     assert config.auth_required
     openai, backup = config.providers
@@ -192,6 +254,14 @@ def test_full_example_file_sets_every_key() -> None:
     assert config.upstream_websocket == UpstreamWebSocketConfig(
         False, 11.0, 12.0, 13, 14.0, 15.0, 16
     )
+    assert config.usage == UsageConfig(
+        "postgresql://cch@db.internal:5432/cch", 0.5, 17, "/var/lib/cch/spill.jsonl", False
+    )
+    assert config.prices == (
+        PriceConfig("gpt-5.5", 1.25, 10.0, cached_input_per_mtok=0.125),
+        PriceConfig("gpt-5.5-mini", 0.25, 2.0),
+    )
+    assert all(isinstance(p.output_per_mtok, float) for p in config.prices)
 
 
 def test_integers_are_accepted_for_durations_and_stored_as_float() -> None:
@@ -248,20 +318,22 @@ def test_non_utf8_file_is_refused() -> None:
 
 def test_unknown_table_names_file_and_table_and_lists_allowed() -> None:
     assert error("[sever]\nlisten = 'tcp:1'\n") == (
-        "cch.toml: sever: unknown table (allowed tables: breaker, continuity, keys, limits, providers, server, "
-        "tunnel, upstream_websocket)"
+        "cch.toml: sever: unknown table; did you mean server? (allowed tables: breaker, "
+        "continuity, key_defaults, keys, limits, prices, providers, server, tunnel, "
+        "upstream_websocket, usage)"
     )
 
 
 def test_unknown_top_level_key_is_refused() -> None:
     assert error('listen = "tcp:1"\n').startswith(
-        "cch.toml: listen: unknown top-level key (allowed tables: breaker, continuity, keys,"
+        "cch.toml: listen: unknown top-level key (allowed tables: breaker, continuity, key_defaults,"
     )
 
 
 def test_unknown_key_names_file_and_key() -> None:
     assert error("[limits]\nmax_pending_frame = 3\n") == (
-        "cch.toml: limits.max_pending_frame: unknown key (allowed: auth_failure_limit, "
+        "cch.toml: limits.max_pending_frame: unknown key; did you mean max_pending_frames? "
+        "(allowed: auth_failure_limit, "
         "auth_failure_window, auto_ping_interval, auto_ping_timeout, handshake_timeout, "
         "max_json_response_bytes, max_message_bytes, max_pending_bytes, max_pending_frames, "
         "max_request_body_bytes, max_upstream_event_bytes, outbound_send_timeout)"
@@ -277,10 +349,51 @@ def test_unknown_key_names_file_and_key() -> None:
         ("[upstream_websocket]\nenable = true\n", "upstream_websocket.enable"),
         (KEY + "role = 'admin'\n", "keys[0].role"),
         (PROVIDER + PROVIDER.replace('"p"', '"q"') + "apikey = 'x'\n", "providers[1].apikey"),
+        ("[usage]\npath = 'x'\n", "usage.path"),
+        ("[key_defaults]\nrpm = 1\n", "key_defaults.rpm"),
+        (PRICE + "currency = 'EUR'\n", "prices[0].currency"),
+        (KEY + "limits = { rpm = 1 }\n", "keys[0].limits"),
     ],
 )
 def test_unknown_key_in_any_table_is_named(text: str, path: str) -> None:
-    assert error(text).startswith(f"cch.toml: {path}: unknown key (allowed: ")
+    assert error(text).startswith(f"cch.toml: {path}: unknown key")
+    assert "(allowed: " in error(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "guess"),
+    [
+        ("[breaker]\nthreshold = 1\n", "breaker.threshold", "failure_threshold"),
+        ("[usage]\ndatabse = 'off'\n", "usage.databse", "database"),
+        ("[usage]\nspillfile = 1\n", "usage.spillfile", "spill_file"),
+        ("[key_defaults]\nrequest_per_minute = 1\n", "key_defaults.request_per_minute", "requests_per_minute"),
+        (KEY + "max_connection = 1\n", "keys[0].max_connection", "max_connections"),
+        (KEY + "model = ['gpt-5']\n", "keys[0].model", "models"),
+        (PRICE + "cached_per_mtok = 0.1\n", "prices[0].cached_per_mtok", "cached_input_per_mtok"),
+        (PRICE + "output_per_mtoken = 1\n", "prices[0].output_per_mtoken", "output_per_mtok"),
+    ],
+)  # fmt: skip
+def test_misspelt_key_gets_a_suggestion(text: str, path: str, guess: str) -> None:
+    assert error(text).startswith(
+        f"cch.toml: {path}: unknown key; did you mean {guess}? (allowed: "
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "guess"), [("usag", "usage"), ("price", "prices"), ("key_default", "key_defaults")]
+)
+def test_misspelt_table_gets_a_suggestion(table: str, guess: str) -> None:
+    assert error(f"[{table}]\nx = 1\n").startswith(
+        f"cch.toml: {table}: unknown table; did you mean {guess}? (allowed tables: "
+    )
+
+
+def test_a_limit_in_a_key_lists_the_limit_fields_as_allowed() -> None:
+    allowed = error(KEY + "zzz = 1\n").split("(allowed: ")[1]
+    assert allowed == (
+        "budget_per_month, key, key_env, max_concurrent_turns, max_connections, models, name, "
+        "requests_per_minute, tokens_per_day, tokens_per_minute, websocket)"
+    )
 
 
 def test_unknown_provider_key_lists_api_key_env_as_allowed() -> None:
@@ -294,6 +407,15 @@ def test_section_must_be_a_table() -> None:
 def test_keys_must_be_an_array_of_tables() -> None:
     assert error("[keys]\nname = 'a'\n") == (
         "cch.toml: keys: must be an array of tables, written [[keys]]"
+    )
+
+
+def test_prices_must_be_an_array_of_tables_and_key_defaults_a_table() -> None:
+    assert error("[prices]\nmodel = 'a'\n") == (
+        "cch.toml: prices: must be an array of tables, written [[prices]]"
+    )
+    assert error("[[key_defaults]]\nmax_connections = 1\n") == (
+        "cch.toml: key_defaults: must be a table, written [key_defaults]"
     )
 
 
@@ -329,12 +451,16 @@ def _numeric_options() -> list[tuple[str, str]]:
     return [
         (key, kind)
         for key, kind, _default, _env in config_schema()
-        if kind in ("integer", "number") and key != "providers[].priority"
+        if kind in ("integer", "number")
+        and key != "providers[].priority"
+        and not key.startswith("prices[]")  # a price may be 0: test_prices_may_be_zero
     ]
 
 
 def _toml_for(dotted: str, value: str) -> str:
     section, key = dotted.split(".")
+    if section == "keys[]":
+        return f"{KEY}{key} = {value}\n"
     if section.endswith("[]"):
         return f"{PROVIDER}{key} = {value}\n"
     return f"[{section}]\n{key} = {value}\n"
@@ -564,8 +690,15 @@ def test_provider_header_value_may_not_contain_line_breaks() -> None:
 
 
 def test_provider_forward_headers_are_stored_lower_case() -> None:
-    config = load(PROVIDER + "forward_headers = ['OpenAI-Organization', 'openai-project', 'X-Forwarded-For']\n")
-    assert config.providers[0].forward_headers == ("openai-organization", "openai-project", "x-forwarded-for")
+    config = load(
+        PROVIDER
+        + "forward_headers = ['OpenAI-Organization', 'openai-project', 'X-Forwarded-For']\n"
+    )
+    assert config.providers[0].forward_headers == (
+        "openai-organization",
+        "openai-project",
+        "x-forwarded-for",
+    )
 
 
 @pytest.mark.parametrize(
@@ -789,9 +922,15 @@ def test_accepted_listen_endpoints_parse_in_twisted(listen: str) -> None:
     ("listen", "problem"),
     [
         ("", "not a Twisted server endpoint: it must start with the endpoint's type"),
-        ("udp:53", "not a Twisted server endpoint: unknown type 'udp' (tcp, tcp6, ssl, unix, systemd"),
+        (
+            "udp:53",
+            "not a Twisted server endpoint: unknown type 'udp' (tcp, tcp6, ssl, unix, systemd",
+        ),
         ("TCP:8080", "not a Twisted server endpoint: unknown type 'TCP'"),
-        ("systemd:domain=INET", "not a Twisted server endpoint: Specify exactly one of descriptor index or name"),
+        (
+            "systemd:domain=INET",
+            "not a Twisted server endpoint: Specify exactly one of descriptor index or name",
+        ),
         (
             "systemd:domain=INET:index=0",
             "not a Twisted server endpoint: no such socket was handed over by systemd",
@@ -1000,7 +1139,9 @@ def test_allowed_origin_not_in_the_form_browsers_send_is_refused_showing_that_fo
     )
 
 
-@pytest.mark.parametrize("origin", ["null", "app.example.com", "ftp://app.example.com", "https://", "http://[::1"])
+@pytest.mark.parametrize(
+    "origin", ["null", "app.example.com", "ftp://app.example.com", "https://", "http://[::1"]
+)
 def test_allowed_origin_that_is_no_http_origin_is_refused(origin: str) -> None:
     assert error(f"[server]\nallowed_origins = ['{origin}']\n") == (
         f"cch.toml: server.allowed_origins: {origin!r} is not an origin: write "
@@ -1009,7 +1150,14 @@ def test_allowed_origin_that_is_no_http_origin_is_refused(origin: str) -> None:
 
 
 def test_allowed_hosts_are_stored_as_a_host_header_compares_them() -> None:
-    hosts = ["gateway.internal", "Gateway.Example.com.", "10.0.0.5", "::1", "[2001:DB8::5]", "my_service"]
+    hosts = [
+        "gateway.internal",
+        "Gateway.Example.com.",
+        "10.0.0.5",
+        "::1",
+        "[2001:DB8::5]",
+        "my_service",
+    ]
     config = load(f"[server]\nallowed_hosts = {hosts!r}\n")
     assert config.server.allowed_hosts == (
         "gateway.internal",
@@ -1059,6 +1207,319 @@ def test_trusted_proxy_that_is_no_address_or_network_is_refused(proxy: str) -> N
     )
 
 
+# --- [usage] ----------------------------------------------------------------------------------
+
+DATABASE_FORMS = (
+    '"off", "sqlite:///cch-usage.sqlite3" (relative to the run directory; '
+    '"sqlite:////var/lib/cch/usage.sqlite3" for an absolute path) or '
+    '"postgresql://user@host:5432/db"'
+)
+
+
+@pytest.mark.parametrize(
+    "database",
+    [
+        "sqlite:///cch-usage.sqlite3",
+        "sqlite:///data/usage.db",
+        "sqlite:////var/lib/cch/usage.sqlite3",
+        "postgresql://cch@127.0.0.1:5432/test",
+        "postgresql://cch:s3cret@db.internal/cch?sslmode=require",
+        "postgresql://db.internal/cch",  # user and password from PGUSER / PGPASSWORD / ~/.pgpass
+        "postgresql:///cch",  # the local socket
+        "postgresql://",  # everything from the PG* environment
+    ],
+)
+def test_usage_database_accepts_sqlite_and_postgresql_urls(database: str) -> None:
+    usage = load(f"[usage]\ndatabase = '{database}'\n").usage
+    assert usage.database == database and usage.enabled
+
+
+def test_usage_database_off_disables_the_ledger() -> None:
+    assert not load("[usage]\ndatabase = 'off'\n").usage.enabled
+
+
+def test_usage_database_postgres_scheme_is_stored_as_postgresql() -> None:
+    usage = load("[usage]\ndatabase = 'postgres://cch@db/cch'\n").usage
+    assert usage.database == "postgresql://cch@db/cch"
+
+
+@pytest.mark.parametrize("database", ["sqlite://cch.db", "sqlite:///", "sqlite:cch.db", "sqlite:"])
+def test_usage_sqlite_database_needs_three_slashes_and_a_path(database: str) -> None:
+    assert error(f"[usage]\ndatabase = '{database}'\n") == (
+        "cch.toml: usage.database: a SQLite database is sqlite:/// and a file path, e.g. "
+        f"{DATABASE_FORMS} (got {database!r})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("database", "shown"),
+    [
+        ("OFF", "OFF"),
+        ("", ""),
+        ("cch-usage.sqlite3", "cch-usage.sqlite3"),
+        ("mysql://cch:hunter2@db/cch", "mysql://***@db/cch"),
+        ("postgresql+psycopg://cch:hunter2@db/cch", "postgresql+psycopg://***@db/cch"),
+    ],
+)
+def test_usage_database_of_another_kind_is_refused_without_its_password(
+    database: str, shown: str
+) -> None:
+    message = error(f"[usage]\ndatabase = '{database}'\n")
+    assert message == f"cch.toml: usage.database: must be {DATABASE_FORMS} (got {shown!r})"
+    assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("database", "shown"),
+    [
+        ("postgresql://cch:hun/ter2@db/cch", "postgresql://***@db/cch"),
+        ("postgresql://cch@db:port/cch", "postgresql://***@db:port/cch"),
+        ("postgresql://db:99999/cch", "postgresql://db:99999/cch"),
+    ],
+)
+def test_usage_postgresql_url_that_does_not_parse_is_refused_without_its_password(
+    database: str, shown: str
+) -> None:
+    message = error(f"[usage]\ndatabase = '{database}'\n")
+    assert message == (
+        f"cch.toml: usage.database: not a valid PostgreSQL URL (got {shown!r}); percent-encode "
+        "':', '/' and '@' in a password, or leave it out and set PGPASSWORD or ~/.pgpass"
+    )
+    assert "ter2" not in message
+
+
+def test_usage_database_from_the_environment_is_checked_naming_the_variable() -> None:
+    message = env_error({"CCH_USAGE_DATABASE": "mysql://cch:hunter2@db/cch"})
+    assert message == (
+        f"environment: CCH_USAGE_DATABASE: must be {DATABASE_FORMS} (got 'mysql://***@db/cch')"
+    )
+
+
+def test_usage_spill_file_must_not_be_empty() -> None:
+    assert error("[usage]\nspill_file = ''\n") == "cch.toml: usage.spill_file: must not be empty"
+
+
+def test_usage_admin_report_must_be_a_boolean() -> None:
+    assert error("[usage]\nadmin_report = 'yes'\n") == (
+        "cch.toml: usage.admin_report: must be a boolean (got string)"
+    )
+
+
+def test_misspelt_usage_variable_is_refused_with_a_suggestion() -> None:
+    assert env_error({"CCH_USAGE_DATABSE": "off"}).startswith(
+        "environment: CCH_USAGE_DATABSE: not a cch setting; did you mean CCH_USAGE_DATABASE? "
+        "(known: CCH_USAGE_ADMIN_REPORT, CCH_USAGE_DATABASE, "
+    )
+
+
+# --- server.replica ----------------------------------------------------------------------------
+
+
+def test_replica_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "gateway-7")
+    assert load("").server.replica == "gateway-7"
+    assert load("[server]\nreplica = ''\n").server.replica == "gateway-7"
+
+
+def test_replica_named_in_the_file_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "gateway-7")
+    assert load("[server]\nreplica = 'eu-1'\n").server.replica == "eu-1"
+
+
+# --- [[prices]] --------------------------------------------------------------------------------
+
+
+def test_prices_are_read_in_order_as_floats() -> None:
+    text = PRICE + "cached_input_per_mtok = 0\n" + PRICE.replace("gpt-5", "o3").replace("1.25", "2")
+    assert load(text).prices == (
+        PriceConfig("gpt-5", 1.25, 10.0, cached_input_per_mtok=0.0),
+        PriceConfig("o3", 2.0, 10.0, cached_input_per_mtok=None),
+    )
+    assert isinstance(load(text).prices[1].input_per_mtok, float)
+
+
+@pytest.mark.parametrize("missing", ["model", "input_per_mtok", "output_per_mtok"])
+def test_price_model_input_and_output_are_required(missing: str) -> None:
+    text = "\n".join(line for line in PRICE.splitlines() if not line.startswith(missing))
+    assert error(text + "\n") == f"cch.toml: prices[0].{missing}: is required"
+
+
+def test_price_model_must_not_be_empty() -> None:
+    assert error(PRICE.replace('"gpt-5"', '""')) == "cch.toml: prices[0].model: must not be empty"
+
+
+@pytest.mark.parametrize("key", ["input_per_mtok", "cached_input_per_mtok", "output_per_mtok"])
+def test_prices_may_be_zero(key: str) -> None:
+    text = "[[prices]]\nmodel = 'local'\ninput_per_mtok = 1\noutput_per_mtok = 1\n"
+    text = text.replace(f"{key} = 1\n", "") + f"{key} = 0\n"
+    assert getattr(load(text).prices[0], key) == 0.0
+
+
+@pytest.mark.parametrize("key", ["input_per_mtok", "cached_input_per_mtok", "output_per_mtok"])
+@pytest.mark.parametrize(
+    ("value", "shown"), [("-0.5", "-0.5"), ("-1", "-1.0"), ("nan", "nan"), ("inf", "inf")]
+)
+def test_negative_or_non_finite_price_is_refused(key: str, value: str, shown: str) -> None:
+    text = "[[prices]]\nmodel = 'm'\ninput_per_mtok = 1\noutput_per_mtok = 1\n"
+    text = text.replace(f"{key} = 1\n", "") + f"{key} = {value}\n"
+    assert error(text) == f"cch.toml: prices[0].{key}: must be a number >= 0 (got {shown})"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("model = 5", "prices[0].model: must be a string (got integer)"),
+        ("input_per_mtok = '1.25'", "prices[0].input_per_mtok: must be a number (got string)"),
+        ("output_per_mtok = true", "prices[0].output_per_mtok: must be a number (got boolean)"),
+    ],
+)
+def test_price_of_the_wrong_type_is_refused(line: str, expected: str) -> None:
+    key = line.split(" = ")[0]
+    text = "\n".join(row for row in PRICE.splitlines() if not row.startswith(key))
+    assert error(f"{text}\n{line}\n") == f"cch.toml: {expected}"
+
+
+def test_duplicate_price_models_are_refused() -> None:
+    text = PRICE + PRICE.replace("gpt-5", "o3") + PRICE
+    assert error(text) == (
+        "cch.toml: prices[2].model: same model as prices[0] ('gpt-5'); each must be unique"
+    )
+
+
+# --- [key_defaults] and per-key limits --------------------------------------------------------
+
+ALICE = '[[keys]]\nname = "alice"\nkey = "sk-cch-alice-0123456789"\n'
+BOB = '[[keys]]\nname = "bob"\nkey = "sk-cch-bob-0123456789"\n'
+NEEDS_PRICES = (
+    "needs [[prices]] to count spend in USD; add a [[prices]] table (model, input_per_mtok, "
+    "output_per_mtok) for each model the key uses, or remove budget_per_month"
+)
+
+
+def test_without_key_defaults_a_key_has_only_its_own_limits() -> None:
+    (alice, bob) = load(ALICE + "requests_per_minute = 10\n" + BOB).keys
+    assert alice.limits == KeyLimitsConfig(requests_per_minute=10)
+    assert bob.limits == KeyLimitsConfig()
+
+
+def test_key_defaults_apply_to_every_key_field_by_field_and_the_keys_own_value_wins() -> None:
+    text = (
+        "[key_defaults]\nmax_connections = 8\nrequests_per_minute = 60\n"
+        "models = ['gpt-5', 'gpt-5-codex']\nbudget_per_month = 50\n"
+        + PRICE
+        + ALICE
+        + "requests_per_minute = 10\nmodels = ['gpt-5']\ntokens_per_day = 1000\n"
+        + BOB
+    )
+    config = load(text)
+    defaults = KeyLimitsConfig(
+        max_connections=8,
+        requests_per_minute=60,
+        budget_per_month=50.0,
+        models=("gpt-5", "gpt-5-codex"),
+    )
+    assert config.key_defaults == defaults
+    alice, bob = config.keys
+    assert alice.limits == KeyLimitsConfig(
+        max_connections=8,
+        requests_per_minute=10,
+        tokens_per_day=1000,
+        budget_per_month=50.0,
+        models=("gpt-5",),  # replaces the default list, is not added to it
+    )
+    assert bob.limits == defaults
+
+
+def test_key_limits_are_read_with_a_key_from_the_environment() -> None:
+    text = '[[keys]]\nname = "alice"\nkey_env = "ALICE_KEY"\nmax_concurrent_turns = 2\n'
+    (alice,) = load(text, {"ALICE_KEY": "sk-cch-alice-0123456789"}).keys
+    assert alice.limits == KeyLimitsConfig(max_concurrent_turns=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[key_defaults]\nmax_connections = -3\n", "key_defaults.max_connections: must be >= 1 (got -3)"),
+        (ALICE + "requests_per_minute = 0\n", "keys[0].requests_per_minute: must be >= 1 (got 0)"),
+        (ALICE + "tokens_per_minute = 1.5\n", "keys[0].tokens_per_minute: must be an integer (got float)"),
+        (ALICE + "tokens_per_day = true\n", "keys[0].tokens_per_day: must be an integer (got boolean)"),
+        (ALICE + "max_concurrent_turns = '2'\n", "keys[0].max_concurrent_turns: must be an integer (got string)"),
+        (PRICE + ALICE + "budget_per_month = 0\n", "keys[0].budget_per_month: must be a number > 0 (got 0.0)"),
+        (PRICE + ALICE + "budget_per_month = -5\n", "keys[0].budget_per_month: must be a number > 0 (got -5.0)"),
+        (PRICE + ALICE + "budget_per_month = nan\n", "keys[0].budget_per_month: must be a number > 0 (got nan)"),
+        (PRICE + ALICE + "budget_per_month = '5'\n", "keys[0].budget_per_month: must be a number (got string)"),
+        ("[key_defaults]\nmodels = []\n", "key_defaults.models: must list at least one model (leave it out to allow every model)"),
+        (ALICE + "models = []\n", "keys[0].models: must list at least one model (leave it out to allow every model)"),
+        (ALICE + "models = ['gpt-5', '']\n", "keys[0].models: must not hold an empty model name"),
+        (ALICE + "models = [' ']\n", "keys[0].models: must not hold an empty model name"),
+        (ALICE + "models = 'gpt-5'\n", "keys[0].models: must be an array of strings (got string)"),
+        (ALICE + "models = ['gpt-5', 5]\n", "keys[0].models: must be an array of strings (got array with an integer item)"),
+    ],
+)  # fmt: skip
+def test_bad_limit_is_refused_naming_the_table_and_key(text: str, expected: str) -> None:
+    assert error(text) == f"cch.toml: {expected}"
+
+
+def test_budget_in_key_defaults_without_prices_is_refused() -> None:
+    assert error("[key_defaults]\nbudget_per_month = 50\n" + ALICE) == (
+        f"cch.toml: key_defaults.budget_per_month: {NEEDS_PRICES}"
+    )
+
+
+def test_budget_on_a_key_without_prices_is_refused_naming_the_key() -> None:
+    assert error(ALICE + BOB + "budget_per_month = 5\n") == (
+        f"cch.toml: keys[1].budget_per_month: {NEEDS_PRICES}"
+    )
+
+
+def test_budget_from_the_environment_without_prices_is_refused_naming_the_variable() -> None:
+    assert env_error({"CCH_KEY_DEFAULTS_BUDGET_PER_MONTH": "20"}) == (
+        f"environment: CCH_KEY_DEFAULTS_BUDGET_PER_MONTH: {NEEDS_PRICES}"
+    )
+
+
+def test_budget_with_any_price_is_accepted() -> None:
+    config = load(PRICE + ALICE + "budget_per_month = 5\n")
+    assert config.keys[0].limits.budget_per_month == 5.0
+
+
+def test_empty_env_value_unsets_an_optional_limit() -> None:
+    text = "[key_defaults]\nrequests_per_minute = 5\nmax_connections = 2\n" + ALICE
+    config = load(text, {"CCH_KEY_DEFAULTS_REQUESTS_PER_MINUTE": ""})
+    assert config.key_defaults == KeyLimitsConfig(max_connections=2)
+    assert config.keys[0].limits == KeyLimitsConfig(max_connections=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("CCH_KEY_DEFAULTS_MAX_CONNECTIONS", "0", "must be >= 1 (got 0)"),
+        ("CCH_KEY_DEFAULTS_MAX_CONNECTIONS", "many", "must be an integer (got 'many')"),
+        ("CCH_KEY_DEFAULTS_BUDGET_PER_MONTH", "-1", "must be a number > 0 (got -1.0)"),
+        ("CCH_KEY_DEFAULTS_BUDGET_PER_MONTH", "$5", "must be a number (got '$5')"),
+        ("CCH_USAGE_FLUSH_INTERVAL", "0", "must be a number > 0 (got 0.0)"),
+        ("CCH_USAGE_MAX_PENDING_ROWS", "1e4", "must be an integer (got '1e4')"),
+    ],
+)
+def test_bad_limit_or_usage_variable_is_refused_naming_it(
+    name: str, value: str, expected: str
+) -> None:
+    assert env_error({name: value}, PRICE) == f"environment: {name}: {expected}"
+
+
+def test_misspelt_key_defaults_variable_is_refused_with_a_suggestion() -> None:
+    assert env_error({"CCH_KEY_DEFAULTS_REQUEST_PER_MINUTE": "1"}).startswith(
+        "environment: CCH_KEY_DEFAULTS_REQUEST_PER_MINUTE: not a cch setting; "
+        "did you mean CCH_KEY_DEFAULTS_REQUESTS_PER_MINUTE? (known: "
+    )
+
+
+def test_demo_config_has_the_default_sqlite_ledger_and_no_limits() -> None:
+    config = demo_config("http://127.0.0.1:4321/v1", {})
+    assert config.usage == UsageConfig() and config.usage.database == "sqlite:///cch-usage.sqlite3"
+    assert config.prices == () and config.key_defaults == KeyLimitsConfig()
+
+
 # --- environment overrides --------------------------------------------------------------------
 
 
@@ -1078,6 +1539,15 @@ def test_trusted_proxy_that_is_no_address_or_network_is_refused(proxy: str) -> N
         ("CCH_UPSTREAM_WEBSOCKET_ENABLED", "0", "upstream_websocket", "enabled", False),
         ("CCH_UPSTREAM_WEBSOCKET_IDLE_TIMEOUT", "60", "upstream_websocket", "idle_timeout", 60.0),
         ("CCH_UPSTREAM_WEBSOCKET_POOL_MAX_ENTRIES", "3", "upstream_websocket", "pool_max_entries", 3),
+        ("CCH_SERVER_REPLICA", "eu-2", "server", "replica", "eu-2"),
+        ("CCH_USAGE_DATABASE", "off", "usage", "database", "off"),
+        ("CCH_USAGE_DATABASE", "postgres://cch@db/cch", "usage", "database", "postgresql://cch@db/cch"),
+        ("CCH_USAGE_FLUSH_INTERVAL", "0.25", "usage", "flush_interval", 0.25),
+        ("CCH_USAGE_MAX_PENDING_ROWS", "5", "usage", "max_pending_rows", 5),
+        ("CCH_USAGE_SPILL_FILE", "/tmp/s.jsonl", "usage", "spill_file", "/tmp/s.jsonl"),
+        ("CCH_USAGE_ADMIN_REPORT", "false", "usage", "admin_report", False),
+        ("CCH_KEY_DEFAULTS_MAX_CONNECTIONS", " 4 ", "key_defaults", "max_connections", 4),
+        ("CCH_KEY_DEFAULTS_TOKENS_PER_DAY", "1000", "key_defaults", "tokens_per_day", 1000),
     ],
 )  # fmt: skip
 def test_env_overrides_a_section_field(
@@ -1237,7 +1707,7 @@ def test_cch_upstream_websocket_enabled_wins_over_the_tri_state() -> None:
 )
 def test_unrelated_cch_variables_are_ignored(name: str) -> None:
     value = "whatever-" * 4  # long enough to be a secret, for CCH_RESPONSES_WS_INTERNAL_SECRET
-    assert load("", {name: value}).server == ServerConfig()
+    assert load("", {name: value}).server == DEFAULT_SERVER
 
 
 @pytest.mark.parametrize(
@@ -1269,7 +1739,7 @@ def test_every_schema_env_var_is_honoured() -> None:
         if name is None or kind not in values:
             continue
         section, key = dotted.split(".")
-        config = load("", {name: values[kind]})
+        config = load(PRICE, {name: values[kind]})  # a price, for key_defaults.budget_per_month
         assert (
             getattr(getattr(config, section), key)
             == {"false": False, "3": 3, "3.5": 3.5}[values[kind]]
@@ -1319,8 +1789,11 @@ SECTION_CLASSES = {
     "tunnel": TunnelConfig,
     "upstream_websocket": UpstreamWebSocketConfig,
     "continuity": ContinuityConfig,
+    "usage": UsageConfig,
+    "key_defaults": KeyLimitsConfig,
     "keys[]": ClientKey,
     "providers[]": ProviderConfig,
+    "prices[]": PriceConfig,
 }
 
 
@@ -1331,7 +1804,9 @@ def test_config_schema_lists_every_field_once_with_its_default() -> None:
         f"{section}.{f.name}": f.default
         for section, cls in SECTION_CLASSES.items()
         for f in dataclasses.fields(cls)
+        if f.name != "limits"  # a key's limits are written flat in its table
     }
+    expected.update({f"keys[].{f.name}": None for f in dataclasses.fields(KeyLimitsConfig)})
     expected["providers[].api_key_env"] = None
     expected["keys[].key_env"] = None
     expected["tunnel.secret_env"] = None
@@ -1340,7 +1815,7 @@ def test_config_schema_lists_every_field_once_with_its_default() -> None:
 
 def test_config_schema_env_names_follow_section_and_field() -> None:
     for key, kind, _default, env in config_schema():
-        if key.startswith(("keys[]", "providers[]")) or kind == "array of strings":
+        if key.startswith(("keys[]", "providers[]", "prices[]")) or kind == "array of strings":
             assert env is None  # arrays are set in the file only
         else:
             assert env == "CCH_" + key.replace(".", "_").upper()
@@ -1367,7 +1842,6 @@ def test_every_schema_key_is_accepted_in_a_file() -> None:
         assert name in allowed.split("(allowed: ")[1], key
 
 
-
 def test_a_client_key_can_come_from_the_environment(tmp_path: Any) -> None:
     path = tmp_path / "cch.toml"
     path.write_text('[[keys]]\nname = "alice"\nkey_env = "ALICE_KEY"\n')
@@ -1375,6 +1849,8 @@ def test_a_client_key_can_come_from_the_environment(tmp_path: Any) -> None:
     assert config.keys[0].key == "sk-cch-alice-0123456789"
     with pytest.raises(ConfigError, match=r"keys\[0\]\.key_env: .*ALICE_KEY"):
         load_config(str(path), {})
-    path.write_text('[[keys]]\nname = "alice"\nkey = "sk-cch-alice-0123456789"\nkey_env = "ALICE_KEY"\n')
+    path.write_text(
+        '[[keys]]\nname = "alice"\nkey = "sk-cch-alice-0123456789"\nkey_env = "ALICE_KEY"\n'
+    )
     with pytest.raises(ConfigError, match="either key or key_env"):
         load_config(str(path), {"ALICE_KEY": "x" * 10})
