@@ -19,6 +19,9 @@ from cch.service import GatewayService, makeService
 from cch.testing import FakeUpstream
 from cch.testing.client import ResponsesWSClient
 
+# Helper modules shared by several test files: their asserts show values when they fail.
+pytest.register_assert_rewrite("upstream_ws_support", "doubles", "usage_fixtures")
+
 SECRET = "0b7c5f1e-9a7d-4c55-8a43-2f8d6c1e9b10"
 
 

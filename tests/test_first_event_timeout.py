@@ -3,7 +3,7 @@ sent nothing before ``upstream_websocket.first_event_timeout`` ends the turn wit
 ``upstream_first_event_timeout`` instead of re-sending it over HTTP (the provider may be working
 on, and billing, the first copy). Before the frame left, a timeout still falls back to HTTP, and
 ``upstream_websocket.fallback_after_send = true`` restores the fallback after it (see
-``test_first_event_timeout_falls_back_to_http_with_fallback_after_send`` in test_upstream_ws.py).
+``test_first_event_timeout_falls_back_to_http_with_fallback_after_send`` in test_upstream_ws_fallback.py).
 
 Real gateway, real fake upstream, both tunnel modes; the gateway's timers on a ``task.Clock``.
 """
