@@ -254,6 +254,16 @@ class HttpClient:
         )
 
 
+def error_text(exc: BaseException) -> str:
+    """What went wrong, for an error message: Twisted's client wraps the cause of a failed
+    request or response (``ResponseFailed``, ``RequestTransmissionFailed``, ...) in a list of
+    ``reasons``; the first of them says it."""
+    inner = getattr(exc, "reasons", None)
+    if inner:
+        exc = inner[0].value
+    return str(exc) or type(exc).__name__
+
+
 @functools.lru_cache(maxsize=256)
 def request_uri(url: str) -> bytes:
     """``url`` as the ASCII bytes the Agent takes (IDNA host, percent-encoded path)."""

@@ -1,8 +1,9 @@
 """Prometheus metrics (``GET /metrics``).
 
 The per-event path touches no metric: connections count per turn in plain integers and report
-once when the turn ends; pool, pipeline and breaker figures are read at scrape time. Each
-service has its own registry, so embedding programs (and tests) never collide.
+once when the turn ends; each component (edge, pool, pipeline, router, transcripts) reports its
+own figures at scrape time (:meth:`Metrics.export`). Each service has its own registry, so
+embedding programs (and tests) never collide.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -53,7 +54,6 @@ class Metrics(EdgeStats):
         self.first_event_seconds = Histogram(
             "cch_time_to_first_event_seconds", "Time from a turn's start to its first event.", buckets=LATENCY_BUCKETS, registry=r
         )
-        self.open_connections = Gauge("cch_client_connections", "Open client WebSocket connections.", registry=r)
         self.http_turns = Counter(
             "cch_http_turns", "HTTP POST /v1/responses turns ended, by outcome.", ["outcome"], registry=r
         )
@@ -112,7 +112,7 @@ class Metrics(EdgeStats):
 
 
 class Collector(Protocol):
-    """A component that reports its own figures (the pool, the handler, the router, ...)."""
+    """A component that reports its own figures (the edge, the pool, the handler, the router, ...)."""
 
     def collect(self) -> Iterable[Metric]: ...
 

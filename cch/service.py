@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
-from cch.config import Config, is_loopback_endpoint
+from cch.config import Config, ContinuityConfig, TunnelConfig, is_loopback_endpoint
 from cch.doors import AuthFailureBudget, Doors
+from cch.drain import Drain
 from cch.edge.factory import EdgeFactory
 from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
@@ -29,7 +32,15 @@ from cch.upstream.http import HttpUpstream
 from cch.upstream.pool import UpstreamWSPool
 from cch.upstream.unsupported import UnsupportedCache
 from cch.waiters import Waiters
-from cch.web import Gateway, build_metrics_root, build_root
+from cch.web import (
+    HttpTurns,
+    MetricsResource,
+    ModelsResource,
+    ReadyResource,
+    ResponsesResource,
+    build_metrics_root,
+    build_root,
+)
 
 log = Logger()
 
@@ -81,26 +92,25 @@ def listener(reactor: Any, description: str, factory: Any) -> tuple[StreamServer
 
 
 class GatewayService(MultiService):
-    """The whole gateway: web site + edge + pipeline on one listening port."""
+    """The whole gateway: web site + edge + pipeline on one listening port.
+
+    Its children, started in this order and stopped together once the drain is over: the
+    upstream WebSocket pool, the HTTP upstream, the HTTP tunnel (in that mode), the listener
+    and the metrics listener (when configured). Each closes what it holds when stopped.
+    """
 
     def __init__(self, config: Config, reactor: Any, clock: Any = None) -> None:
         super().__init__()
-        self.config = config
-        self.reactor = reactor
         clock = reactor if clock is None else clock
-        self.clock = clock
+        self.config, self.reactor, self.clock = config, reactor, clock
+        self.drain = Drain()
+        self.metrics = Metrics()
         self.keys = KeyRing(config.keys)
         self.router = ProviderRouter(config.providers, config.breaker, clock)
+        self.ws_pool = UpstreamWSPool(reactor, clock, config.upstream_websocket)
         self.upstream = HttpUpstream(reactor, clock)
-        ws_config = config.upstream_websocket
-        self.ws_pool = UpstreamWSPool(reactor, clock, ws_config)
-        self.unsupported = UnsupportedCache(clock, ws_config.unsupported_ttl)
-        kept = config.continuity
-        self.transcripts = (
-            TranscriptStore(kept.max_bytes_per_connection, kept.max_responses_per_connection, kept.max_sessions)
-            if kept.enabled
-            else None
-        )
+        self.unsupported = UnsupportedCache(clock, config.upstream_websocket.unsupported_ttl)
+        self.transcripts = transcript_store(config.continuity)
         self.handler = ResponsesHandler(
             keys=self.keys,
             router=self.router,
@@ -109,16 +119,10 @@ class GatewayService(MultiService):
             limits=config.limits,
             ws_pool=self.ws_pool,
             unsupported=self.unsupported,
-            ws_enabled=ws_config.enabled,
+            ws_enabled=config.upstream_websocket.enabled,
             transcripts=self.transcripts,
         )
-        if config.tunnel.mode == "http":
-            self.tunnel: InProcessTunnel | HttpTunnel = HttpTunnel(
-                reactor, config.tunnel.url or "", config.tunnel.secret, clock
-            )
-        else:
-            self.tunnel = InProcessTunnel(self.handler)
-        self.metrics = Metrics()
+        self.tunnel = build_tunnel(config.tunnel, reactor, clock, self.handler, self._internal_url)
         # Every client connection counts against server.max_connections, WebSockets included.
         self.connections = ConnectionSlots(config.server.max_connections)
         self.edge_factory = EdgeFactory(
@@ -128,55 +132,58 @@ class GatewayService(MultiService):
             reactor=reactor,
             stats=self.metrics,
             slots=self.connections,
+            session_closed=self._session_closed(),
         )
-        self.metrics.open_connections.set_function(lambda: len(self.edge_factory.live))
-        for component in (self.handler, self.ws_pool, self.router, self.transcripts):
+        self.http_turns = HttpTurns(
+            self.handler, drain=self.drain, limits=config.limits, secret=config.tunnel.secret, clock=clock, metrics=self.metrics
+        )
+        for component in (self.edge_factory, self.handler, self.ws_pool, self.router, self.transcripts):
             if component is not None:
                 self.metrics.export(component)  # each reports its own figures
-        self.edge_factory.session_closed_hooks.append(self.ws_pool.cleanup)
+        doors = doors_maker(config, self.keys, clock)
+        self.site = self._site(self._root(), doors(config.server.admin_token), self.connections)
+        # Children, in start order; they stop once the drain is over (_stop).
+        self._adopt("upstream-ws-pool", self.ws_pool)
+        self._adopt("upstream-http", self.upstream)
+        if isinstance(self.tunnel, HttpTunnel):
+            self._adopt("tunnel", self.tunnel)
+        self.listener = self._listen("listener", config.server.listen, self.site)
+        self.metrics_listener = self._metrics_listener(doors)
+
+    def _session_closed(self) -> list[Callable[[str], None]]:
+        """What a closing client connection releases: its upstream socket, its transcript."""
+        release = [self.ws_pool.cleanup]
         if self.transcripts is not None:
-            self.edge_factory.session_closed_hooks.append(self.transcripts.drop)
-        self.gateway = Gateway(
-            keys=self.keys,
-            router=self.router,
-            handler=self.handler,
-            edge_factory=self.edge_factory,
-            limits=config.limits,
-            secret=config.tunnel.secret,
-            websocket_enabled=config.server.websocket,
-            metrics=self.metrics,
-            admin_token=config.server.admin_token,
-            clock=clock,
+            release.append(self.transcripts.drop)
+        return release
+
+    def _root(self) -> Resource:
+        config, keys, drain = self.config, self.keys, self.drain
+        responses = ResponsesResource(
+            self.edge_factory, self.http_turns, keys=keys, drain=drain, websocket_enabled=config.server.websocket
         )
-        limits = config.limits
-        budget = AuthFailureBudget(clock, limits.auth_failure_limit, limits.auth_failure_window)
+        return build_root(
+            responses,
+            models=ModelsResource(keys, self.router),
+            ready=ReadyResource(drain),
+            metrics=MetricsResource(
+                self.metrics, admin_token=config.server.admin_token, open_without_token=not keys.required
+            ),
+        )
 
-        def doors(metrics_token: str | None) -> Doors:  # one failed-auth budget for every listener
-            return Doors(
-                config.server,
-                limits,
-                self.keys,
-                clock,
-                metrics_token=metrics_token,
-                budget=budget,
-                internal_secret=config.tunnel.secret,
-            )
+    def _metrics_listener(self, doors: Callable[[str | None], Doors]) -> Listening | None:
+        """The separate ``server.metrics_listen`` listener, if configured: beyond loopback it
+        needs the admin token (config refuses it without one); on loopback it is open."""
+        endpoint = self.config.server.metrics_listen
+        if not endpoint:
+            return None
+        loopback = is_loopback_endpoint(endpoint)
+        token = None if loopback else self.config.server.admin_token
+        resource = MetricsResource(self.metrics, admin_token=token, open_without_token=loopback)
+        site = self._site(build_metrics_root(resource), doors(token))
+        return self._listen("metrics-listener", endpoint, site)
 
-        self.doors = doors(config.server.admin_token)
-        self.site = self._site(build_root(self.gateway), self.doors, self.connections)
-        listening, self.listener = listener(reactor, config.server.listen, self.site)
-        listening.setServiceParent(self)
-        self.metrics_listener: Listening | None = None
-        if config.server.metrics_listen:
-            # Beyond loopback the metrics listener needs the admin token (config refuses it
-            # without one); on loopback it is open.
-            token_required = not is_loopback_endpoint(config.server.metrics_listen)
-            metrics_doors = doors(config.server.admin_token if token_required else None)
-            metrics_site = self._site(build_metrics_root(self.gateway, token_required=token_required), metrics_doors)
-            metrics_listening, self.metrics_listener = listener(reactor, config.server.metrics_listen, metrics_site)
-            metrics_listening.setServiceParent(self)
-
-    def _site(self, root: Any, doors: Doors, slots: ConnectionSlots | None = None) -> GuardedSite:
+    def _site(self, root: Resource, doors: Doors, slots: ConnectionSlots | None = None) -> GuardedSite:
         site = GuardedSite(
             root,
             doors=doors,
@@ -189,20 +196,30 @@ class GatewayService(MultiService):
         site.on_refused = self.metrics.refused
         return site
 
+    def _listen(self, name: str, description: str, site: GuardedSite) -> Listening:
+        service, listening = listener(self.reactor, description, site)
+        self._adopt(name, service)
+        return listening
+
+    def _adopt(self, name: str, child: IService) -> None:
+        child.setName(name)
+        child.setServiceParent(self)
+
+    def _internal_url(self) -> str:
+        """The HTTP tunnel's URL when ``tunnel.url`` is not set: this gateway's own listener."""
+        return self.base_url + "/v1/responses"
+
     def startService(self) -> None:
+        self.drain.reset()
         super().startService()
-        self.gateway.draining = False
         _check_fd_budget(self.config.server.max_connections)
         self.listener.when_listening().addCallback(self._listening)
 
     def _listening(self, port: IListeningPort) -> None:
         address = port.getHost()
-        host = getattr(address, "host", None)
-        if isinstance(self.tunnel, HttpTunnel) and not self.tunnel.url:
-            self.tunnel.url = f"http://{_connect_host(host)}:{address.port}/v1/responses"
         log.info(
             "server_listening",
-            hostname=host,
+            hostname=getattr(address, "host", None),
             port=getattr(address, "port", None),
             tunnel=self.config.tunnel.mode,
             internalTunnelUrl=mask_url(self.tunnel.url) if isinstance(self.tunnel, HttpTunnel) else None,
@@ -239,8 +256,9 @@ class GatewayService(MultiService):
     async def _stop(self) -> None:
         """Graceful drain (docs/operations.md#draining-and-rolling-deploys): readiness 503 and
         no new work; idle clients closed 1001 now; turns in flight may finish until
-        ``server.drain_timeout``; then everyone is closed 1001; the upstream pool goes last."""
-        self.gateway.draining = True
+        ``server.drain_timeout``; then everyone is closed 1001; the children (listeners,
+        upstream pool and connections) stop last."""
+        self.drain.start()
         deadline = self.config.server.drain_timeout
         log.info("shutdown_received", drainSeconds=deadline, live=len(self.edge_factory.live))
         self.edge_factory.go_away(only_idle=True)
@@ -248,7 +266,7 @@ class GatewayService(MultiService):
             log.warn("shutdown_drain_timeout", live=len(self.edge_factory.live), active=self.handler.active)
             self.edge_factory.go_away(only_idle=False)
             # Plain HTTP turns end too, with a terminal SSE error event (docs/operations.md).
-            self.gateway.cancel_http_turns()
+            self.http_turns.cut_short()
             # Close frames get the Autobahn close handshake's time; then connections are cut.
             if not await self._within(self.edge_factory.wait_empty(), 10.0):
                 self.edge_factory.abort_all()
@@ -256,10 +274,42 @@ class GatewayService(MultiService):
             # Cancelled turns release their requests as their sockets close.
             await self._within(self.handler.wait_idle(), 10.0)
         await super().stopService()
-        closing = [self.upstream.close(), self.ws_pool.close_all()]
-        if isinstance(self.tunnel, HttpTunnel):
-            closing.append(self.tunnel.close())
-        await DeferredList(closing, consumeErrors=True)
+
+
+def transcript_store(kept: ContinuityConfig) -> TranscriptStore | None:
+    """Per-connection transcripts, unless continuity is off."""
+    if not kept.enabled:
+        return None
+    return TranscriptStore(kept.max_bytes_per_connection, kept.max_responses_per_connection, kept.max_sessions)
+
+
+def build_tunnel(
+    config: TunnelConfig, reactor: Any, clock: Any, handler: ResponsesHandler, own_url: Callable[[], str]
+) -> InProcessTunnel | HttpTunnel:
+    """The hop from a WebSocket turn to the handler; the HTTP tunnel posts to ``tunnel.url``
+    or, without one, to ``own_url()`` (known once the listener listens)."""
+    if config.mode == "http":
+        return HttpTunnel(reactor, config.url or own_url, config.secret, clock)
+    return InProcessTunnel(handler)
+
+
+def doors_maker(config: Config, keys: KeyRing, clock: Any) -> Callable[[str | None], Doors]:
+    """Doors for each listener, given the token its metrics need; one failed-auth budget for all."""
+    limits = config.limits
+    budget = AuthFailureBudget(clock, limits.auth_failure_limit, limits.auth_failure_window)
+
+    def doors(metrics_token: str | None) -> Doors:
+        return Doors(
+            config.server,
+            limits,
+            keys,
+            clock,
+            metrics_token=metrics_token,
+            budget=budget,
+            internal_secret=config.tunnel.secret,
+        )
+
+    return doors
 
 
 def fd_budget(max_connections: int) -> int:

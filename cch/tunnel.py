@@ -12,19 +12,28 @@ cancelling it aborts the turn all the way upstream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, RequestTransmissionFailed, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import HTTPConnectionPool, RequestTransmissionFailed
 from twisted.web.iweb import IResponse
 
 from cch import secret as markers
+from cch.bodyreader import (
+    BodyEnd,
+    BodyReader,
+    Collected,
+    Complete,
+    Unframed,
+    collect,
+    content_type,
+    is_event_stream,
+)
 from cch.handler.pipeline import ResponsesHandler
-from cch.httpclient import BytesBody, HttpClient
+from cch.httpclient import BytesBody, HttpClient, error_text
 from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
@@ -60,7 +69,9 @@ class _DeadlineBody(BytesBody):
     the socket's buffer than it wants, the connection pauses it and resumes it once drained.
     A body still paused after ``deadline`` seconds fails the request
     (docs/reference-behaviour.md#request-body-drain-timeout). No cooperator, so the body goes
-    out with the request headers.
+    out with the request headers. The deadline is a timer of its own, not
+    ``Deferred.addTimeout``: a body the connection stops must leave its Deferred unfired (the
+    request reports the failure, and Twisted logs a late errback), yet its timer must go.
     """
 
     def __init__(self, payload: bytes, clock: IReactorTime, deadline: float) -> None:
@@ -119,16 +130,31 @@ class _DeadlineBody(BytesBody):
         self._done = None
 
 
-class HttpTunnel:
+class HttpTunnel(Service):
     """POSTs each turn to ``url`` with the internal markers
-    (docs/reference-behaviour.md#the-internal-tunnel)."""
+    (docs/reference-behaviour.md#the-internal-tunnel).
 
-    def __init__(self, reactor: Any, url: str, secret: str, clock: IReactorTime | None = None) -> None:
-        self.url = url
+    ``url`` may be a callable, asked once at the first turn (or the first read of
+    :attr:`url`): this gateway's own listener, whose port is known only once it listens. As a
+    service, stopping it closes the persistent connections it keeps.
+    """
+
+    def __init__(
+        self, reactor: Any, url: str | Callable[[], str], secret: str, clock: IReactorTime | None = None
+    ) -> None:
+        self._url = url
         self.secret = secret
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self._client = HttpClient(reactor, self.pool)
+
+    @property
+    def url(self) -> str:
+        """Where turns go (for logs too)."""
+        url = self._url
+        if not isinstance(url, str):
+            url = self._url = url()
+        return url
 
     def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Deferred[None]:
         payload = dumps_bytes(turn_body(turn.body))
@@ -156,70 +182,47 @@ class HttpTunnel:
                 raise TurnTransportError(
                     "internal_request_body_closed", "Internal request body closed before it was fully written"
                 ) from None
-            raise TurnTransportError("internal_request_error", _message(exc)) from None
-        reader = _InternalResponseReader(response, sink)
-        response.deliverBody(reader)
-        await reader.finished
+            raise TurnTransportError("internal_request_error", error_text(exc)) from None
+        await _read_back(response, sink)
 
-    def close(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
         return self.pool.closeCachedConnections()
 
 
-class _InternalResponseReader(Protocol):
-    """Reads the internal response into the sink: SSE (docs/reference-behaviour.md#sse-parsing)
-    or one whole non-SSE body (docs/reference-behaviour.md#error-frames)."""
+def _read_back(response: IResponse, sink: ResponseSink) -> Deferred[None]:
+    """The internal response into the sink: SSE (docs/reference-behaviour.md#sse-parsing) or
+    one whole non-SSE body (docs/reference-behaviour.md#error-frames). A body cut short fails
+    the turn with ``internal_response_closed``."""
+    kind = content_type(response)
+    if not is_event_stream(kind):
 
-    def __init__(self, response: IResponse, sink: ResponseSink) -> None:
-        self.response = response
-        self.sink = sink
-        raw = response.headers.getRawHeaders(b"content-type") or [b""]
-        self.content_type = raw[0].decode("latin-1")
-        self.decoder = SSEDecoder() if "text/event-stream" in self.content_type.lower() else None
-        self.chunks: list[bytes] = []
-        self.finished: Deferred[None] = Deferred(self._cancel)
-        self._cancelled = False
+        def body_read(collected: Collected) -> None:
+            sink.unregister_producer()
+            if not isinstance(collected.end, (Complete, Unframed)):
+                raise TurnTransportError(
+                    "internal_response_closed", "Internal response closed before a complete JSON body was received"
+                )
+            sink.json_body(response.code, collected.data, kind)
 
-    def connectionMade(self) -> None:
-        if self.decoder is not None:
-            self.sink.sse_started(self.response.code, {"content-type": self.content_type})
-        self.sink.register_producer(self.transport)
+        return collect(response, on_start=sink.register_producer).addCallback(body_read)
+    decoder = SSEDecoder()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._cancelled:
-            return
-        if self.decoder is None:
-            self.chunks.append(data)
-            return
-        for event in self.decoder.feed(data):
-            self.sink.sse_event(event)
+    def started(reader: BodyReader) -> None:
+        sink.sse_started(response.code, {"content-type": kind})
+        sink.register_producer(reader)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self._cancelled:
-            return
-        self.sink.unregister_producer()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            if self.decoder is None:
-                self.sink.json_body(self.response.code, b"".join(self.chunks), self.content_type)
-            else:
-                for event in self.decoder.finish():
-                    self.sink.sse_event(event)
-            self.finished.callback(None)
-            return
-        what = (
-            "Internal response closed before a complete JSON body was received"
-            if self.decoder is None
-            else "Internal response closed before emitting a terminal response event"
-        )
-        self.finished.errback(TurnTransportError("internal_response_closed", what))
+    def chunk(data: bytes) -> None:
+        for event in decoder.feed(data):
+            sink.sse_event(event)
 
-    def _cancel(self, _: Deferred[None]) -> None:
-        self._cancelled = True
-        if self.transport is not None:
-            self.transport.stopProducing()
+    def ended(end: BodyEnd) -> None:
+        sink.unregister_producer()
+        if not isinstance(end, (Complete, Unframed)):
+            raise TurnTransportError(
+                "internal_response_closed", "Internal response closed before emitting a terminal response event"
+            )
+        for event in decoder.finish():
+            sink.sse_event(event)
 
-
-def _message(exc: BaseException) -> str:
-    inner = getattr(exc, "reasons", None)
-    if inner:
-        exc = inner[0].value
-    return str(exc) or type(exc).__name__
+    return BodyReader(chunk, on_start=started).read(response).addCallback(ended)

@@ -21,6 +21,8 @@ from zope.interface import implementer
 
 from cch import secret as markers
 from cch.adapters import request_gone
+from cch.config import LimitsConfig
+from cch.drain import Drain
 from cch.edge.factory import EdgeFactory
 from cch.handler import errors
 from cch.handler.auth import KeyRing, presented_key
@@ -276,13 +278,87 @@ class HttpTurn:
         request.finish()
 
 
-class ResponsesResource(JsonResource):
-    """``/v1/responses``: POST runs the pipeline; a WebSocket upgrade goes to the edge."""
+class HttpTurns:
+    """``POST /v1/responses``: each request becomes an :class:`HttpTurn` on the handler, and
+    every one in flight is known, so the drain deadline can cut them short."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        handler: ResponsesHandler,
+        *,
+        drain: Drain,
+        limits: LimitsConfig,
+        secret: str,
+        clock: IReactorTime,
+        metrics: Metrics,
+    ) -> None:
+        self.handler = handler
+        self.drain = drain
+        self.limits = limits
+        self.secret = secret  # the HTTP tunnel's: its requests carry a WebSocket client's markers
+        self.clock = clock  # send deadlines
+        self.metrics = metrics
+        self.live: set[HttpTurn] = set()
+
+    def render(self, request: Request) -> Any:
+        if self.drain.draining:
+            return _json(request, 503, DRAINING_BODY)
+        content = request.content
+        content.seek(0, 2)
+        if content.tell() > self.limits.max_request_body_bytes:
+            return _json(request, 413, errors.error_body("Request body too large.", "invalid_request_error", "request_too_large"))
+        content.seek(0)
+        try:
+            body = loads(content.read())
+        except ValueError as exc:
+            return _json(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
+        if not isinstance(body, dict):
+            return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
+        headers = lower_headers(request.requestHeaders)
+        ctx = RequestContext(headers={k: v for k, v in headers.items() if not markers.is_reserved(k)})
+        ctx.request_id = uuid.uuid4().hex
+        if markers.is_websocket_client(headers, self.secret):
+            ctx.via_websocket = True
+            ctx.ws_session = markers.session_id_from(headers)
+            turn_id = headers.get(REQUEST_ID, "")
+            if turn_id.isalnum() and len(turn_id) <= 64:
+                ctx.request_id = turn_id
+        sink = HttpResponseSink(request)
+        turn = HttpTurn(
+            request,
+            sink,
+            clock=self.clock,
+            send_timeout=self.limits.outbound_send_timeout,
+            metrics=self.metrics,
+            request_id=ctx.request_id,
+            on_end=self.live.discard,
+        )
+        self.live.add(turn)
+        request.registerProducer(turn, True)
+        turn.start(self.handler.handle(ctx, body, sink))
+        return NOT_DONE_YET
+
+    def cut_short(self) -> None:
+        """The drain deadline passed: end every HTTP POST turn in flight, plain clients' and
+        the HTTP tunnel's alike; the upstream is aborted and each response ends cleanly with
+        the ``draining`` error (docs/operations.md)."""
+        turns = list(self.live)
+        if turns:
+            log.info("http_turns_cancelled", reason="draining", count=len(turns))
+        for turn in turns:
+            turn.cut_short()
+
+
+class UpgradeResource(JsonResource):
+    """``/v1/responses`` for WebSocket upgrades: refused 503 while draining, 401 without a
+    valid key, 426 when WebSocket mode is off (here or for the key); the rest go to the edge."""
+
+    def __init__(self, edge_factory: EdgeFactory, *, keys: KeyRing, drain: Drain, websocket_enabled: bool) -> None:
         super().__init__()
-        self.gateway = gateway
-        self.ws_resource = WebSocketResource(gateway.edge_factory)
+        self.keys = keys
+        self.drain = drain
+        self.websocket_enabled = websocket_enabled
+        self.ws_resource = WebSocketResource(edge_factory)
 
     def render(self, request: Request) -> Any:
         if request.postpath:
@@ -305,18 +381,17 @@ class ResponsesResource(JsonResource):
         return self._upgrade(request)
 
     def _upgrade(self, request: Request) -> Any:
-        gateway = self.gateway
         path = mask_query(request.uri)
-        if gateway.draining:
+        if self.drain.draining:
             log.info("ws_upgrade_refused", status=503, reason="draining", path=path)
             return _json(request, 503, DRAINING_BODY)
         headers = lower_headers(request.requestHeaders)
-        allowed, key = gateway.keys.authenticate(headers)
+        allowed, key = self.keys.authenticate(headers)
         if not allowed:
             log.info("ws_upgrade_refused", status=401, reason="invalid_api_key", path=path)
             request.setHeader(b"www-authenticate", b'Bearer realm="cch"')
             return _json(request, *errors.unauthorized())
-        if not gateway.websocket_enabled or (key is not None and not key.websocket):
+        if not self.websocket_enabled or (key is not None and not key.websocket):
             log.info("ws_upgrade_refused", status=426, reason="websocket_disabled", path=path)
             request.setHeader(b"upgrade", b"websocket")
             return _json(
@@ -330,44 +405,18 @@ class ResponsesResource(JsonResource):
             )
         return self.ws_resource.render(request)
 
+
+class ResponsesResource(UpgradeResource):
+    """``/v1/responses``: a WebSocket upgrade goes to the edge, a POST to :class:`HttpTurns`."""
+
+    def __init__(
+        self, edge_factory: EdgeFactory, turns: HttpTurns, *, keys: KeyRing, drain: Drain, websocket_enabled: bool
+    ) -> None:
+        super().__init__(edge_factory, keys=keys, drain=drain, websocket_enabled=websocket_enabled)
+        self.turns = turns
+
     def render_POST(self, request: Request) -> Any:
-        gateway = self.gateway
-        if gateway.draining:
-            return _json(request, 503, DRAINING_BODY)
-        content = request.content
-        content.seek(0, 2)
-        if content.tell() > gateway.limits.max_request_body_bytes:
-            return _json(request, 413, errors.error_body("Request body too large.", "invalid_request_error", "request_too_large"))
-        content.seek(0)
-        try:
-            body = loads(content.read())
-        except ValueError as exc:
-            return _json(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
-        if not isinstance(body, dict):
-            return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
-        headers = lower_headers(request.requestHeaders)
-        ctx = RequestContext(headers={k: v for k, v in headers.items() if not markers.is_reserved(k)})
-        ctx.request_id = uuid.uuid4().hex
-        if markers.is_websocket_client(headers, gateway.secret):
-            ctx.via_websocket = True
-            ctx.ws_session = markers.session_id_from(headers)
-            turn_id = headers.get(REQUEST_ID, "")
-            if turn_id.isalnum() and len(turn_id) <= 64:
-                ctx.request_id = turn_id
-        sink = HttpResponseSink(request)
-        turn = HttpTurn(
-            request,
-            sink,
-            clock=gateway.clock,
-            send_timeout=gateway.limits.outbound_send_timeout,
-            metrics=gateway.metrics,
-            request_id=ctx.request_id,
-            on_end=gateway.http_turns.discard,
-        )
-        gateway.http_turns.add(turn)
-        request.registerProducer(turn, True)
-        turn.start(gateway.handler.handle(ctx, body, sink))
-        return NOT_DONE_YET
+        return self.turns.render(request)
 
     @staticmethod
     def _finished(request: Request, sink: HttpResponseSink) -> None:
@@ -377,15 +426,16 @@ class ResponsesResource(JsonResource):
 
 
 class ModelsResource(JsonResource):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, keys: KeyRing, router: ProviderRouter) -> None:
         super().__init__()
-        self.gateway = gateway
+        self.keys = keys
+        self.router = router
 
     def render_GET(self, request: Request) -> bytes:
-        allowed, _ = self.gateway.keys.authenticate(lower_headers(request.requestHeaders))
+        allowed, _ = self.keys.authenticate(lower_headers(request.requestHeaders))
         if not allowed:
             return _json(request, *errors.unauthorized())
-        data = [{"id": m, "object": "model", "owned_by": "cch"} for m in self.gateway.router.models()]
+        data = [{"id": m, "object": "model", "owned_by": "cch"} for m in self.router.models()]
         return _json(request, 200, {"object": "list", "data": data})
 
 
@@ -395,27 +445,29 @@ class HealthResource(JsonResource):
 
 
 class ReadyResource(JsonResource):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, drain: Drain) -> None:
         super().__init__()
-        self.gateway = gateway
+        self.drain = drain
 
     def render_GET(self, request: Request) -> bytes:
-        if self.gateway.draining:
+        if self.drain.draining:
             return _json(request, 503, {"status": "draining"})
         return _json(request, 200, {"status": "ready"})
 
 
 class MetricsResource(JsonResource):
-    """``GET /metrics``: open on its own listener; on the main port it needs the admin token
-    (or, with no client keys configured, the loopback-only gateway is open anyway)."""
+    """``GET /metrics``: with ``admin_token`` only for a request that presents it; without one,
+    open when ``open_without_token`` (its own loopback listener, or a main port with no client
+    keys: the loopback-only gateway is open anyway), else closed."""
 
-    def __init__(self, gateway: Gateway, *, open_access: bool = False) -> None:
+    def __init__(self, metrics: Metrics, *, admin_token: str | None = None, open_without_token: bool = False) -> None:
         super().__init__()
-        self.gateway = gateway
-        self.open_access = open_access
+        self.metrics = metrics
+        self.admin_token = admin_token
+        self.open_without_token = open_without_token
 
     def render_GET(self, request: Request) -> bytes:
-        if not self.open_access and not self._allowed(request):
+        if not self._allowed(request):
             return _json(
                 request,
                 403,
@@ -427,12 +479,12 @@ class MetricsResource(JsonResource):
                 ),
             )
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self.gateway.metrics.render()
+        return self.metrics.render()
 
     def _allowed(self, request: Request) -> bool:
-        token = self.gateway.admin_token
+        token = self.admin_token
         if token is None:
-            return not self.gateway.keys.required
+            return self.open_without_token
         presented = presented_key(lower_headers(request.requestHeaders))
         return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
 
@@ -454,64 +506,28 @@ class _Dir(Resource):
         return NotFound().render(request)
 
 
-class Gateway:
-    """What the web resources need from the running service."""
-
-    def __init__(
-        self,
-        *,
-        keys: KeyRing,
-        router: ProviderRouter,
-        handler: ResponsesHandler,
-        edge_factory: EdgeFactory,
-        limits: Any,
-        secret: str,
-        websocket_enabled: bool,
-        metrics: Metrics,
-        admin_token: str | None = None,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        self.keys = keys
-        self.router = router
-        self.handler = handler
-        self.edge_factory = edge_factory
-        self.limits = limits
-        self.secret = secret
-        self.websocket_enabled = websocket_enabled
-        self.metrics = metrics
-        self.admin_token = admin_token
-        # Send deadlines of HTTP turns; by default the edge's clock (the service's injected one).
-        self.clock: IReactorTime = clock if clock is not None else edge_factory.clock
-        self.draining = False
-        self.http_turns: set[HttpTurn] = set()  # every POST /v1/responses in flight
-
-    def cancel_http_turns(self) -> None:
-        """The drain deadline passed: end every HTTP POST turn in flight, plain clients' and
-        the HTTP tunnel's alike; the upstream is aborted and each response ends cleanly with
-        the ``draining`` error (docs/operations.md)."""
-        turns = list(self.http_turns)
-        if turns:
-            log.info("http_turns_cancelled", reason="draining", count=len(turns))
-        for turn in turns:
-            turn.cut_short()
-
-
-def build_root(gateway: Gateway) -> Resource:
+def build_root(
+    responses: UpgradeResource,
+    *,
+    models: ModelsResource | None = None,
+    ready: ReadyResource | None = None,
+    metrics: MetricsResource | None = None,
+) -> Resource:
+    """The main port's tree around its resources; an endpoint not given answers JSON 404 (the
+    conformance echo edge serves only upgrades)."""
     root = _Dir()
     v1 = _Dir()
     root.putChild(b"v1", v1)
-    v1.putChild(b"responses", ResponsesResource(gateway))
-    v1.putChild(b"models", ModelsResource(gateway))
+    v1.putChild(b"responses", responses)
     root.putChild(b"healthz", HealthResource())
-    root.putChild(b"readyz", ReadyResource(gateway))
-    root.putChild(b"metrics", MetricsResource(gateway))
+    for parent, name, child in ((v1, b"models", models), (root, b"readyz", ready), (root, b"metrics", metrics)):
+        if child is not None:
+            parent.putChild(name, child)
     return root
 
 
-def build_metrics_root(gateway: Gateway, *, token_required: bool = False) -> Resource:
-    """The tree of the separate metrics listener: only ``/metrics``; open unless
-    ``token_required`` (a listener beyond loopback needs the admin token)."""
+def build_metrics_root(metrics: MetricsResource) -> Resource:
+    """The tree of the separate metrics listener: only ``/metrics``."""
     root = _Dir()
-    root.putChild(b"metrics", MetricsResource(gateway, open_access=not token_required))
+    root.putChild(b"metrics", metrics)
     return root
-

@@ -56,7 +56,7 @@ async def test_in_flight_turn_finishes_during_drain_while_idle_client_gets_1001(
     stopping = running.service.stopService()
     closed = await idle.wait_closed()
     assert (closed.code, closed.reason) == (1001, "going_away")
-    assert running.service.gateway.draining
+    assert running.service.drain.draining
     assert busy.close_info is None
 
     busy.send_json(frame())  # queued behind the turn in flight: never started
@@ -125,7 +125,7 @@ async def test_http_post_stream_still_running_at_the_drain_deadline_ends_with_a_
         assert (await within(fake.wait_for_cancelled(0), "the upstream request to be aborted")).cancelled
         await within(stopping, "stopService")
         assert running.service.handler.active == 0
-        assert running.service.gateway.http_turns == set()
+        assert running.service.http_turns.live == set()
         assert http_turns(running, "cancelled") == 1
     finally:
         await pool.closeCachedConnections()
@@ -147,6 +147,6 @@ async def test_http_post_not_yet_answered_at_the_drain_deadline_gets_503_drainin
         assert json.loads(await treq.content(response)) == {"error": {**DRAINING["error"]}}
         await within(fake.wait_for_cancelled(0), "the upstream request to be aborted")
         await within(stopping, "stopService")
-        assert running.service.handler.active == 0 and running.service.gateway.http_turns == set()
+        assert running.service.handler.active == 0 and running.service.http_turns.live == set()
     finally:
         await pool.closeCachedConnections()

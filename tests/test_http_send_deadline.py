@@ -95,15 +95,15 @@ async def test_http_client_that_stops_reading_loses_its_turn_at_the_send_deadlin
     try:
         client = await post_without_reading(running, stream_body())
         await within(fake.wait_for_requests(1), "the upstream request")
-        gateway = running.service.gateway
-        await eventually(lambda: any(turn.paused for turn in gateway.http_turns), "the client transport to push back")
+        turns = running.service.http_turns
+        await eventually(lambda: any(turn.paused for turn in turns.live), "the client transport to push back")
         with LogWatch("http_send_timeout") as timeout:
             clock.advance(running.service.config.limits.outbound_send_timeout - 1)
             assert not timeout.fired and running.service.handler.active == 1
             clock.advance(1)
             event = await within(timeout.seen, "the http_send_timeout log event")
         assert event["timeout"] == running.service.config.limits.outbound_send_timeout
-        assert running.service.handler.active == 0 and gateway.http_turns == set()
+        assert running.service.handler.active == 0 and turns.live == set()
         assert (await within(fake.wait_for_cancelled(0), "the upstream request to be aborted")).cancelled
         client.read_again()  # to see the connection go
         await within(client.lost, "the client connection to be closed")
@@ -123,8 +123,8 @@ async def test_http_client_that_reads_again_before_the_deadline_gets_the_whole_s
     running = await start_gateway(gateway_config(fake), clock)
     try:
         client = await post_without_reading(running, stream_body())
-        gateway = running.service.gateway
-        await eventually(lambda: any(turn.paused for turn in gateway.http_turns), "the client transport to push back")
+        turns = running.service.http_turns
+        await eventually(lambda: any(turn.paused for turn in turns.live), "the client transport to push back")
         with LogWatch("http_send_timeout") as timeout:
             clock.advance(running.service.config.limits.outbound_send_timeout - 1)
             client.read_again()
@@ -135,7 +135,7 @@ async def test_http_client_that_reads_again_before_the_deadline_gets_the_whole_s
         assert received.endswith(b"\r\n0\r\n\r\n")
         assert json.dumps(COMPLETED, separators=(",", ":")).encode() in received[-4096:]
         assert http_turns(running, "completed") == 1 and http_turns(running, "cancelled") == 0
-        assert gateway.http_turns == set()
+        assert turns.live == set()
     finally:
         await stop(running, clock)
 
@@ -160,7 +160,7 @@ async def test_each_http_turn_is_counted_once_by_how_it_ended(fake: FakeUpstream
         assert http_turns(running, "completed") == 1
         assert http_turns(running, "cancelled") == 1
         assert http_turns(running, "failed") == 0
-        assert running.service.gateway.http_turns == set()
+        assert running.service.http_turns.live == set()
     finally:
         await pool.closeCachedConnections()
         await running.stop()

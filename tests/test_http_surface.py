@@ -354,7 +354,7 @@ async def test_readyz_is_200_then_503_once_draining_while_healthz_stays_200(fake
     running = await launch(gateway_config(fake))
     ready = await fetch("GET", running.http_url + "/readyz")
     assert (ready.code, ready.json()) == (200, {"status": "ready"})
-    running.service.gateway.draining = True
+    running.service.drain.start()
     draining = await fetch("GET", running.http_url + "/readyz")
     assert draining.code == 503
     assert draining.header("content-type") == "application/json"
@@ -366,7 +366,7 @@ async def test_readyz_is_200_then_503_once_draining_while_healthz_stays_200(fake
 @pytest_twisted.ensureDeferred
 async def test_post_while_draining_is_503(fake: FakeUpstream, launch: Any, fetch: Fetch) -> None:
     running = await launch(gateway_config(fake))
-    running.service.gateway.draining = True
+    running.service.drain.start()
     reply = await fetch("POST", running.http_url + "/v1/responses", json=request_body(stream=True))
     reply.assert_openai_error(503, "service_unavailable_error", "draining")
     assert fake.requests == []
@@ -513,7 +513,7 @@ async def test_key_with_websocket_disabled_gets_426_while_another_key_connects(f
 @pytest_twisted.ensureDeferred
 async def test_upgrade_while_draining_is_503_json(fake: FakeUpstream, launch: Any, fetch: Fetch) -> None:
     running = await launch(gateway_config(fake))
-    running.service.gateway.draining = True
+    running.service.drain.start()
     reply = await fetch("GET", running.http_url + "/v1/responses", headers=UPGRADE_HEADERS)
     reply.assert_openai_error(503, "service_unavailable_error", "draining")
     assert running.service.edge_factory.live == set()

@@ -13,7 +13,8 @@ production's:
   subprotocol choice, close-frame and connection-failure hooks, the same 1011 path when the
   handler raises.
 * :func:`main` serves it through :func:`cch.web.build_root`, so an upgrade goes through
-  ``ResponsesResource`` and its ``WebSocketResource`` at ``/v1/responses`` as in production.
+  ``UpgradeResource`` (the upgrade half of production's ``ResponsesResource``) and its
+  ``WebSocketResource`` at ``/v1/responses`` as in production.
 
 Run: ``python -m cch.edge.conformance --port 9001`` (``--port 0`` picks a free port;
 ``--ready-file`` writes ``{"port": ..., "compression": ...}`` once listening).
@@ -33,12 +34,12 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from cch.config import LimitsConfig
+from cch.drain import Drain
 from cch.edge.factory import EdgeFactory
 from cch.edge.protocol import EdgeProtocol
 from cch.handler.auth import KeyRing
-from cch.metrics import Metrics
-from cch.turn import ResponseSink, Tunnel, TurnRequest
-from cch.web import Gateway, build_root
+from cch.turn import ResponseSink, TurnRequest
+from cch.web import UpgradeResource, build_root
 
 log = Logger()
 
@@ -85,7 +86,7 @@ def build_echo_factory(limits: LimitsConfig | None = None, reactor: Any = None) 
 
         reactor = default_reactor
     return EchoEdgeFactory(
-        tunnel=cast(Tunnel, NoTunnel()),
+        tunnel=NoTunnel(),
         limits=limits if limits is not None else LimitsConfig(),
         clock=reactor,
         reactor=reactor,
@@ -99,19 +100,11 @@ def compression_accepted(factory: EdgeFactory) -> bool:
 
 def build_site(factory: EdgeFactory) -> Site:
     """The production resource tree (``cch.web.build_root``) around ``factory``: upgrades on
-    ``/v1/responses`` go through ``ResponsesResource`` and its ``WebSocketResource``. No
-    client keys (loopback only), WebSocket mode on; the other endpoints are not served."""
-    gateway = Gateway(
-        keys=KeyRing(()),
-        router=cast(Any, None),
-        handler=cast(Any, None),
-        edge_factory=factory,
-        limits=factory.limits,
-        secret="",
-        websocket_enabled=True,
-        metrics=Metrics(),
-    )
-    site = Site(build_root(gateway))
+    ``/v1/responses`` go through ``UpgradeResource`` and its ``WebSocketResource``. No client
+    keys (loopback only), WebSocket mode on, never draining; besides ``/healthz`` no other
+    endpoint is served (no POST turns, no models, no metrics)."""
+    upgrades = UpgradeResource(factory, keys=KeyRing(()), drain=Drain(), websocket_enabled=True)
+    site = Site(build_root(upgrades))
     site.displayTracebacks = False
     return site
 

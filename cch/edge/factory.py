@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory
+from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -38,7 +39,10 @@ class EdgeFactory(WebSocketServerFactory):
         reactor: Any = None,
         stats: EdgeStats | None = None,
         slots: ConnectionSlots | None = None,
+        session_closed: Iterable[Callable[[str], None]] = (),
     ) -> None:
+        """``session_closed``: called with a connection's session id once it is closing, to
+        release what the session holds elsewhere (its upstream socket, its transcript)."""
         super().__init__(reactor=reactor)
         # Autobahn's own timers (keepalive pings, close handshake) on the injected clock too.
         run_timers_on(self, clock)
@@ -49,7 +53,7 @@ class EdgeFactory(WebSocketServerFactory):
         self.clock = clock
         self.live: set[EdgeProtocol] = set()
         self._empty: Waiters[None] = Waiters()
-        self.session_closed_hooks: list[Callable[[str], None]] = []
+        self.session_closed = tuple(session_closed)
         self.setProtocolOptions(
             maxMessagePayloadSize=limits.max_message_bytes,
             maxFramePayloadSize=limits.max_message_bytes,
@@ -81,8 +85,12 @@ class EdgeFactory(WebSocketServerFactory):
 
     def close_decided(self, edge: EdgeConnection) -> None:
         """A connection is closing: release what it holds upstream (pool entries)."""
-        for hook in self.session_closed_hooks:
-            hook(edge.session_id)
+        for release in self.session_closed:
+            release(edge.session_id)
+
+    def collect(self) -> Iterator[Metric]:
+        """The edge's figures, read at scrape time (cch.metrics)."""
+        yield GaugeMetricFamily("cch_client_connections", "Open client WebSocket connections.", value=len(self.live))
 
     def go_away(self, only_idle: bool) -> None:
         """Draining: with ``only_idle`` close idle connections 1001 now and the others as soon

@@ -8,19 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
-from cch.httpclient import BytesBody, HttpClient
+from cch.bodyreader import (
+    BodyEnd,
+    BodyReader,
+    Collected,
+    Complete,
+    Failed,
+    Idle,
+    Lost,
+    TooLarge,
+    Unframed,
+    collect,
+    content_type,
+    is_event_stream,
+)
+from cch.httpclient import BytesBody, HttpClient, error_text
 from cch.sse import EventTooLarge, SSEDecoder
 from cch.turn import ResponseSink
-from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.tls import trust_root
 from cch.wire import TERMINAL_EVENT_TYPES, error_body, error_event, event_too_large, event_type
 
@@ -31,8 +44,9 @@ class UpstreamTimeout(Exception):
     """No response headers within the provider's first-byte timeout."""
 
 
-class HttpUpstream:
-    """Sends attempts to upstream providers; one agent per connect timeout."""
+class HttpUpstream(Service):
+    """Sends attempts to upstream providers; one agent per connect timeout. As a service,
+    stopping it closes the persistent connections it keeps."""
 
     def __init__(self, reactor: Any, clock: IReactorTime) -> None:
         self._reactor = reactor
@@ -89,124 +103,9 @@ class HttpUpstream:
         d.addBoth(_done)
         return result
 
-    def close(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
         return self.pool.closeCachedConnections()
-
-
-class _BodyReader(Protocol):
-    """Reads one upstream body into the sink; pauses when the sink asks (flow control)."""
-
-    def __init__(
-        self,
-        response: IResponse,
-        sink: ResponseSink,
-        clock: IReactorTime,
-        idle_timeout: float,
-        max_json_bytes: int,
-        max_event_bytes: int,
-    ) -> None:
-        self.response = response
-        self.sink = sink
-        self.max_json_bytes = max_json_bytes
-        content_type = _content_type(response)
-        self.content_type = content_type
-        self.decoder = SSEDecoder(max_event_bytes) if "text/event-stream" in content_type.lower() else None
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.terminal_seen = False
-        self.finished: Deferred[None] = Deferred(self._cancel)
-        self.watchdog = IdleWatchdog(clock, idle_timeout, self._idle_fired)
-        self._done = False
-        self._stopped_reason: tuple[str, str] | None = None
-
-    # Protocol
-    def connectionMade(self) -> None:
-        if self.decoder is not None:
-            self.sink.sse_started(self.response.code, {"content-type": self.content_type})
-        self.sink.register_producer(WatchedProducer(self.transport, self.watchdog))
-        self.watchdog.start()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._done or self._stopped_reason is not None:
-            return  # stopped: what is still in flight is not read
-        self.watchdog.poke()
-        try:
-            if self.decoder is not None:
-                for event in self.decoder.feed(data):
-                    self._event(event)
-                return
-            self.size += len(data)
-            if self.size > self.max_json_bytes:
-                self._stop(("upstream_response_too_large", "upstream response body too large"))
-                return
-            self.chunks.append(data)
-        except EventTooLarge as too_large:
-            self._too_large(too_large)
-        except Exception:
-            self._stop(("upstream_stream_error", "upstream event could not be processed"))
-
-    def _too_large(self, too_large: EventTooLarge) -> None:
-        """Deliver what came before the oversized event, then end the turn and drop the body."""
-        log.warn("upstream_event_too_large", transport="http", limit=too_large.limit)
-        reason = event_too_large(too_large.limit)
-        try:
-            for event in too_large.events:
-                self._event(event)
-        except Exception:
-            reason = ("upstream_stream_error", "upstream event could not be processed")
-        self._stop(reason)
-
-    def _event(self, data: str) -> None:
-        kind = event_type(data)
-        if not self.terminal_seen and (data == "[DONE]" or kind in TERMINAL_EVENT_TYPES):
-            self.terminal_seen = True
-        self.sink.sse_event(data, kind)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.watchdog.stop()
-        if self._done:
-            return
-        self._done = True
-        try:
-            self.sink.unregister_producer()
-            self._report_end(reason)
-        except Exception:
-            # Never leave a turn waiting on a body that already ended.
-            self.finished.errback()
-            return
-        self.finished.callback(None)
-
-    def _report_end(self, reason: Failure) -> None:
-        clean = reason.check(ResponseDone) is not None
-        if self.decoder is not None:
-            if clean and self._stopped_reason is None:
-                for event in self.decoder.finish():
-                    self._event(event)
-            if (not clean or self._stopped_reason is not None) and not self.terminal_seen:
-                code, message = self._stopped_reason or ("upstream_stream_error", _describe(reason))
-                self.sink.sse_event(error_event(code, message))
-            return
-        if self._stopped_reason is None and (clean or reason.check(PotentialDataLoss)):
-            self.sink.json_body(self.response.code, b"".join(self.chunks), self.content_type)
-            return
-        code, message = self._stopped_reason or ("upstream_stream_error", _describe(reason))
-        self.sink.json_body(502, error_body(message, "bad_gateway_error", code), "application/json")
-
-    def _idle_fired(self) -> None:
-        self._stop(("upstream_idle_timeout", f"upstream sent nothing for {self.watchdog.timeout:g}s"))
-
-    def _stop(self, reason: tuple[str, str]) -> None:
-        if self._stopped_reason is None:
-            self._stopped_reason = reason
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def _cancel(self, _: Deferred[None]) -> None:
-        """The turn was cancelled: abort the upstream body, report nothing more."""
-        self._done = True
-        self.watchdog.stop()
-        if self.transport is not None:
-            self.transport.stopProducing()
 
 
 def read_body(
@@ -223,67 +122,90 @@ def read_body(
     A body that breaks or stalls after events were sent, or brings one SSE event over
     ``max_event_bytes`` (0: no cap), ends with a terminal ``error`` event
     (``upstream_stream_error`` / ``upstream_idle_timeout`` / ``upstream_event_too_large``) so the
-    client's connection can carry on; cancelling the Deferred aborts the upstream body.
+    client's connection can carry on; a JSON body over ``max_json_bytes`` (or broken, or
+    stalled) becomes a 502 error body. Cancelling the Deferred aborts the upstream body.
     """
-    reader = _BodyReader(response, sink, clock, idle_timeout, max_json_bytes, max_event_bytes)
-    response.deliverBody(reader)
-    return reader.finished
+    kind = content_type(response)
+    if not is_event_stream(kind):
+        collecting = collect(
+            response, on_start=sink.register_producer, clock=clock, idle_timeout=idle_timeout, max_bytes=max_json_bytes
+        )
+        return collecting.addCallback(_json_read, response.code, kind, sink)
+    events = _Events(sink, max_event_bytes)
+
+    def started(reader: BodyReader) -> None:
+        sink.sse_started(response.code, {"content-type": kind})
+        sink.register_producer(reader)
+
+    reader = BodyReader(events.feed, on_start=started, clock=clock, idle_timeout=idle_timeout)
+    return reader.read(response).addCallback(events.end)
 
 
-class _Collector(Protocol):
-    """Collects a small body we will not stream (a failover candidate's error)."""
+class _Events:
+    """An upstream's SSE body into the sink, each event parsed once; a body that did not end
+    cleanly ends with an ``error`` event unless a terminal event was already sent."""
 
-    def __init__(self, max_bytes: int, clock: IReactorTime, idle_timeout: float) -> None:
-        self.max_bytes = max_bytes
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.finished: Deferred[bytes] = Deferred(self._cancel)
-        self.watchdog = IdleWatchdog(clock, idle_timeout, self._enough)
+    def __init__(self, sink: ResponseSink, max_event_bytes: int) -> None:
+        self.sink = sink
+        self.decoder = SSEDecoder(max_event_bytes)
+        self.terminal_seen = False
 
-    def connectionMade(self) -> None:
-        self.watchdog.start()
+    def feed(self, data: bytes) -> None:
+        try:
+            events = self.decoder.feed(data)
+        except EventTooLarge as too_large:
+            # What came before the oversized event is delivered; then the reader stops.
+            log.warn("upstream_event_too_large", transport="http", limit=too_large.limit)
+            for event in too_large.events:
+                self._event(event)
+            raise
+        for event in events:
+            self._event(event)
 
-    def dataReceived(self, data: bytes) -> None:
-        self.watchdog.poke()
-        self.chunks.append(data[: self.max_bytes - self.size])
-        self.size += len(data)
-        if self.size >= self.max_bytes:
-            self._enough()
+    def _event(self, data: str) -> None:
+        kind = event_type(data)
+        if not self.terminal_seen and (data == "[DONE]" or kind in TERMINAL_EVENT_TYPES):
+            self.terminal_seen = True
+        self.sink.sse_event(data, kind)
 
-    def _enough(self) -> None:
-        """Stalled or long enough: what we have is the error to report."""
-        self.watchdog.stop()
-        if self.transport is not None:
-            self.transport.stopProducing()
+    def end(self, end: BodyEnd) -> None:
+        self.sink.unregister_producer()
+        if isinstance(end, Complete):
+            for event in self.decoder.finish():
+                self._event(event)
+        elif not self.terminal_seen:
+            self.sink.sse_event(error_event(*_failure(end)))
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.watchdog.stop()
-        if not self.finished.called:
-            self.finished.callback(b"".join(self.chunks))
 
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        self._enough()
+def _json_read(collected: Collected, status: int, kind: str, sink: ResponseSink) -> None:
+    sink.unregister_producer()
+    if isinstance(collected.end, (Complete, Unframed)):
+        sink.json_body(status, collected.data, kind)
+        return
+    code, message = _failure(collected.end)
+    sink.json_body(502, error_body(message, "bad_gateway_error", code), "application/json")
+
+
+def _failure(end: BodyEnd) -> tuple[str, str]:
+    """Code and message of a body that did not end cleanly."""
+    match end:
+        case Idle(timeout):
+            return "upstream_idle_timeout", f"upstream sent nothing for {timeout:g}s"
+        case TooLarge():
+            return "upstream_response_too_large", "upstream response body too large"
+        case Failed(failure) if isinstance(failure.value, EventTooLarge):
+            return event_too_large(failure.value.limit)
+        case Failed():
+            return "upstream_stream_error", "upstream event could not be processed"
+        case Lost(reason):
+            return "upstream_stream_error", f"upstream stream failed: {error_text(reason.value)}"
+        case _:  # Unframed: an event stream has no end without its framing
+            return "upstream_stream_error", f"upstream stream failed: {PotentialDataLoss.__name__}"
 
 
 def collect_body(
     response: IResponse, clock: IReactorTime, *, idle_timeout: float, max_bytes: int = 64 * 1024
 ) -> Deferred[bytes]:
     """The first ``max_bytes`` of a body (whatever arrived if it broke or stalled); cancellable."""
-    collector = _Collector(max_bytes, clock, idle_timeout)
-    response.deliverBody(collector)
-    return collector.finished
-
-
-def _content_type(response: IResponse) -> str:
-    values = response.headers.getRawHeaders(b"content-type") or [b""]
-    value = values[0]
-    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
-
-
-def _describe(reason: Failure) -> str:
-    value = reason.value
-    inner = getattr(value, "reasons", None)
-    if inner:
-        value = inner[0].value
-    text = str(value) or type(value).__name__
-    return f"upstream stream failed: {text}"
+    collecting = collect(response, clock=clock, idle_timeout=idle_timeout, max_bytes=max_bytes)
+    return collecting.addCallback(lambda collected: collected.data)
