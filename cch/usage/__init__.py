@@ -5,8 +5,4 @@ hot path, ``prices`` gives each its cost, ``report`` sums them for ``cch usage``
 ``GET /admin/usage``.
 """
 
-from cch.usage.ledger import NullLedger, UsageLedger, open_ledger
-from cch.usage.rows import UsageRow, usage_counts
-from cch.usage.store import LedgerStore, StoreError, open_store
 
-__all__ = ["LedgerStore", "NullLedger", "StoreError", "UsageLedger", "UsageRow", "open_ledger", "open_store", "usage_counts"]
