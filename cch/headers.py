@@ -139,6 +139,11 @@ def forwardable(name: str, allowed: Iterable[str] = ()) -> bool:
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+def without_reserved(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` less every ``x-cch-*`` one: a client can never set the gateway's markers."""
+    return {name: value for name, value in headers.items() if not name.lower().startswith(RESERVED_PREFIX)}
+
+
 def lower_headers(headers: Any) -> dict[str, str]:
     """A ``twisted.web`` ``Headers`` as ``{lower-case name: values joined by ", "}``."""
     return {

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = [
     "CLIENT_TRANSPORT",
     "INTERNAL_SECRET",
+    "REQUEST_ID",
     "RESERVED_HEADERS",
     "RESERVED_PREFIX",
     "SECRET_ENV",
@@ -36,6 +37,9 @@ CLIENT_TRANSPORT = "x-cch-client-transport"
 WS_FORWARD = "x-cch-responses-ws-forward"
 WS_SESSION = "x-cch-responses-ws-session"
 INTERNAL_SECRET = "x-cch-internal-secret"
+# The edge's id of a turn, carried by the HTTP tunnel so both ends log (and bill) the same id;
+# trusted only with the internal secret. Reserved by its prefix like every x-cch-* name.
+REQUEST_ID = "x-cch-request-id"
 RESERVED_HEADERS = frozenset({CLIENT_TRANSPORT, WS_FORWARD, WS_SESSION, INTERNAL_SECRET})
 SECRET_ENV = "CCH_RESPONSES_WS_INTERNAL_SECRET"
 

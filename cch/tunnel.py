@@ -33,6 +33,7 @@ from cch.bodyreader import (
     is_event_stream,
 )
 from cch.handler.pipeline import ResponsesHandler
+from cch.headers import without_reserved
 from cch.httpclient import BytesBody, HttpClient, error_text
 from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
@@ -40,7 +41,6 @@ from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportErr
 from cch.wire import turn_body
 
 # Carries the edge's turn id to the handler, so both ends log one id; trusted like the markers.
-REQUEST_ID = "x-cch-request-id"
 
 
 class InProcessTunnel:
@@ -158,12 +158,12 @@ class HttpTunnel(Service):
 
     def run_turn(self, turn: TurnRequest, sink: ResponseSink) -> Deferred[None]:
         payload = dumps_bytes(turn_body(turn.body))
-        headers = {k: v for k, v in turn.headers.items() if not markers.is_reserved(k)}
+        headers = without_reserved(turn.headers)
         headers["accept"] = "text/event-stream"
         headers["content-type"] = "application/json"
         headers.update(markers.marker_headers(turn.session_id, self.secret))
         if turn.request_id:
-            headers[REQUEST_ID] = turn.request_id
+            headers[markers.REQUEST_ID] = turn.request_id
         return Deferred.fromCoroutine(self._run(headers, payload, sink))
 
     async def _run(self, headers: dict[str, str], payload: bytes, sink: ResponseSink) -> None:

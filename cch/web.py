@@ -28,12 +28,11 @@ from cch.handler import errors
 from cch.handler.auth import KeyRing, presented_key
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
-from cch.headers import lower_headers
+from cch.headers import lower_headers, without_reserved
 from cch.jsoncodec import dumps, loads
 from cch.logs import mask_query
 from cch.metrics import Metrics
 from cch.sse import encode_event
-from cch.tunnel import REQUEST_ID
 from cch.turn import RequestContext
 from cch.writes import BatchedWriter
 
@@ -315,12 +314,12 @@ class HttpTurns:
         if not isinstance(body, dict):
             return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
         headers = lower_headers(request.requestHeaders)
-        ctx = RequestContext(headers={k: v for k, v in headers.items() if not markers.is_reserved(k)})
+        ctx = RequestContext(headers=without_reserved(headers))
         ctx.request_id = uuid.uuid4().hex
         if markers.is_websocket_client(headers, self.secret):
             ctx.via_websocket = True
             ctx.ws_session = markers.session_id_from(headers)
-            turn_id = headers.get(REQUEST_ID, "")
+            turn_id = headers.get(markers.REQUEST_ID, "")
             if turn_id.isalnum() and len(turn_id) <= 64:
                 ctx.request_id = turn_id
         sink = HttpResponseSink(request)

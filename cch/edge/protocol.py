@@ -9,7 +9,7 @@ from twisted.logger import Logger
 
 from cch.adapters import ServerProtocol, cancel_close_timer, not_clean_reason
 from cch.edge.connection import EdgeConnection
-from cch.headers import EDGE_NOT_FORWARDED, without_hop_by_hop
+from cch.headers import EDGE_NOT_FORWARDED, without_hop_by_hop, without_reserved
 from cch.logs import mask_query
 from cch.writes import BatchedWriter
 from cch.wsframes import take_text_frames, text_frame_header
@@ -26,8 +26,8 @@ def forwardable_headers(headers: dict[str, str]) -> dict[str, str]:
     ``Connection`` names included), the handshake's own and ``x-cch-*`` removed."""
     return {
         name: value
-        for name, value in without_hop_by_hop(headers).items()
-        if name not in EDGE_NOT_FORWARDED and not name.startswith("x-cch-")
+        for name, value in without_reserved(without_hop_by_hop(headers)).items()
+        if name not in EDGE_NOT_FORWARDED
     }
 
 
