@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
         "--targets",
         type=_targets,
         default=DEFAULT_TARGETS,
-        help="comma-separated, direct is always included (default: all): " + ", ".join(TARGETS),
+        help="comma-separated, direct is always included (default: " + ",".join(DEFAULT_TARGETS) + "): " + ", ".join(TARGETS),
     )
     run.add_argument(
         "--target",

@@ -38,8 +38,9 @@ def child_env(extra: dict[str, str] | None = None, src: Path = REPO) -> dict[str
 
 
 class Child:
-    """One spawned process with its output in ``workdir/<name>.log``, run in ``src`` (the cch
-    source tree under test: ``python -m`` puts the working directory first on the path)."""
+    """One spawned process with its output in ``workdir/<name>.log``, run in ``workdir`` (so
+    what it writes, the usage ledger's SQLite file included, goes there) with ``src`` (the cch
+    source tree under test) first on its import path."""
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=child_env(env, src),
-            cwd=src,
+            cwd=workdir,
         )
         self._offset = 0
         self._partial = b""
@@ -204,8 +205,11 @@ def gateway_toml(
     websocket: str,
     secret: str,
     max_socket_age: float | None = None,
+    usage_database: str | None = None,
 ) -> str:
-    """A gateway config: one provider at the benchmark upstream, defaults elsewhere."""
+    """A gateway config: one provider at the benchmark upstream, defaults elsewhere (the usage
+    ledger too: SQLite in the working directory); ``usage_database`` sets ``[usage] database``
+    (cch before the ledger knows no such table)."""
     lines = [
         "[server]",
         'listen = "tcp:0:interface=127.0.0.1"',
@@ -220,6 +224,8 @@ def gateway_toml(
         f'mode = "{tunnel}"',
         f'secret = "{secret}"',
     ]
+    if usage_database is not None:
+        lines += ["", "[usage]", f'database = "{usage_database}"']
     if max_socket_age is not None:
         lines += ["", "[upstream_websocket]", f"max_socket_age = {max_socket_age!r}"]
     return "\n".join(lines) + "\n"

@@ -41,6 +41,7 @@ class Target:
     label: str
     tunnel: str | None = None  # None: not a cch process we start
     websocket: str | None = None  # provider websocket setting
+    usage_database: str | None = None  # [usage] database; None: the default (SQLite, on)
 
     @property
     def gateway(self) -> bool:
@@ -60,8 +61,12 @@ TARGETS: dict[str, Target] = {
         "pooled-ws", "cch: in-process tunnel, pooled upstream WS", "in-process", "on"
     ),
     "http-tunnel": Target("http-tunnel", "cch: HTTP tunnel, pooled upstream WS", "http", "on"),
+    # The usage ledger's cost: the same path with the ledger off (cch with a ledger only).
+    "pooled-ws-no-ledger": Target(
+        "pooled-ws-no-ledger", "cch: pooled upstream WS, usage ledger off", "in-process", "on", "off"
+    ),
 }
-DEFAULT_TARGETS = tuple(TARGETS)
+DEFAULT_TARGETS = ("direct", "inproc-http", "pooled-ws", "http-tunnel")
 NO_REUSE_SOCKET_AGE = 1e-6  # upstream_websocket.max_socket_age: retire the socket before every turn
 
 
@@ -220,6 +225,7 @@ class Runner:
             websocket=target.websocket,
             secret=self.secret,
             max_socket_age=max_socket_age,
+            usage_database=target.usage_database,
         )
         child, port = await start_gateway(
             self.reactor,

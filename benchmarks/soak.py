@@ -583,7 +583,8 @@ async def sleep(reactor: Any, seconds: float) -> None:
 # --- the gateway's side ------------------------------------------------------------------------
 
 
-def gateway_config(upstream_port: int, stall_timeout: float) -> str:
+def gateway_config(upstream_port: int, stall_timeout: float, ledger: Path) -> str:
+    """Two providers on the soak upstream; the usage ledger on, in SQLite at ``ledger``."""
     base = f"http://127.0.0.1:{upstream_port}/v1"
     provider = (
         "[[providers]]\n"
@@ -598,6 +599,9 @@ def gateway_config(upstream_port: int, stall_timeout: float) -> str:
             "[server]",
             'listen = "tcp:0:interface=127.0.0.1"',
             "drain_timeout = 2.0",
+            "",
+            "[usage]",
+            f'database = "sqlite:///{ledger}"',
             "",
             provider.format(name="soak-ws", ws="on", model=WS_MODEL),
             provider.format(name="soak-http", ws="off", model=HTTP_MODEL),
@@ -823,7 +827,7 @@ async def soak(
             reactor,
             workdir,
             "gateway",
-            gateway_config(upstream_port, s.stall_timeout),
+            gateway_config(upstream_port, s.stall_timeout, workdir.resolve() / "usage.sqlite3"),
             log_level=s.log_level,
         )
         children.append(gateway)

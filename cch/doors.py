@@ -31,13 +31,13 @@ log = Logger()
 
 # Requests are told apart by their path's segments, percent-decoded as twisted.web routes them
 # (so "/%761/models" is "/v1/models" here too). Under "v1" every request needs a client key
-# (when keys are configured); "metrics" needs the admin token where one is required.
+# (when keys are configured); "metrics" and "admin" need the admin token where one is required.
 _KEYED = "v1"
-_METRICS = "metrics"
+_ADMIN = frozenset({"metrics", "admin"})
 # The one request that carries a body, and every resource served (a body sent elsewhere is
 # refused unread: 404 where nothing is served, 413 where no body is taken).
 _BODY_PATH = ("v1", "responses")
-_SERVED = frozenset({_BODY_PATH, ("v1", "models"), ("healthz",), ("readyz",), ("metrics",)})
+_SERVED = frozenset({_BODY_PATH, ("v1", "models"), ("healthz",), ("readyz",), ("metrics",), ("admin", "usage")})
 # Headers a proxy adds: a keyless gateway refuses requests that carry one (docs/security.md).
 _PROXY_HEADERS = (b"forwarded", b"x-real-ip")
 _PROXY_PREFIX = b"x-forwarded-"
@@ -178,7 +178,7 @@ class Doors:
             answer = self._auth_check(headers, peer, self._key_matches, self._wrong_key)
             if answer is not None:
                 return answer
-        elif self.metrics_token is not None and path[:1] == (_METRICS,):
+        elif self.metrics_token is not None and path[:1] and path[0] in _ADMIN:
             answer = self._auth_check(headers, peer, self._token_matches, self._wrong_token)
             if answer is not None:
                 return answer
@@ -294,7 +294,7 @@ class Doors:
         return refusal(
             403,
             "metrics_forbidden",
-            "Metrics need 'Authorization: Bearer <server.admin_token>' here.",
+            "Metrics and /admin need 'Authorization: Bearer <server.admin_token>' here.",
             "permission_error",
         )
 

@@ -12,6 +12,7 @@ from twisted.python import usage
 from cch.config import Config, ConfigError, demo_config, load_config
 from cch.service import GatewayService
 from cch.service import makeService as make_gateway
+from cch.usage.store import StoreError
 
 log = Logger()
 
@@ -96,4 +97,7 @@ def makeService(options: Options) -> MultiService:
         except ConfigError as exc:
             raise SystemExit(f"cch: {exc}") from None
     config: Config = options.config
-    return make_gateway(config, reactor)
+    try:
+        return make_gateway(config, reactor)
+    except StoreError as exc:
+        raise SystemExit(f"cch: {config.source}: usage.database: {exc}") from None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application import strports
@@ -16,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from cch.admin import AdminUsageResource
 from cch.config import Config, ContinuityConfig, TunnelConfig, is_loopback_endpoint
 from cch.doors import AuthFailureBudget, Doors
 from cch.drain import Drain
@@ -24,6 +27,7 @@ from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.httpchannel import ConnectionSlots, GuardedSite
+from cch.keylimits import KeyLimiter
 from cch.logs import access_log_formatter, mask_url
 from cch.metrics import Metrics
 from cch.transcript import TranscriptStore
@@ -31,6 +35,8 @@ from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
 from cch.upstream.pool import UpstreamWSPool
 from cch.upstream.unsupported import UnsupportedCache
+from cch.usage.ledger import UsageLedger, open_ledger
+from cch.usage.prices import PriceSheet
 from cch.waiters import Waiters
 from cch.web import (
     HttpTurns,
@@ -99,13 +105,16 @@ class GatewayService(MultiService):
     and the metrics listener (when configured). Each closes what it holds when stopped.
     """
 
-    def __init__(self, config: Config, reactor: Any, clock: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any, clock: Any = None, run_dir: str | None = None) -> None:
         super().__init__()
         clock = reactor if clock is None else clock
         self.config, self.reactor, self.clock = config, reactor, clock
         self.drain = Drain()
         self.metrics = Metrics()
         self.keys = KeyRing(config.keys)
+        self.prices = PriceSheet(config.prices)
+        self.ledger = open_ledger(config.usage, run_dir or os.getcwd(), reactor, clock)
+        self.limiter = KeyLimiter(clock, self.prices)
         self.router = ProviderRouter(config.providers, config.breaker, clock)
         self.ws_pool = UpstreamWSPool(reactor, clock, config.upstream_websocket)
         self.upstream = HttpUpstream(reactor, clock)
@@ -121,6 +130,11 @@ class GatewayService(MultiService):
             unsupported=self.unsupported,
             ws_enabled=config.upstream_websocket.enabled,
             transcripts=self.transcripts,
+            ledger=self.ledger,
+            prices=self.prices,
+            limiter=self.limiter,
+            drain=self.drain,
+            replica=config.server.replica,
         )
         self.tunnel = build_tunnel(config.tunnel, reactor, clock, self.handler, self._internal_url)
         # Every client connection counts against server.max_connections, WebSockets included.
@@ -137,12 +151,16 @@ class GatewayService(MultiService):
         self.http_turns = HttpTurns(
             self.handler, drain=self.drain, limits=config.limits, secret=config.tunnel.secret, clock=clock, metrics=self.metrics
         )
-        for component in (self.edge_factory, self.handler, self.ws_pool, self.router, self.transcripts):
+        for component in (
+            self.edge_factory, self.handler, self.ws_pool, self.router, self.transcripts, self.ledger, self.limiter
+        ):
             if component is not None:
                 self.metrics.export(component)  # each reports its own figures
         doors = doors_maker(config, self.keys, clock)
         self.site = self._site(self._root(), doors(config.server.admin_token), self.connections)
-        # Children, in start order; they stop once the drain is over (_stop).
+        # Children, in start order; they stop once the drain is over (_stop): the ledger writes
+        # the last turns' rows as it stops.
+        self._adopt("usage-ledger", self.ledger)
         self._adopt("upstream-ws-pool", self.ws_pool)
         self._adopt("upstream-http", self.upstream)
         if isinstance(self.tunnel, HttpTunnel):
@@ -160,7 +178,12 @@ class GatewayService(MultiService):
     def _root(self) -> Resource:
         config, keys, drain = self.config, self.keys, self.drain
         responses = ResponsesResource(
-            self.edge_factory, self.http_turns, keys=keys, drain=drain, websocket_enabled=config.server.websocket
+            self.edge_factory,
+            self.http_turns,
+            keys=keys,
+            drain=drain,
+            websocket_enabled=config.server.websocket,
+            limiter=self.limiter,
         )
         return build_root(
             responses,
@@ -169,6 +192,7 @@ class GatewayService(MultiService):
             metrics=MetricsResource(
                 self.metrics, admin_token=config.server.admin_token, open_without_token=not keys.required
             ),
+            usage=AdminUsageResource(self.ledger, config.server.admin_token),
         )
 
     def _metrics_listener(self, doors: Callable[[str | None], Doors]) -> Listening | None:
@@ -214,6 +238,26 @@ class GatewayService(MultiService):
         super().startService()
         _check_fd_budget(self.config.server.max_connections)
         self.listener.when_listening().addCallback(self._listening)
+        self._seeding = Deferred.fromCoroutine(self._seed_limits())
+
+    async def _seed_limits(self) -> None:
+        """Start each key's day and month from the ledger, so a restart does not hand out a
+        second daily token allowance or monthly budget (docs/usage.md#limits)."""
+        if not isinstance(self.ledger, UsageLedger):
+            return
+        now = self.clock.seconds()
+        day = now - now % 86400
+        month = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+        for key in self.config.keys:
+            if key.limits.tokens_per_day is None and key.limits.budget_per_month is None:
+                continue
+            try:
+                tokens_today, _ = await self.ledger.spent(key.name, day)
+                _, spent = await self.ledger.spent(key.name, month)
+            except Exception as exc:
+                log.warn("limits_seed_failed", key=key.name, error=str(exc))
+                continue
+            await self.limiter.seed(key.name, tokens_today, spent)
 
     def _listening(self, port: IListeningPort) -> None:
         address = port.getHost()
@@ -341,14 +385,17 @@ def _connect_host(host: str | None) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def makeService(config: Config, reactor: Any = None, clock: Any = None) -> GatewayService:
+def makeService(config: Config, reactor: Any = None, clock: Any = None, run_dir: str | None = None) -> GatewayService:
     """Build the gateway service from a loaded config (see :func:`cch.config.load_config`).
 
     ``clock`` (an ``IReactorTime``, default the reactor) drives every gateway timer: breakers,
-    timeouts, send deadlines; tests pass a ``task.Clock``.
+    timeouts, send deadlines; tests pass a ``task.Clock``. ``run_dir`` (default: the current
+    directory) is where a relative SQLite ledger and its spill file live. Raises
+    :class:`cch.usage.store.StoreError` when the ledger's database cannot be used (its driver
+    is missing, or its URL is wrong).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return GatewayService(config, reactor, clock)
+    return GatewayService(config, reactor, clock, run_dir)

@@ -10,6 +10,7 @@ upstream of it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -31,8 +32,9 @@ class ResponseSink(Protocol):
         on so nobody parses it again. None means not known.
         """
 
-    def json_body(self, status: int, body: bytes, content_type: str) -> None:
-        """The response is one complete non-SSE body."""
+    def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        """The response is one complete non-SSE body. ``headers`` (``retry-after`` of a
+        refused turn) matter only to an HTTP client; a WebSocket sink ignores them."""
 
     def register_producer(self, producer: IPushProducer) -> None:
         """Let the sink pause whoever produces the events (flow control)."""

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -24,12 +23,14 @@ from cch.adapters import request_gone
 from cch.config import LimitsConfig
 from cch.drain import Drain
 from cch.edge.factory import EdgeFactory
+from cch.edge.protocol import EdgeProtocol
 from cch.handler import errors
-from cch.handler.auth import KeyRing, presented_key
+from cch.handler.auth import KeyRing, token_matches
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.headers import lower_headers, without_reserved
 from cch.jsoncodec import dumps, loads
+from cch.keylimits import ConnectionLease, KeyLimiter, Refused
 from cch.logs import mask_query
 from cch.metrics import Metrics
 from cch.sse import encode_event
@@ -43,7 +44,8 @@ DRAINING_BODY = errors.error_body("The gateway is shutting down.", "service_unav
 DRAINING_EVENT = encode_event(dumps({"type": "error", **loads(DRAINING_BODY)}))
 
 
-def _json(request: Request, status: int, body: bytes | dict[str, Any]) -> bytes:
+def json_answer(request: Request, status: int, body: bytes | dict[str, Any]) -> bytes:
+    """Set the status and JSON content type; the body to return from ``render``."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     if isinstance(body, dict):
@@ -64,7 +66,7 @@ class JsonResource(Resource):
         if handler is None:
             allowed = sorted(name[len("render_"):] for name in dir(self) if name.startswith("render_"))
             request.setHeader(b"allow", ", ".join(allowed).encode("ascii"))
-            return _json(
+            return json_answer(
                 request,
                 405,
                 errors.error_body(f"Method {method} is not allowed here.", "invalid_request_error", "method_not_allowed"),
@@ -102,12 +104,14 @@ class HttpResponseSink(BatchedWriter):
     def write_now(self, data: bytes) -> None:
         self.request.write(data)
 
-    def json_body(self, status: int, body: bytes, content_type: str) -> None:
+    def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         self.flush_writes()
         self.started = True
         request = self.request
         request.setResponseCode(status)
         request.setHeader(b"content-type", content_type.encode("latin-1") or b"application/json")
+        for name, value in (headers or {}).items():
+            request.setHeader(name.encode("latin-1"), value.encode("latin-1"))
         request.write(body)
 
     def register_producer(self, producer: IPushProducer) -> None:
@@ -236,7 +240,7 @@ class HttpTurn:
         log.failure("http_handler_error", failure, request_id=self.request_id)
         self._release_request()
         if not self.sink.started:
-            request.write(_json(request, 500, errors.INTERNAL_ERROR))
+            request.write(json_answer(request, 500, errors.INTERNAL_ERROR))
             request.finish()
         else:
             # Half a response was sent: break the connection so the client sees it as broken.
@@ -273,7 +277,7 @@ class HttpTurn:
         if sink.sse:
             request.write(DRAINING_EVENT)
         elif not sink.started:
-            request.write(_json(request, 503, DRAINING_BODY))
+            request.write(json_answer(request, 503, DRAINING_BODY))
         request.finish()
 
 
@@ -301,18 +305,18 @@ class HttpTurns:
 
     def render(self, request: Request) -> Any:
         if self.drain.draining:
-            return _json(request, 503, DRAINING_BODY)
+            return json_answer(request, 503, DRAINING_BODY)
         content = request.content
         content.seek(0, 2)
         if content.tell() > self.limits.max_request_body_bytes:
-            return _json(request, 413, errors.error_body("Request body too large.", "invalid_request_error", "request_too_large"))
+            return json_answer(request, 413, errors.error_body("Request body too large.", "invalid_request_error", "request_too_large"))
         content.seek(0)
         try:
             body = loads(content.read())
         except ValueError as exc:
-            return _json(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
+            return json_answer(request, *errors.invalid_request(f"Invalid JSON body: {exc}", "invalid_json"))
         if not isinstance(body, dict):
-            return _json(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
+            return json_answer(request, *errors.invalid_request("The body must be a JSON object.", "invalid_json"))
         headers = lower_headers(request.requestHeaders)
         ctx = RequestContext(headers=without_reserved(headers))
         ctx.request_id = uuid.uuid4().hex
@@ -350,25 +354,36 @@ class HttpTurns:
 
 class UpgradeResource(JsonResource):
     """``/v1/responses`` for WebSocket upgrades: refused 503 while draining, 401 without a
-    valid key, 426 when WebSocket mode is off (here or for the key); the rest go to the edge."""
+    valid key, 426 when WebSocket mode is off (here or for the key), 429 beyond the key's
+    ``max_connections``; the rest go to the edge, holding their place under the key's limit
+    until the connection is lost."""
 
-    def __init__(self, edge_factory: EdgeFactory, *, keys: KeyRing, drain: Drain, websocket_enabled: bool) -> None:
+    def __init__(
+        self,
+        edge_factory: EdgeFactory,
+        *,
+        keys: KeyRing,
+        drain: Drain,
+        websocket_enabled: bool,
+        limiter: KeyLimiter | None = None,
+    ) -> None:
         super().__init__()
         self.keys = keys
         self.drain = drain
         self.websocket_enabled = websocket_enabled
+        self.limiter = limiter
         self.ws_resource = WebSocketResource(edge_factory)
 
     def render(self, request: Request) -> Any:
         if request.postpath:
-            return _json(request, 404, errors.error_body("Not found.", "invalid_request_error", "not_found"))
+            return json_answer(request, 404, errors.error_body("Not found.", "invalid_request_error", "not_found"))
         return super().render(request)
 
     def render_GET(self, request: Request) -> Any:
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade != b"websocket":
             request.setHeader(b"allow", b"POST")
-            return _json(
+            return json_answer(
                 request,
                 405,
                 errors.error_body(
@@ -383,17 +398,17 @@ class UpgradeResource(JsonResource):
         path = mask_query(request.uri)
         if self.drain.draining:
             log.info("ws_upgrade_refused", status=503, reason="draining", path=path)
-            return _json(request, 503, DRAINING_BODY)
+            return json_answer(request, 503, DRAINING_BODY)
         headers = lower_headers(request.requestHeaders)
         allowed, key = self.keys.authenticate(headers)
         if not allowed:
             log.info("ws_upgrade_refused", status=401, reason="invalid_api_key", path=path)
             request.setHeader(b"www-authenticate", b'Bearer realm="cch"')
-            return _json(request, *errors.unauthorized())
+            return json_answer(request, *errors.unauthorized())
         if not self.websocket_enabled or (key is not None and not key.websocket):
             log.info("ws_upgrade_refused", status=426, reason="websocket_disabled", path=path)
             request.setHeader(b"upgrade", b"websocket")
-            return _json(
+            return json_answer(
                 request,
                 426,
                 errors.error_body(
@@ -402,16 +417,66 @@ class UpgradeResource(JsonResource):
                     "websocket_disabled",
                 ),
             )
-        return self.ws_resource.render(request)
+        if self.limiter is None or key is None:
+            return self.ws_resource.render(request)
+        admitted = self.limiter.open_connection(key)
+        answered: list[Any] = []
+        admitted.addCallback(answered.append)
+        if answered:  # the memory store answers at once
+            return self._admitted(request, answered[0], path)
+        # A networked store answers later: the upgrade (or the 429) happens then.
+        request.notifyFinish().addErrback(lambda _: admitted.cancel())
+        admitted.addCallback(lambda outcome: self._admitted_later(request, outcome, path))
+        admitted.addErrback(lambda failure: self._admission_failed(request, failure))
+        return NOT_DONE_YET
+
+    def _admitted(self, request: Request, outcome: Refused | ConnectionLease, path: str) -> Any:
+        if isinstance(outcome, Refused):
+            log.info("ws_upgrade_refused", status=outcome.status, reason=outcome.reason, path=path)
+            for name, value in outcome.headers():
+                request.setHeader(name, value)
+            return json_answer(request, outcome.status, outcome.json_body())
+        transport = request.channel.transport
+        result = self.ws_resource.render(request)
+        protocol = getattr(transport, "protocol", None)
+        if isinstance(protocol, EdgeProtocol):
+            protocol.hold(outcome.release)  # given back when the connection is lost
+        else:
+            outcome.release()  # the upgrade did not happen
+        return result
+
+    def _admitted_later(self, request: Request, outcome: Refused | ConnectionLease, path: str) -> None:
+        if request.finished or request_gone(request):
+            if isinstance(outcome, ConnectionLease):
+                outcome.release()
+            return
+        body = self._admitted(request, outcome, path)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
+
+    def _admission_failed(self, request: Request, failure: Failure) -> None:
+        if failure.check(CancelledError) or request.finished or request_gone(request):
+            return
+        log.failure("ws_admission_failed", failure)
+        request.write(json_answer(request, 503, errors.error_body("The limits store did not answer.", "service_unavailable_error", "limits_unavailable")))
+        request.finish()
 
 
 class ResponsesResource(UpgradeResource):
     """``/v1/responses``: a WebSocket upgrade goes to the edge, a POST to :class:`HttpTurns`."""
 
     def __init__(
-        self, edge_factory: EdgeFactory, turns: HttpTurns, *, keys: KeyRing, drain: Drain, websocket_enabled: bool
+        self,
+        edge_factory: EdgeFactory,
+        turns: HttpTurns,
+        *,
+        keys: KeyRing,
+        drain: Drain,
+        websocket_enabled: bool,
+        limiter: KeyLimiter | None = None,
     ) -> None:
-        super().__init__(edge_factory, keys=keys, drain=drain, websocket_enabled=websocket_enabled)
+        super().__init__(edge_factory, keys=keys, drain=drain, websocket_enabled=websocket_enabled, limiter=limiter)
         self.turns = turns
 
     def render_POST(self, request: Request) -> Any:
@@ -433,14 +498,14 @@ class ModelsResource(JsonResource):
     def render_GET(self, request: Request) -> bytes:
         allowed, _ = self.keys.authenticate(lower_headers(request.requestHeaders))
         if not allowed:
-            return _json(request, *errors.unauthorized())
+            return json_answer(request, *errors.unauthorized())
         data = [{"id": m, "object": "model", "owned_by": "cch"} for m in self.router.models()]
-        return _json(request, 200, {"object": "list", "data": data})
+        return json_answer(request, 200, {"object": "list", "data": data})
 
 
 class HealthResource(JsonResource):
     def render_GET(self, request: Request) -> bytes:
-        return _json(request, 200, {"status": "ok"})
+        return json_answer(request, 200, {"status": "ok"})
 
 
 class ReadyResource(JsonResource):
@@ -450,8 +515,8 @@ class ReadyResource(JsonResource):
 
     def render_GET(self, request: Request) -> bytes:
         if self.drain.draining:
-            return _json(request, 503, {"status": "draining"})
-        return _json(request, 200, {"status": "ready"})
+            return json_answer(request, 503, {"status": "draining"})
+        return json_answer(request, 200, {"status": "ready"})
 
 
 class MetricsResource(JsonResource):
@@ -467,7 +532,7 @@ class MetricsResource(JsonResource):
 
     def render_GET(self, request: Request) -> bytes:
         if not self._allowed(request):
-            return _json(
+            return json_answer(
                 request,
                 403,
                 errors.error_body(
@@ -481,18 +546,16 @@ class MetricsResource(JsonResource):
         return self.metrics.render()
 
     def _allowed(self, request: Request) -> bool:
-        token = self.admin_token
-        if token is None:
+        if self.admin_token is None:
             return self.open_without_token
-        presented = presented_key(lower_headers(request.requestHeaders))
-        return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
+        return token_matches(lower_headers(request.requestHeaders), self.admin_token)
 
 
 class NotFound(Resource):
     isLeaf = True
 
     def render(self, request: Request) -> bytes:
-        return _json(request, 404, errors.error_body("Not found.", "invalid_request_error", "not_found"))
+        return json_answer(request, 404, errors.error_body("Not found.", "invalid_request_error", "not_found"))
 
 
 class _Dir(Resource):
@@ -511,15 +574,23 @@ def build_root(
     models: ModelsResource | None = None,
     ready: ReadyResource | None = None,
     metrics: MetricsResource | None = None,
+    usage: Resource | None = None,
 ) -> Resource:
     """The main port's tree around its resources; an endpoint not given answers JSON 404 (the
-    conformance echo edge serves only upgrades)."""
+    conformance echo edge serves only upgrades). ``usage`` is ``/admin/usage``."""
     root = _Dir()
     v1 = _Dir()
+    admin = _Dir()
     root.putChild(b"v1", v1)
+    root.putChild(b"admin", admin)
     v1.putChild(b"responses", responses)
     root.putChild(b"healthz", HealthResource())
-    for parent, name, child in ((v1, b"models", models), (root, b"readyz", ready), (root, b"metrics", metrics)):
+    for parent, name, child in (
+        (v1, b"models", models),
+        (root, b"readyz", ready),
+        (root, b"metrics", metrics),
+        (admin, b"usage", usage),
+    ):
         if child is not None:
             parent.putChild(name, child)
     return root

@@ -100,6 +100,11 @@ def error_code(data: str | bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
+def is_connection_limit(data: str) -> bool:
+    """Is this the error of an upstream socket at its connection-age cap?"""
+    return CONNECTION_LIMIT in data and error_code(data) == CONNECTION_LIMIT
+
+
 def is_previous_not_found(data: str | bytes) -> bool:
     """Does this event or JSON error body say the upstream lost ``previous_response_id``?"""
     marker = PREVIOUS_NOT_FOUND if isinstance(data, str) else PREVIOUS_NOT_FOUND.encode()

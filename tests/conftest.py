@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from cch.config import Config, LimitsConfig, ProviderConfig, ServerConfig, TunnelConfig
+from cch.config import Config, LimitsConfig, ProviderConfig, ServerConfig, TunnelConfig, UsageConfig
 from cch.service import GatewayService, makeService
 from cch.testing import FakeUpstream
 from cch.testing.client import ResponsesWSClient
@@ -48,6 +48,8 @@ def gateway_config(
         providers=(ProviderConfig(name="primary", base_url=fake.base_url, websocket=websocket),),
         tunnel=TunnelConfig(mode=tunnel, secret=SECRET),
         limits=LimitsConfig(),
+        # The ledger's own tests give it a database; elsewhere rows are counted and forgotten.
+        usage=UsageConfig(database="off"),
         source="<test>",
     )
     return replace(config, **overrides)

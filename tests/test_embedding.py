@@ -38,8 +38,9 @@ def load_example() -> ModuleType:
 
 @pytest_twisted.ensureDeferred
 async def test_embedded_gateway_serves_a_websocket_turn_beside_the_hosts_own_service(
-    fake: FakeUpstream,
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the default usage ledger is a SQLite file in the run directory
     embed = load_example()
     config = Config(
         server=ServerConfig(listen="tcp:0:interface=127.0.0.1"),

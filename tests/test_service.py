@@ -59,13 +59,13 @@ def names(service: Any) -> list[str]:
 
 def test_children_are_the_upstream_parts_then_the_listener_in_start_order(fake: FakeUpstream) -> None:
     service = makeService(gateway_config(fake), MemoryReactorClock(), Clock())
-    assert names(service) == ["upstream-ws-pool", "upstream-http", "listener"]
+    assert names(service) == ["usage-ledger", "upstream-ws-pool", "upstream-http", "listener"]
 
 
 def test_the_http_tunnel_and_the_metrics_listener_are_children_when_configured(fake: FakeUpstream) -> None:
     config = gateway_config(fake, tunnel="http", server=ServerConfig(listen=LOOPBACK, metrics_listen=LOOPBACK))
     service = makeService(config, MemoryReactorClock(), Clock())
-    assert names(service) == ["upstream-ws-pool", "upstream-http", "tunnel", "listener", "metrics-listener"]
+    assert names(service) == ["usage-ledger", "upstream-ws-pool", "upstream-http", "tunnel", "listener", "metrics-listener"]
 
 
 async def refused(port: int) -> bool:

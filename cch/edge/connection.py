@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -94,7 +94,7 @@ class _Turn:
         frame = translate_sse_data(data)
         self._send(frame.text, frame.terminal, "sse")
 
-    def json_body(self, status: int, body: bytes, content_type: str) -> None:
+    def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         if self.dead:
             return
         frame = translate_json_response(status, body)

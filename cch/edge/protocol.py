@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from autobahn.websocket.types import ConnectionRequest
@@ -51,7 +52,22 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
         if self._holds_slot:
             self._holds_slot = False
             self.factory.slots.release()  # type: ignore[union-attr]
+        self._lost = True
+        held, self._held = self._held, []
+        for release in held:
+            release()
         super().connectionLost(reason)
+
+    _held: list[Callable[[], None]] = []
+    _lost = False
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Call ``release`` when this connection is lost (its place under a key's
+        ``max_connections``); at once if it is lost already."""
+        if self._lost:
+            release()
+        else:
+            self._held = [*self._held, release]
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         self._request = request

@@ -19,6 +19,14 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
+def token_matches(headers: Mapping[str, str], token: str | None) -> bool:
+    """Do the request's lower-cased ``headers`` present ``token`` (the admin token)?"""
+    if token is None:
+        return False
+    presented = presented_key(headers)
+    return presented is not None and hmac.compare_digest(presented.encode(), token.encode())
+
+
 class KeyRing:
     """The configured client keys; empty means the gateway is open (loopback-only)."""
 

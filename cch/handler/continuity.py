@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
@@ -118,8 +119,8 @@ class RecordingSink:
             response["id"], self.previous, self.input, output if isinstance(output, list) else [], self.origin
         )
 
-    def json_body(self, status: int, body: bytes, content_type: str) -> None:
-        self.sink.json_body(status, body, content_type)
+    def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        self.sink.json_body(status, body, content_type, headers)
 
     def register_producer(self, producer: IPushProducer) -> None:
         self.sink.register_producer(producer)

@@ -5,6 +5,8 @@ One code path serves plain HTTP ``POST /v1/responses`` and every WebSocket turn.
 
 from __future__ import annotations
 
+import functools
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,14 +17,17 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
-from cch.config import LimitsConfig
+from cch.config import ClientKey, LimitsConfig
+from cch.drain import Drain
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
 from cch.handler.continuity import NEW_SOCKET, RecordingSink
 from cch.handler.eligibility import evaluate
+from cch.handler.metering import TurnMeter
 from cch.handler.outbound import upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
-from cch.jsoncodec import dumps_bytes
+from cch.jsoncodec import dumps_bytes, loads
+from cch.keylimits import KeyLimiter, Refused, TurnLease
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
 from cch.upstream.exchange import ConnectionLimit, Failed, NotResent, Outcome, PreviousLost
@@ -30,8 +35,16 @@ from cch.upstream.http import HttpUpstream, collect_body, read_body
 from cch.upstream.pool import Target, UpstreamWSPool
 from cch.upstream.unsupported import UnsupportedCache
 from cch.upstream.ws import upgrade_headers, ws_url
+from cch.usage.ledger import NullLedger
+from cch.usage.prices import PriceSheet
 from cch.waiters import Waiters
-from cch.wire import error_event, is_previous_not_found, upstream_ws_frame
+from cch.wire import (
+    PREVIOUS_NOT_FOUND,
+    error_event,
+    is_previous_not_found,
+    previous_not_found,
+    upstream_ws_frame,
+)
 
 log = Logger()
 
@@ -41,6 +54,29 @@ JSON = "application/json"
 def _retryable(status: int) -> bool:
     """Statuses that say "this provider, not this request": try the next provider."""
     return status == 429 or status >= 500
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A turn the gateway answers itself before any upstream: the error event for a WebSocket
+    turn, the status and JSON body for HTTP."""
+
+    status: int
+    code: str
+    event: str
+    body: bytes
+    headers: dict[str, str] | None = None  # for HTTP: retry-after
+
+    @classmethod
+    def of(cls, refused: Refused) -> Refusal:
+        wait = None if refused.retry_after is None else {"retry-after": str(refused.retry_after)}
+        return cls(refused.status, refused.code, refused.error_event(), refused.json_body(), wait)
+
+    @classmethod
+    def previous_not_found(cls, response_id: str) -> Refusal:
+        """Exactly what an upstream says of an id it does not know."""
+        event = previous_not_found(response_id)
+        return cls(400, PREVIOUS_NOT_FOUND, event, dumps_bytes({"error": loads(event)["error"]}))
 
 
 RETRY_REASONS = {ConnectionLimit: "connection_limit", PreviousLost: "previous_lost"}
@@ -73,7 +109,15 @@ class ResponsesHandler:
         unsupported: UnsupportedCache | None = None,
         ws_enabled: bool = True,
         transcripts: TranscriptStore | None = None,
+        ledger: NullLedger | None = None,
+        prices: PriceSheet | None = None,
+        limiter: KeyLimiter | None = None,
+        drain: Drain | None = None,
+        replica: str = "",
     ) -> None:
+        """``ledger`` gets one row per turn and owns response ids (default: memory only),
+        ``limiter`` holds each key to its limits, ``drain`` tells a turn cut by the drain from
+        one the client left, ``replica`` names this process in the rows."""
         self.keys = keys
         self.router = router
         self.upstream = upstream
@@ -83,6 +127,11 @@ class ResponsesHandler:
         self.unsupported = unsupported if unsupported is not None else UnsupportedCache(clock)
         self.ws_enabled = ws_enabled
         self.transcripts = transcripts
+        self.ledger = ledger if ledger is not None else NullLedger()
+        self.prices = prices if prices is not None else PriceSheet(())
+        self.limiter = limiter if limiter is not None else KeyLimiter(clock, self.prices)
+        self.drain = drain
+        self.replica = replica
         self.active = 0  # requests in progress (leak checks, drain, metrics)
         self._idle: Waiters[None] = Waiters()
         self.http_attempts = 0
@@ -131,40 +180,111 @@ class ResponsesHandler:
         return self._idle.wait()
 
     async def _handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> None:
+        """The straight path of one turn: who asks → may they (ownership, limits) → the
+        attempts → one usage row and the limits' count, however it ended."""
         allowed, key = self.keys.authenticate(ctx.headers)
         if not allowed:
             sink.json_body(*errors.unauthorized(), JSON)
             return
         ctx.key_name = key.name if key else None
         model = body.get("model") if isinstance(body.get("model"), str) else None
+        meter = TurnMeter(
+            sink,
+            self.clock,
+            request_id=ctx.request_id or uuid.uuid4().hex,
+            key=ctx.key_name,
+            model=model,
+            client_transport="websocket" if ctx.via_websocket else "http",
+            on_response_id=None if key is None else functools.partial(self._owned, key.name),
+        )
+        lease: TurnLease | None = None
+        try:
+            admitted = await self._admit(ctx, key, body, model)
+            if isinstance(admitted, Refusal):
+                self._refuse(ctx, meter, admitted)
+                return
+            lease = admitted
+            await self._attempts(ctx, body, meter, model)
+        except CancelledError:
+            meter.ended("drained" if self.drain is not None and self.drain.draining else "cancelled")
+            raise
+        except Exception:
+            meter.ended("error", "internal_error")
+            raise
+        finally:
+            row = meter.row(self.prices, self.replica)
+            if lease is not None:
+                spent = None if row.input_tokens is None and row.output_tokens is None else (row.input_tokens or 0) + (row.output_tokens or 0)
+                lease.finish(spent, row.cost)
+            self.ledger.record(row)
+
+    def _owned(self, key: str, response_id: str) -> None:
+        self.ledger.owns(response_id, key)
+
+    async def _admit(
+        self, ctx: RequestContext, key: ClientKey | None, body: dict[str, Any], model: str | None
+    ) -> TurnLease | Refusal:
+        """A turn's ``previous_response_id`` must be the key's own (docs/usage.md#ownership):
+        another key's id is answered as unknown and never forwarded; then the key's limits."""
+        previous = body.get("previous_response_id")
+        if key is not None and isinstance(previous, str):
+            try:
+                owner = await self.ledger.owner_of(previous)
+            except CancelledError:
+                raise
+            except Exception:
+                # The database cannot say whose it is: refusing is safe (Codex resends the whole
+                # context), continuing another key's conversation is not.
+                log.warn("response_id_owner_unknown", key=key.name, request_id=ctx.request_id)
+                return Refusal.previous_not_found(previous)
+            if owner is not None and owner != key.name:
+                log.warn("response_id_foreign", key=key.name, request_id=ctx.request_id)
+                return Refusal.previous_not_found(previous)
+        admitted = await self.limiter.begin_turn(key, model)
+        if isinstance(admitted, Refused):
+            return Refusal.of(admitted)
+        return admitted
+
+    def _refuse(self, ctx: RequestContext, meter: TurnMeter, refusal: Refusal) -> None:
+        """A WebSocket turn gets an error event (the connection stays open); HTTP a JSON error."""
+        meter.ended("refused", refusal.code)
+        if ctx.via_websocket:
+            _send_events(meter, [refusal.event])
+        else:
+            meter.json_body(refusal.status, refusal.body, JSON, refusal.headers)
+
+    async def _attempts(self, ctx: RequestContext, body: dict[str, Any], meter: TurnMeter, model: str | None) -> None:
+        """Provider by provider until one serves the turn (failover before the first byte)."""
         stream = body.get("stream") is True
         candidates = self.router.candidates(model)
         if not candidates:
-            sink.json_body(*errors.no_provider(model), JSON)
+            meter.json_body(*errors.no_provider(model), JSON)
             return
         transcript = (
             self.transcripts.get(ctx.ws_session) if self.transcripts is not None and ctx.ws_session else None
         )
         last: tuple[int, bytes, str] | None = None
         for attempt, provider in enumerate(candidates, start=1):
-            if await self._websocket_attempt(ctx, provider, body, sink, attempt, transcript):
+            meter.attempts, meter.provider = attempt, provider.name
+            if await self._websocket_attempt(ctx, provider, body, meter, attempt, transcript):
                 return
             if transcript is not None and continuity.wants_local_warmup(transcript, body):
-                self._local_warmup(body, sink, transcript, provider)
+                self._local_warmup(body, meter, transcript, provider)
                 return
             send, lost = continuity.prepare(transcript, body, provider.name, None)
             if send is None:
-                _send_events(sink, [lost])
+                _send_events(meter, [lost])
                 return
-            target = sink
+            meter.replayed = meter.replayed or send is not body
+            target: ResponseSink = meter
             if transcript is not None:
-                target = RecordingSink(sink, transcript, body, Origin(provider.name, "http", None, _stored(body)))
-            outcome = await self._attempt(ctx, provider, send, stream, target, attempt, transcript)
+                target = RecordingSink(meter, transcript, body, Origin(provider.name, "http", None, _stored(body)))
+            outcome = await self._attempt(ctx, provider, send, stream, target, attempt, transcript, meter)
             if outcome is None:
                 return
             last = outcome
         assert last is not None
-        sink.json_body(*last)
+        meter.json_body(*last)
 
     def _local_warmup(self, body: dict[str, Any], sink: ResponseSink, transcript: Transcript, provider: Provider) -> None:
         """Answer a ``generate:false`` warm-up here: HTTP upstreams cannot keep it anyway."""
@@ -185,7 +305,7 @@ class ResponsesHandler:
         ctx: RequestContext,
         provider: Provider,
         body: dict[str, Any],
-        sink: ResponseSink,
+        meter: TurnMeter,
         attempt: int,
         transcript: Transcript | None,
     ) -> bool:
@@ -216,7 +336,7 @@ class ResponsesHandler:
         socket = pool.peek(target)
         send, lost = continuity.prepare(transcript, body, provider.name, NEW_SOCKET if socket is None else socket)
         if send is None:
-            _send_events(sink, [lost])
+            _send_events(meter, [lost])
             return True
         self.ws_figures.attempts += 1
         provider.breaker.attempt_started()
@@ -231,7 +351,7 @@ class ResponsesHandler:
                 self.ws_figures.retries[RETRY_REASONS[type(outcome)]] += 1
                 send, lost = again
                 if send is None:
-                    _send_events(sink, [lost])
+                    _send_events(meter, [lost])
                     return True
                 outcome = await pool.exchange(target, upstream_ws_frame(send))
         except CancelledError:
@@ -262,7 +382,7 @@ class ResponsesHandler:
             self.ws_figures.failures[outcome.code] += 1
             log.warn(outcome.log_event, provider=provider.name, code=outcome.code, message=outcome.message, request_id=ctx.request_id)
             provider.breaker.attempt_abandoned()
-            _send_events(sink, [error_event(outcome.code, outcome.message)])
+            _send_events(meter, [error_event(outcome.code, outcome.message)])
             return True
         # Ready — or an error first event not worth a second try: the client gets it as is.
         exchange = outcome.exchange
@@ -278,9 +398,12 @@ class ResponsesHandler:
             reused=exchange.reused,
             request_id=ctx.request_id,
         )
+        meter.upstream_transport = "websocket"
+        meter.replayed = meter.replayed or send is not body
+        sink: ResponseSink = meter
         if transcript is not None:
             origin = Origin(provider.name, "websocket", exchange.socket_id, _stored(body))
-            sink = RecordingSink(sink, transcript, body, origin)
+            sink = RecordingSink(meter, transcript, body, origin)
         await exchange.deliver(sink, provider.config.idle_timeout)
         return True
 
@@ -293,6 +416,7 @@ class ResponsesHandler:
         sink: ResponseSink,
         attempt: int,
         transcript: Transcript | None = None,
+        meter: TurnMeter | None = None,
     ) -> tuple[int, bytes, str] | None:
         """Try one provider. None when the response went to the sink; otherwise the error to
         report if no later provider does better."""
@@ -352,7 +476,11 @@ class ResponsesHandler:
             if send is None:
                 _send_events(sink, [lost])
                 return None
-            return await self._attempt(ctx, provider, send, stream, sink, attempt)
+            if meter is not None:
+                meter.replayed = True
+            return await self._attempt(ctx, provider, send, stream, sink, attempt, None, meter)
+        if meter is not None:
+            meter.upstream_transport = "http"
         log.info(
             "upstream_attempt_started",
             provider=provider.name,

@@ -32,12 +32,11 @@ from cch.turn import ResponseSink
 from cch.upstream.idle import IdleWatchdog, WatchedProducer
 from cch.upstream.ws import OPEN, SocketClosed, UpstreamConnection
 from cch.wire import (
-    CONNECTION_LIMIT,
     TERMINAL_EVENT_TYPES,
-    error_code,
     error_event,
     event_too_large,
     event_type,
+    is_connection_limit,
     is_previous_not_found,
 )
 
@@ -185,7 +184,7 @@ class Exchange:
         if kind == "error":
             if is_previous_not_found(text):
                 outcome = PreviousLost(self)
-            elif CONNECTION_LIMIT in text:
+            elif is_connection_limit(text):
                 outcome = ConnectionLimit(self)
         self.result.callback(outcome)
 
@@ -299,7 +298,7 @@ class Exchange:
             self.terminal_seen = True
             # An `error` terminal, or the 60-minute cap, retires the socket
             # (docs/reference-behaviour.md#the-60-minute-connection-cap).
-            retire = kind == "error" or (CONNECTION_LIMIT in text and error_code(text) == CONNECTION_LIMIT)
+            retire = kind == "error" or is_connection_limit(text)
             self._stop_delivery()
             self._finish(1000 if retire else None)
             self.done.callback(None)

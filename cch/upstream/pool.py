@@ -171,7 +171,12 @@ class UpstreamWSPool(Service):
         if retainable:
             self._fresh[exchange] = target
         exchange.start()
-        conn.connect()
+        try:
+            conn.connect()
+        except Exception as exc:
+            # Refused before any byte left (a host name TLS cannot check, say): the socket
+            # ends here, its exchange fails over to HTTP, nothing stays behind.
+            conn.abort(f"upstream WebSocket could not start connecting: {exc}")
         return exchange.result
 
     def _new_socket(self, target: Target) -> UpstreamConnection:
@@ -246,6 +251,7 @@ class UpstreamWSPool(Service):
         if self.entries.get(entry.session_id) is not entry:
             entry.conn.safe_close(1000)
         elif entry.conn.state == OPEN:
+            entry.conn.resume()  # a sink may have left it paused; the next turn must hear it
             self._cancel_idle(entry)
             entry.idle_timer = self.clock.callLater(self.config.idle_timeout, self._idle_expired, entry)
 

@@ -306,6 +306,13 @@ class UpstreamConnection:
             if proto.transport is not None:
                 proto.transport.abortConnection()
 
+    def abort(self, failure: str) -> None:
+        """End the socket now, without a close frame, for the reason ``failure``."""
+        if self.state == CLOSED:
+            return
+        self._failure_text = failure
+        self._abort()
+
     def _abort(self) -> None:
         self.state = CLOSING
         if self._connecting is not None:

@@ -1,0 +1,194 @@
+"""One turn's usage, seen on its way to the client: the ledger row and what the limits count.
+
+A :class:`TurnMeter` is the sink the pipeline hands to whoever serves a turn; it passes every
+call through and looks only at what it needs: the time of the first event, the response id
+(``response.created`` and terminals), and the terminal event's ``response`` (status, model,
+``usage``). Deltas cost one set lookup (their type is known already: whoever parsed the event
+passed it on). :meth:`TurnMeter.row` makes the one :class:`~cch.usage.rows.UsageRow`, however
+the turn ended (docs/usage.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+
+from cch.jsoncodec import loads
+from cch.turn import ResponseSink
+from cch.usage.prices import PriceSheet
+from cch.usage.rows import UsageRow, usage_counts
+from cch.wire import TERMINAL_EVENT_TYPES, error_code, event_type
+
+# A terminal event's type → the row's status.
+TERMINAL_STATUS = {
+    "response.completed": "completed",
+    "response.failed": "failed",
+    "response.incomplete": "incomplete",
+    "error": "error",
+}
+STREAM_WITHOUT_TERMINAL = "stream_ended_without_terminal"
+
+
+class TurnMeter:
+    """A pass-through :class:`~cch.turn.ResponseSink` that remembers what the row needs."""
+
+    def __init__(
+        self,
+        sink: ResponseSink,
+        clock: IReactorTime,
+        *,
+        request_id: str,
+        key: str | None,
+        model: str | None,
+        client_transport: str,
+        on_response_id: Callable[[str], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.clock = clock
+        self.request_id = request_id
+        self.key = key
+        self.model_requested = model
+        self.client_transport = client_transport
+        self.on_response_id = on_response_id
+        self.started_at = clock.seconds()
+        self.first_event_at: float | None = None
+        self.response_id: str | None = None
+        self.terminal: str | None = None  # the terminal event's type
+        self.response: dict[str, Any] | None = None  # the terminal's (or JSON body's) response
+        self.error_code: str | None = None
+        self.status: str | None = None  # set when the turn ended without a terminal
+        # What the pipeline tells: where the turn went.
+        self.provider: str | None = None
+        self.upstream_transport: str | None = None
+        self.attempts = 0
+        self.replayed = False
+
+    # -- ResponseSink ----------------------------------------------------------------------
+
+    def sse_started(self, status: int, headers: dict[str, str]) -> None:
+        self.sink.sse_started(status, headers)
+
+    def sse_event(self, data: str, kind: str | None = None) -> None:
+        if self.first_event_at is None:
+            self.first_event_at = self.clock.seconds()
+            if kind is None:
+                kind = event_type(data)
+            if kind == "response.created":
+                self._created(data)
+        elif kind is None:
+            kind = event_type(data)
+        if kind in TERMINAL_EVENT_TYPES and self.terminal is None:
+            self._terminal(data, kind)  # type: ignore[arg-type]
+        self.sink.sse_event(data, kind)
+
+    def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        """A whole response at once: an error (status ≥ 400) or a non-streamed response object."""
+        if self.first_event_at is None:
+            self.first_event_at = self.clock.seconds()
+        if self.status is None and self.terminal is None:
+            if status >= 400:
+                self.status, self.error_code = "error", error_code(body) or f"http_{status}"
+            else:
+                try:
+                    parsed = loads(body)
+                except ValueError:
+                    parsed = None
+                said = parsed.get("status") if isinstance(parsed, dict) else None
+                self.status = said if said in ("failed", "incomplete") else "completed"
+                if isinstance(parsed, dict):
+                    self._response(parsed)
+        if headers is None:
+            self.sink.json_body(status, body, content_type)
+        else:
+            self.sink.json_body(status, body, content_type, headers)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self.sink.register_producer(producer)
+
+    def unregister_producer(self) -> None:
+        self.sink.unregister_producer()
+
+    # -- what the events say ---------------------------------------------------------------
+
+    def _created(self, data: str) -> None:
+        try:
+            response = loads(data).get("response")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(response, dict):
+            self._response_id(response.get("id"))
+
+    def _terminal(self, data: str, kind: str) -> None:
+        self.terminal = kind
+        if kind == "error":
+            self.error_code = error_code(data)
+            return
+        try:
+            response = loads(data).get("response")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(response, dict):
+            self._response(response)
+            error = response.get("error")
+            if isinstance(error, dict) and isinstance(error.get("code"), str):
+                self.error_code = error["code"]
+
+    def _response(self, response: dict[str, Any]) -> None:
+        self.response = response
+        self._response_id(response.get("id"))
+
+    def _response_id(self, value: Any) -> None:
+        if isinstance(value, str) and value and self.response_id is None:
+            self.response_id = value
+            if self.on_response_id is not None:
+                self.on_response_id(value)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def ended(self, status: str, code: str | None = None) -> None:
+        """The turn ended without a terminal event: ``cancelled``, ``drained``, ``refused`` or
+        ``error`` (with ``code``). A terminal already seen stands."""
+        if self.terminal is None and self.status is None:
+            self.status = status
+            self.error_code = code
+
+    @property
+    def tokens(self) -> tuple[int | None, int | None, int | None, int | None]:
+        """(input, cached input, output, reasoning) as the upstream reported them."""
+        return usage_counts(self.response)
+
+    def row(self, prices: PriceSheet, replica: str) -> UsageRow:
+        now = self.clock.seconds()
+        status = self.status or TERMINAL_STATUS.get(self.terminal or "", None)
+        if status is None:
+            status, self.error_code = "error", self.error_code or STREAM_WITHOUT_TERMINAL
+        served = self.response.get("model") if self.response is not None else None
+        served = served if isinstance(served, str) else None
+        input_tokens, cached, output, reasoning = self.tokens
+        cost = prices.cost(served or self.model_requested, input_tokens, cached, output)
+        return UsageRow(
+            request_id=self.request_id,
+            started_at=self.started_at,
+            ended_at=now,
+            response_id=self.response_id,
+            key=self.key,
+            provider=self.provider,
+            model_requested=self.model_requested,
+            model_served=served,
+            client_transport=self.client_transport,
+            upstream_transport=self.upstream_transport,
+            status=status,
+            error_code=self.error_code,
+            attempts=self.attempts,
+            replayed=self.replayed,
+            input_tokens=input_tokens,
+            cached_input_tokens=cached,
+            output_tokens=output,
+            reasoning_tokens=reasoning,
+            cost=cost,
+            first_event_ms=None if self.first_event_at is None else (self.first_event_at - self.started_at) * 1000,
+            duration_ms=(now - self.started_at) * 1000,
+            replica=replica,
+        )
