@@ -214,8 +214,7 @@ class ResponsesHandler:
         finally:
             row = meter.row(self.prices, self.replica)
             if lease is not None:
-                spent = None if row.input_tokens is None and row.output_tokens is None else (row.input_tokens or 0) + (row.output_tokens or 0)
-                lease.finish(spent, row.cost)
+                lease.finish(row.total_tokens, row.cost)
             self.ledger.record(row)
 
     def _owned(self, key: str, response_id: str) -> None:

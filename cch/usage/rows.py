@@ -39,6 +39,13 @@ class UsageRow:
     duration_ms: float
     replica: str
 
+    @property
+    def total_tokens(self) -> int | None:
+        """Input + output tokens (what the token limits count); None when the upstream said neither."""
+        if self.input_tokens is None and self.output_tokens is None:
+            return None
+        return (self.input_tokens or 0) + (self.output_tokens or 0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
