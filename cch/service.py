@@ -11,9 +11,10 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -49,6 +50,8 @@ from cch.web import (
 )
 
 log = Logger()
+
+SEED_RETRY = 30.0  # seconds between tries to read the limits' day and month from the ledger
 
 
 class Listening:
@@ -115,6 +118,7 @@ class GatewayService(MultiService):
         self.prices = PriceSheet(config.prices)
         self.ledger = open_ledger(config.usage, run_dir or os.getcwd(), reactor, clock)
         self.limiter = KeyLimiter(clock, self.prices)
+        self.seeded: Deferred[None] = succeed(None)
         self.router = ProviderRouter(config.providers, config.breaker, clock)
         self.ws_pool = UpstreamWSPool(reactor, clock, config.upstream_websocket)
         self.upstream = HttpUpstream(reactor, clock)
@@ -192,7 +196,7 @@ class GatewayService(MultiService):
             metrics=MetricsResource(
                 self.metrics, admin_token=config.server.admin_token, open_without_token=not keys.required
             ),
-            usage=AdminUsageResource(self.ledger, config.server.admin_token),
+            usage=AdminUsageResource(self.ledger, config.server.admin_token) if config.usage.admin_report else None,
         )
 
     def _metrics_listener(self, doors: Callable[[str | None], Doors]) -> Listening | None:
@@ -238,26 +242,33 @@ class GatewayService(MultiService):
         super().startService()
         _check_fd_budget(self.config.server.max_connections)
         self.listener.when_listening().addCallback(self._listening)
-        self._seeding = Deferred.fromCoroutine(self._seed_limits())
+        self.seeded = Deferred.fromCoroutine(self._seed_limits())
 
     async def _seed_limits(self) -> None:
         """Start each key's day and month from the ledger, so a restart does not hand out a
-        second daily token allowance or monthly budget (docs/usage.md#limits)."""
+        second daily token allowance or monthly budget (docs/usage.md#limits). While the
+        database cannot say, try again every ``SEED_RETRY`` seconds until it can (or the
+        service stops: the wait is cancelled)."""
         if not isinstance(self.ledger, UsageLedger):
             return
-        now = self.clock.seconds()
-        day = now - now % 86400
-        month = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-        for key in self.config.keys:
-            if key.limits.tokens_per_day is None and key.limits.budget_per_month is None:
-                continue
-            try:
-                tokens_today, _ = await self.ledger.spent(key.name, day)
-                _, spent = await self.ledger.spent(key.name, month)
-            except Exception as exc:
-                log.warn("limits_seed_failed", key=key.name, error=str(exc))
-                continue
-            await self.limiter.seed(key.name, tokens_today, spent)
+        waiting = [key for key in self.config.keys if key.limits.tokens_per_day or key.limits.budget_per_month]
+        while waiting:
+            now = self.clock.seconds()
+            day = now - now % 86400
+            month = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            for key in list(waiting):
+                try:
+                    tokens_today, _ = await self.ledger.spent(key.name, day)
+                    _, spent = await self.ledger.spent(key.name, month.timestamp())
+                except CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warn("limits_seed_failed", key=key.name, error=str(exc), retryIn=SEED_RETRY)
+                    continue
+                await self.limiter.seed(key.name, tokens_today, spent)
+                waiting.remove(key)
+            if waiting:
+                await deferLater(self.clock, SEED_RETRY, lambda: None)
 
     def _listening(self, port: IListeningPort) -> None:
         address = port.getHost()
@@ -302,6 +313,8 @@ class GatewayService(MultiService):
         no new work; idle clients closed 1001 now; turns in flight may finish until
         ``server.drain_timeout``; then everyone is closed 1001; the children (listeners,
         upstream pool and connections) stop last."""
+        self.seeded.cancel()
+        self.seeded.addErrback(lambda failure: failure.trap(CancelledError))
         self.drain.start()
         deadline = self.config.server.drain_timeout
         log.info("shutdown_received", drainSeconds=deadline, live=len(self.edge_factory.live))

@@ -223,6 +223,20 @@ def test_deployment_config_and_secrets(
     assert CONFIG_PATH in " ".join(init["command"])
 
 
+def test_deployment_gives_the_usage_ledger_a_database_and_a_writable_run_directory(
+    pod: dict[str, Any], container: dict[str, Any]
+) -> None:
+    # Replicas share one PostgreSQL ledger, named by a Secret.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CCH_USAGE_DATABASE"]["valueFrom"]["secretKeyRef"]["name"] == "cch-secrets"
+    # The spill file needs the image's run directory writable under a read-only root.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    state = mounts["/var/lib/cch"]
+    assert not state.get("readOnly")
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes[state["name"]]
+
+
 def test_deployment_runs_unprivileged(pod: dict[str, Any], container: dict[str, Any]) -> None:
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -366,6 +380,9 @@ def test_systemd_unit(example: Config) -> None:
     credential = argv[argv.index("--config") + 1]
     name = credential.removeprefix("${CREDENTIALS_DIRECTORY}/")
     assert f"{name}:{CONFIG_PATH}" in service["LoadCredential"]
+    # The default usage ledger needs a writable run directory under ProtectSystem=strict.
+    assert service["StateDirectory"] == ["cch"]
+    assert service["WorkingDirectory"] == ["/var/lib/cch"]
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -389,7 +406,12 @@ def test_dockerfile(example: Config) -> None:
     assert docker["FROM"] == ["python:3.11-slim"]
     assert docker["STOPSIGNAL"] == ["SIGTERM"]
     assert docker["USER"][-1].split(":")[0] not in ("root", "0")
-    assert any(run.startswith("pip install .") for run in docker["RUN"])
+    # With psycopg, for a PostgreSQL usage ledger.
+    assert any(run.startswith('pip install ".[postgres]"') for run in docker["RUN"])
+    # The run directory (the default SQLite ledger and its spill file) is the service user's.
+    workdir = docker["WORKDIR"][-1]
+    assert workdir == "/var/lib/cch" and docker["VOLUME"] == [workdir]
+    assert any(f"chown cch:cch {workdir}" in run for run in docker["RUN"])
 
     (cmd_line,) = docker["CMD"]
     cmd = json.loads(cmd_line)

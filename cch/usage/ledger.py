@@ -119,8 +119,8 @@ class Ledger(Service):
 
 class NullLedger(Ledger):
     """``[usage] database = "off"``: rows are counted in the metrics and forgotten; owners live
-    in memory only (a restart forgets them: a follow-up turn then gets previous_response_not_found
-    and Codex resends the whole context)."""
+    in memory only (the most recent ones): after a restart an id is one the gateway never saw,
+    and is forwarded for the upstream to judge (docs/usage.md#ownership)."""
 
 
 class UsageLedger(Ledger):
