@@ -189,7 +189,18 @@ class UsageLedger(Ledger):
         known = self.recent.get(response_id)
         if known is not None:
             return succeed(known)
-        return self._after_start(lambda: self.store.owner(response_id))
+        if self._stopped:
+            return fail(StoreError("the usage ledger has stopped"))
+        if self._store_started and not self._spill_may_hold_rows:
+            return self.store.owner(response_id)
+        # Owners may still wait in the spill file (or the store has not started): the store can
+        # answer only once a cycle has written them, else the lookup fails (refused: safe).
+        return self.flush().addCallback(lambda _: self._owner_from_store(response_id))
+
+    def _owner_from_store(self, response_id: str) -> Deferred[str | None]:
+        if not self._store_started or self._spill_may_hold_rows:
+            return fail(StoreError("the usage database does not hold every owner yet"))
+        return self.store.owner(response_id)
 
     def spent(self, key: str, since: float) -> Deferred[tuple[int, float]]:
         """:meth:`LedgerStore.spent`, once the store has started (a fresh database has no table
