@@ -31,6 +31,10 @@ Private names (only here):
 - ``twisted.web.http.HTTPChannel._command`` and ``_path`` (the request line, set once its headers
   are in, deleted when the request is dispatched) → :func:`request_line`; cch/httpchannel.py
   (tests/test_doors.py checks them too).
+- ``twisted.enterprise.adbapi.Connection``'s ``_pool`` and ``_connection``, and its ``rollback``
+  (which logs a failed rollback of a connection the database dropped as a critical error with a
+  traceback, though the pool reconnects and nothing is lost) → :class:`QuietRollbackConnection`;
+  cch/usage/store.py.
 - ``RequestTransmissionFailed``, once imported from ``twisted.web._newclient``: public as
   ``twisted.web.client.RequestTransmissionFailed`` (in that module's ``__all__``), which is where
   cch/tunnel.py imports it from.
@@ -84,7 +88,9 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.enterprise import adbapi
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from txaio._common import _BatchedTimer
 from txaio.interfaces import IBatchedTimer
 
@@ -189,3 +195,33 @@ def request_line(channel: Any) -> tuple[bytes, bytes] | None:
         return channel._command, channel._path
     except AttributeError:
         return None
+
+
+# -- the usage ledger's database connections ---------------------------------------------------
+
+_log = Logger()
+
+
+class QuietRollbackConnection(adbapi.Connection):
+    """adbapi's connection, with a rollback that fails because the database dropped the
+    connection logged as what it is: a warning. The dead connection is forgotten (the next
+    interaction opens a new one) and the rollback returns, so the interaction fails with its
+    own error and the ledger retries the write. adbapi's rollback raises instead, and adbapi
+    logs that as a critical error with a traceback (twice), which would page whoever alerts on
+    the ledger's only critical event, lost rows. Otherwise adbapi's own rollback."""
+
+    def rollback(self) -> None:
+        pool, connection = self._pool, self._connection
+        if not pool.reconnect:
+            connection.rollback()
+            return
+        try:
+            connection.rollback()
+            cursor = connection.cursor()
+            cursor.execute(pool.good_sql)
+            cursor.close()
+            connection.commit()
+            return
+        except BaseException as exc:
+            _log.warn("usage_database_connection_lost", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        pool.disconnect(connection)

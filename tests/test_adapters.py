@@ -620,3 +620,40 @@ def test_request_transmission_failed_is_public_in_twisted_web_client() -> None:
         "RequestTransmissionFailed" in web_client.__all__,
         web_client.__all__,
     )
+
+
+# -- the usage ledger's database connections ----------------------------------------------------
+
+
+def test_a_dropped_database_connection_is_a_warning_and_the_pool_reconnects() -> None:
+    import sqlite3
+
+    from twisted.enterprise import adbapi
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    from cch.adapters import QuietRollbackConnection
+
+    class Pool(adbapi.ConnectionPool):
+        connectionFactory = QuietRollbackConnection
+
+    pool = Pool("sqlite3", ":memory:", check_same_thread=False, cp_reconnect=True, cp_noisy=False)
+    connection = QuietRollbackConnection(pool)
+    for name in ("_pool", "_connection"):
+        require("twisted", "twisted.enterprise.adbapi.Connection", connection, name)
+    require("twisted", "twisted.enterprise.adbapi.ConnectionPool", pool, "good_sql")
+    raw = connection._connection
+    raw.close()  # as when the database ends the session
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        connection.rollback()  # returns: the interaction then fails with its own error
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    levels = {event.get("log_level") for event in seen}
+    assert [e.get("log_format") for e in seen if e.get("log_format") == "usage_database_connection_lost"]
+    assert LogLevel.critical not in levels and LogLevel.error not in levels
+    # The pool forgot the dead connection: the next use opens a new one.
+    assert pool.connections == {} or raw not in pool.connections.values()
+    fresh = QuietRollbackConnection(pool)
+    assert isinstance(fresh._connection, sqlite3.Connection) and fresh._connection is not raw
+    pool.close()

@@ -186,3 +186,11 @@ def test_refused_turns_are_rows_with_their_code() -> None:
     send(m, error_event("rate_limit_exceeded", "slow down", status=429))
     row = m.row(PRICES, "")
     assert (row.status, row.error_code, row.upstream_transport, row.attempts) == ("refused", "rate_limit_exceeded", None, 0)
+
+
+def test_a_failed_non_streamed_response_keeps_its_error_code() -> None:
+    m = meter(Clock())
+    body = json.dumps({"id": "r", "status": "failed", "error": {"code": "server_error", "message": "x"}})
+    m.json_body(200, body.encode(), "application/json")
+    row = m.row(PRICES, "")
+    assert (row.status, row.error_code) == ("failed", "server_error")

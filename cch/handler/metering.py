@@ -131,13 +131,15 @@ class TurnMeter:
             return
         if isinstance(response, dict):
             self._response(response)
-            error = response.get("error")
-            if isinstance(error, dict) and isinstance(error.get("code"), str):
-                self.error_code = error["code"]
 
     def _response(self, response: dict[str, Any]) -> None:
+        """A response object (a terminal's, or a whole JSON body): its id, and the code of its
+        ``error`` when it failed."""
         self.response = response
         self._response_id(response.get("id"))
+        error = response.get("error")
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            self.error_code = error["code"]
 
     def _response_id(self, value: Any) -> None:
         if isinstance(value, str) and value and self.response_id is None:

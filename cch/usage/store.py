@@ -22,6 +22,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 
+from cch.adapters import QuietRollbackConnection
 from cch.usage.rows import COLUMNS, UsageRow
 
 T = TypeVar("T")
@@ -308,6 +309,12 @@ def sqlite_path(database: str, run_dir: str) -> str:
     return os.path.join(run_dir, database.removeprefix("sqlite:///"))
 
 
+class LedgerPool(adbapi.ConnectionPool):
+    """adbapi's pool; a connection the database dropped is a warning, not a critical error."""
+
+    connectionFactory = QuietRollbackConnection
+
+
 def open_store(database: str, run_dir: str, reactor: IReactorCore, *, busy_timeout: float = 5.0, connect_timeout: int = 5) -> LedgerStore:
     """A store for ``[usage] database`` (not ``"off"``); nothing is opened until the first query.
 
@@ -317,7 +324,7 @@ def open_store(database: str, run_dir: str, reactor: IReactorCore, *, busy_timeo
     common: dict[str, Any] = {"cp_reactor": reactor, "cp_noisy": False, "cp_reconnect": True, "cp_min": 1}
     if database.startswith("sqlite:///"):
         path = sqlite_path(database, run_dir)
-        pool = adbapi.ConnectionPool(
+        pool = LedgerPool(
             "sqlite3",
             path,
             timeout=busy_timeout,
@@ -339,7 +346,7 @@ def open_store(database: str, run_dir: str, reactor: IReactorCore, *, busy_timeo
         params.setdefault("connect_timeout", connect_timeout)
         params.setdefault("application_name", "cch")
         shown = f"postgresql://{params.get('host', '')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
-        pool = adbapi.ConnectionPool("psycopg", cp_max=3, **params, **common)
+        pool = LedgerPool("psycopg", cp_max=3, **params, **common)
         return LedgerStore(pool, POSTGRESQL, reactor, shown)
     raise StoreError(f"not a usage database URL: {database.split(':', 1)[0]}:...")
 
