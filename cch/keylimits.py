@@ -93,6 +93,10 @@ ends or connection closes, which no window foretells."""
 DAY = 86400.0
 
 RATE_LIMITED = "rate_limit_exceeded"
+USAGE_LIMIT = "usage_limit_reached"  # the error type Codex shows with its reset time
+LONG_WAIT = 300
+"""Seconds beyond which a refusal says when it resets instead of how long to wait: Codex sleeps a
+Retry-After silently, however long."""
 NO_QUOTA = "insufficient_quota"
 MODEL_NOT_ALLOWED = "model_not_allowed"
 
@@ -118,15 +122,25 @@ class Refused:
     message: str
     retry_after: int | None
     reason: str = ""
+    # A usage limit (kind "usage_limit_reached"): when it resets (epoch) and in how many seconds.
+    resets_at: int | None = None
+    resets_in_seconds: int | None = None
+
+    def _resets(self) -> dict[str, int]:
+        if self.resets_at is None:
+            return {}
+        return {"resets_at": self.resets_at, "resets_in_seconds": self.resets_in_seconds or 0}
 
     def error_event(self) -> str:
         """The ``error`` event (WebSocket frame, SSE data) of a refused turn; the connection stays open."""
         headers = {"retry-after": str(self.retry_after)} if self.retry_after is not None else None
-        return wire.error_event(self.code, self.message, status=self.status, kind=self.kind, headers=headers)
+        return wire.error_event(
+            self.code, self.message, status=self.status, kind=self.kind, headers=headers, **self._resets()
+        )
 
     def json_body(self) -> bytes:
         """The JSON error body of the HTTP answer (status :attr:`status`)."""
-        return wire.error_body(self.message, self.kind, self.code)
+        return wire.error_body(self.message, self.kind, self.code, **self._resets())
 
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
         """The HTTP answer's extra headers (``retry-after`` when there is a wait to say)."""
@@ -375,6 +389,16 @@ class MemoryLimitStore:
 # -- the limiter -------------------------------------------------------------------------------
 
 
+_USED = {
+    "tokens_per_day": lambda limit, used: f"{used:.0f} of {limit:.0f} tokens used this UTC day",
+    "tokens_per_minute": lambda limit, used: f"{used:.0f} of {limit:.0f} tokens used in the last minute",
+    "requests_per_minute": lambda limit, used: f"{limit:.0f} requests per minute",
+    "max_concurrent_turns": lambda limit, used: f"at most {limit:.0f} turns at once",
+    "max_connections": lambda limit, used: f"at most {limit:.0f} WebSocket connections at once",
+}
+"""What each limit's refusal says was used."""
+
+
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -482,36 +506,59 @@ class KeyLimiter:
 
     def _refuse(self, key: str, breach: Breach) -> Refused:
         reason, limit, used, wait = breach.reason, breach.limit, breach.used, breach.retry_after
-        again = f" Please try again in {wait}s." if wait is not None else ""
+        now = self.clock.seconds()
         if reason == "budget_per_month":
+            resets = _month(now)[1]
             return self._refused(
                 key,
                 NO_QUOTA,
                 f"Key '{key}' has spent its monthly budget (${used:.2f} of ${limit:.2f} this UTC month);"
-                f" it resets at {_iso(_month(self.clock.seconds())[1])}.",
+                f" it resets at {_iso(resets)}.",
                 status=429,
                 reason=reason,
+                resets_at=resets,
             )
-        what = {
-            "tokens_per_day": f"{used:.0f} of {limit:.0f} tokens used this UTC day",
-            "tokens_per_minute": f"{used:.0f} of {limit:.0f} tokens used in the last minute",
-            "requests_per_minute": f"{limit:.0f} requests per minute",
-            "max_concurrent_turns": f"at most {limit:.0f} turns at once",
-            "max_connections": f"at most {limit:.0f} WebSocket connections at once",
-        }[reason]
+        if wait is not None and wait > LONG_WAIT:
+            # Codex sleeps a Retry-After silently, however long (docs/codex.md#rate-limits-and-
+            # quotas-what-codex-shows): a long wait is a usage limit that says when it resets.
+            resets = now + wait
+            return self._refused(
+                key,
+                RATE_LIMITED,
+                f"Usage limit reached for key '{key}': {_USED[reason](limit, used)}; it resets at {_iso(resets)}.",
+                status=429,
+                reason=reason,
+                resets_at=resets,
+            )
+        again = f" Please try again in {wait}s." if wait is not None else ""
+        what = _USED[reason](limit, used)
         return self._refused(
             key, RATE_LIMITED, f"Rate limit reached for key '{key}': {what}.{again}", status=429,
             retry_after=wait, reason=reason,
         )
 
     def _refused(
-        self, key: str, code: str, message: str, *, status: int, retry_after: int | None = None, reason: str | None = None
+        self,
+        key: str,
+        code: str,
+        message: str,
+        *,
+        status: int,
+        retry_after: int | None = None,
+        reason: str | None = None,
+        resets_at: float | None = None,
     ) -> Refused:
         reason = reason or code
-        kind = "invalid_request_error" if code == MODEL_NOT_ALLOWED else code
+        if resets_at is not None:
+            kind = USAGE_LIMIT  # Codex shows when it resets and does not retry
+        else:
+            kind = "invalid_request_error" if code == MODEL_NOT_ALLOWED else code
         self._refusals[(key, reason)] = self._refusals.get((key, reason), 0) + 1
         log.info("key_limit_refused", key=key, reason=reason, retry_after=retry_after)
-        return Refused(status, kind, code, message, retry_after, reason)
+        if resets_at is None:
+            return Refused(status, kind, code, message, retry_after, reason)
+        at = math.ceil(resets_at)
+        return Refused(status, kind, code, message, None, reason, at, max(0, at - math.floor(self.clock.seconds())))
 
     def _settle(self, d: Deferred[None], what: str, key: str) -> None:
         """A give-back is fire-and-forget: a store failure is logged, never raised to the turn."""

@@ -49,12 +49,14 @@ def error_event(
     kind: str | None = None,
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> str:
     """The one ``error`` event (WebSocket frame or SSE data) the gateway writes itself:
     ``{"type":"error"[,"status"],"error":{["type",]"code","message"[,"param"]}[,"headers"]}``.
 
     ``status`` and ``headers`` are what Codex reads to tell a rate limit (and its
-    ``retry-after``) from a failure; ``kind`` is the OpenAI error type.
+    ``retry-after``) from a failure; ``kind`` is the OpenAI error type; ``extra`` fields join
+    the error object (``resets_at`` of a usage limit).
     """
     frame: dict[str, Any] = {"type": "error"}
     if status is not None:
@@ -64,6 +66,7 @@ def error_event(
     error["message"] = message
     if param is not None:
         error["param"] = param
+    error.update(extra)
     frame["error"] = error
     if headers:
         frame["headers"] = headers

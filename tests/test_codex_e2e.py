@@ -3,7 +3,9 @@
 A real gateway runs in-process on 127.0.0.1 in front of the fake upstream (over WebSocket);
 ``codex exec`` from the npm package ``@openai/codex`` talks to it as a user's Codex would, with
 the provider block of docs/codex.md. See docs/codex.md ("The end-to-end test") for how to run
-it and what it checks.
+it and what it checks. The usage-ledger and per-key-limit tests run it against a gateway with a
+client key, prices and the SQLite ledger; what they capture is recorded in docs/codex.md ("Rate
+limits and quotas: what Codex shows").
 
 Environment:
 
@@ -20,7 +22,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,15 +34,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import gateway_config, start_gateway
+from conftest import RunningGateway, gateway_config, start_gateway
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from cch.testing import FakeUpstream
+from cch.config import ClientKey, KeyLimitsConfig, PriceConfig, UsageConfig
+from cch.service import makeService
+from cch.testing import Event, FakeUpstream, Recorded, Script, codex_events, hold
 
 ENABLED = os.environ.get("CCH_CODEX_E2E") == "1"
 DEFAULT_VERSION = "0.169.0"
@@ -131,7 +139,7 @@ def codex() -> tuple[Path, str]:
     """The Codex executable and its ``--version`` line."""
     given = os.environ.get("CCH_CODEX_E2E_BIN")
     if given:
-        binary = Path(given).expanduser()
+        binary = Path(given).expanduser().absolute()
         if not os.access(binary, os.X_OK):
             pytest.fail(f"CCH_CODEX_E2E_BIN={given} is not an executable file")
     else:
@@ -177,6 +185,13 @@ class _Collector(ProcessProtocol):
         self.ended.callback(None)
 
     def kill(self) -> None:
+        # The npm package's `codex` is a node script that runs the native binary as its child:
+        # SIGKILL to the script alone would leave the binary running. The child leads its own
+        # process group (run_process), so the whole group goes.
+        try:
+            os.killpg(self.transport.pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):  # the group is gone already (pid None once reaped)
+            pass
         try:
             self.transport.signalProcess("KILL")
         except ProcessExitedAlready:
@@ -186,10 +201,12 @@ class _Collector(ProcessProtocol):
 
 
 async def run_process(argv: list[str], env: dict[str, str], cwd: Path, timeout: float) -> Finished:
-    """Run ``argv`` to its end, killing it after ``timeout`` seconds (then TimeoutError)."""
+    """Run ``argv`` to its end, killing it and its children after ``timeout`` seconds (then
+    TimeoutError). It runs in a session of its own, so the kill reaches every process it started."""
     proto = _Collector()
     started = time.monotonic()
-    reactor.spawnProcess(proto, argv[0], argv, env=env, path=str(cwd))
+    leader = [sys.executable, "-c", "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"]
+    reactor.spawnProcess(proto, sys.executable, [*leader, *argv], env=env, path=str(cwd))
     watch: Deferred[None] = Deferred(lambda _: proto.kill())
     proto.ended.addCallback(lambda _: None if watch.called else watch.callback(None))
     watch.addTimeout(timeout, reactor)
@@ -237,7 +254,7 @@ async def _within(d: Deferred[Any], seconds: float) -> bool:
     """Did ``d`` fire within ``seconds``?"""
     try:
         await d.addTimeout(seconds, reactor)
-    except TimeoutError:
+    except DeferredTimeout:
         return False
     return True
 
@@ -386,3 +403,399 @@ async def test_codex_exec_over_one_websocket(
     assert "authorization" not in sent, context
     assert all(CLIENT_KEY not in value for value in sent.values()), context
     assert sent.get("sec-websocket-key") != client.get("sec-websocket-key"), context
+
+
+# --- the usage ledger and per-key limits, as Codex meets them -----------------------------------
+
+KEY_NAME = "e2e"
+MODEL = "gpt-5.5"  # what CONFIG_TOML makes Codex ask for
+# What the fake reports for a generating turn (the warm-up reports zeros, as codex_like does).
+USAGE = {
+    "input_tokens": 1200,
+    "input_tokens_details": {"cached_tokens": 200},
+    "output_tokens": 34,
+    "output_tokens_details": {"reasoning_tokens": 7},
+    "total_tokens": 1234,
+}
+PRICE = PriceConfig(model=MODEL, input_per_mtok=1.25, cached_input_per_mtok=0.125, output_per_mtok=10.0)
+# (1000 uncached x 1.25 + 200 cached x 0.125 + 34 output x 10) / 1e6 USD
+TURN_COST = 0.001615
+LIMIT_RUN_TIMEOUT = 180  # seconds for one `codex exec` that meets a limit: long enough to see retries
+LONG_WAIT_BOUND = 30  # seconds a `codex exec` facing an hours-long Retry-After is given
+
+
+def reporting_usage(recorded: Recorded) -> Script:
+    """``codex_like``, with :data:`USAGE` on a generating turn's ``response.completed``."""
+    events = codex_events(recorded)
+    if recorded.body.get("generate") is not False:
+        events[-1]["response"]["usage"] = json.loads(json.dumps(USAGE))
+    return Script(tuple(Event(e) for e in events))
+
+
+async def start_ledger_gateway(fake: FakeUpstream, run_dir: Path, limits: KeyLimitsConfig) -> RunningGateway:
+    """A gateway with one client key under ``limits``, a price for :data:`MODEL` and the usage
+    ledger in SQLite under ``run_dir`` (the default ``[usage]``, flushed every 0.2 s)."""
+    config = gateway_config(
+        fake,
+        upstream="websocket",
+        keys=(ClientKey(name=KEY_NAME, key=CLIENT_KEY, limits=limits),),
+        prices=(PRICE,),
+        usage=UsageConfig(database="sqlite:///usage.sqlite3", flush_interval=0.2),
+    )
+    service = makeService(config, reactor, None, str(run_dir))
+    service.startService()
+    await service.when_listening()
+    return RunningGateway(service)
+
+
+def usage_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every row of the ledger's database, read directly (not through the gateway), oldest first."""
+    with sqlite3.connect(run_dir / "usage.sqlite3") as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM cch_usage ORDER BY started_at, request_id")]
+
+
+class CodexSession:
+    """A scratch ``CODEX_HOME`` with the provider block of docs/codex.md for the gateway, and
+    ``codex exec`` runs in it; counts the client WebSocket connections the gateway accepts."""
+
+    def __init__(self, binary: Path, root: Path, running: RunningGateway) -> None:
+        self.binary = binary
+        self.home, self.codex_home, self.work = root / "home", root / "codex-home", root / "work"
+        for directory in (self.home, self.codex_home, self.work):
+            directory.mkdir(parents=True)
+        (self.codex_home / "config.toml").write_text(CONFIG_TOML.format(base_url=running.http_url))
+        self.factory = running.service.edge_factory
+        self.connections = 0
+        opened = self.factory.connection_opened
+
+        def counting(proto: Any) -> None:
+            self.connections += 1
+            opened(proto)
+
+        self.factory.connection_opened = counting  # type: ignore[method-assign]
+
+    async def exec(self, fake: FakeUpstream, timeout: float, *, settle: bool = True) -> Finished:
+        """One ``codex exec`` of :data:`PROMPT`; with ``settle``, then until the gateway and the
+        fake have let go of its connections (skip it when another client holds one open)."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(self.home),
+            "CODEX_HOME": str(self.codex_home),
+            "CCH_KEY": CLIENT_KEY,
+        }
+        if os.environ.get("RUST_LOG"):
+            env["RUST_LOG"] = os.environ["RUST_LOG"]
+        argv = [
+            str(self.binary), "exec", "--skip-git-repo-check", "--sandbox", "read-only",
+            "--color", "never", PROMPT,
+        ]
+        finished = await run_process(argv, env, self.work, timeout)
+        if settle:
+            await _within(self.factory.wait_empty(), 10)
+            await _within(fake.wait_for_idle(), 10)
+        return finished
+
+
+class RefusalLog:
+    """The gateway's ``key_limit_refused`` events while the test runs: (reason, retry_after)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int | None]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_format") == "key_limit_refused":
+            self.events.append((event.get("reason"), event.get("retry_after")))
+
+    def __enter__(self) -> RefusalLog:
+        globalLogPublisher.addObserver(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        globalLogPublisher.removeObserver(self)
+
+
+def _quiet(stderr: str) -> str:
+    """Codex's stderr without its banner and the scratch-setup warnings (section 6)."""
+    noise = ("WARNING: proceeding", "warning: Codex could not find bubblewrap", "Reading additional input")
+    lines = stderr.splitlines()
+    if "user" in lines:  # the banner ends with the prompt: "user" then the prompt's lines
+        lines = lines[lines.index("user") + 2:]
+    return "\n".join(line for line in lines if not line.startswith(noise))
+
+
+def _shown(label: str, finished: Finished, rows: list[dict[str, Any]], connections: int, start: float) -> str:
+    """One `codex exec` as docs/codex.md records it: exit, time, output, what the ledger saw."""
+    brief = "\n".join(
+        f"  +{r['started_at'] - start:6.2f}s {r['client_transport']:9} {r['status']:9} {r['error_code'] or '-':20} "
+        f"tokens={r['input_tokens']}/{r['output_tokens']} cost={r['cost']}"
+        for r in rows
+    )
+    return (
+        f"\n=== {label}: exit={finished.code} signal={finished.signal} ({finished.seconds:.1f}s), "
+        f"client WebSocket connections: {connections}\n--- stdout:\n{finished.stdout}"
+        f"--- stderr after the banner:\n{_quiet(finished.stderr)}\n--- ledger rows of this run:\n{brief}"
+    )
+
+
+def refusals(running: RunningGateway, reason: str) -> float:
+    """``cch_key_refusals_total{key=KEY_NAME, reason}`` as a scrape reads it."""
+    value = running.service.metrics.registry.get_sample_value(
+        "cch_key_refusals_total", {"key": KEY_NAME, "reason": reason}
+    )
+    return value or 0.0
+
+
+def _refused(rows: list[dict[str, Any]], code: str) -> list[dict[str, Any]]:
+    return [r for r in rows if (r["status"], r["error_code"]) == ("refused", code)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_codex_turn_writes_one_usage_row_with_the_upstreams_tokens(
+    fake: FakeUpstream, codex: tuple[Path, str], tmp_path: Path, record_property: Any
+) -> None:
+    binary, version = codex
+    record_property("codex_version", version)
+    fake.default = reporting_usage
+    running = await start_ledger_gateway(fake, tmp_path, KeyLimitsConfig())
+    try:
+        session = CodexSession(binary, tmp_path / "codex", running)
+        finished = await session.exec(fake, RUN_TIMEOUT)
+        await running.service.ledger.flush()
+        before_stop = usage_rows(tmp_path)
+    finally:
+        await running.stop()
+    rows = usage_rows(tmp_path)
+    context = _shown(f"codex {version}", finished, rows, session.connections, rows[0]["started_at"] if rows else 0.0)
+    context += f"\n--- rows: {rows}"
+    print(context)
+
+    assert finished.code == 0, context
+    assert EXPECTED_TEXT in finished.stdout, context
+    # The row was in the database before the stop; the stop's flush neither lost nor doubled it.
+    assert rows == before_stop, context
+    served = [t for conn in fake.ws_connections for t in conn.turns]
+    assert [t.body.get("generate") for t in served] == [False, None], context
+    warmup_id, turn_id = (t.response_id for t in served)
+    # One row per turn the upstream served: the warm-up (zero tokens, cost 0) and the turn.
+    assert [r["response_id"] for r in rows] == [warmup_id, turn_id], context
+    warmup, turn = rows
+    assert (warmup["input_tokens"], warmup["output_tokens"], warmup["cost"]) == (0, 0, 0.0), context
+    # Exactly one row carries the tokens the fake reported for the turn, and their cost.
+    assert [r for r in rows if r["input_tokens"]] == [turn], context
+    assert turn["status"] == "completed" and turn["error_code"] is None, context
+    assert turn["key"] == KEY_NAME, context
+    assert (turn["input_tokens"], turn["cached_input_tokens"], turn["output_tokens"], turn["reasoning_tokens"]) == (
+        1200, 200, 34, 7
+    ), context
+    assert turn["cost"] == pytest.approx(TURN_COST), context
+    assert (turn["model_requested"], turn["model_served"]) == (MODEL, MODEL), context
+    assert (turn["client_transport"], turn["upstream_transport"], turn["provider"]) == (
+        "websocket", "websocket", "primary"
+    ), context
+    # The key's secret is nowhere in the database.
+    assert CLIENT_KEY not in json.dumps(rows), context
+
+
+LIMIT_TIMEOUT = INSTALL_TIMEOUT + 2 * LIMIT_RUN_TIMEOUT + 120
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.timeout(LIMIT_TIMEOUT, method="thread")
+async def test_codex_waits_out_a_requests_per_minute_limit_then_succeeds(
+    fake: FakeUpstream, codex: tuple[Path, str], tmp_path: Path, record_property: Any
+) -> None:
+    """``requests_per_minute = 2``: the first `codex exec` (warm-up + turn) uses the minute;
+    the second is refused ``rate_limit_exceeded`` with a Retry-After, waits it out, succeeds."""
+    binary, version = codex
+    record_property("codex_version", version)
+    fake.default = reporting_usage
+    with RefusalLog() as refused_log:
+        running = await start_ledger_gateway(fake, tmp_path, KeyLimitsConfig(requests_per_minute=2))
+        try:
+            session = CodexSession(binary, tmp_path / "codex", running)
+            start = time.time()
+            first = await session.exec(fake, LIMIT_RUN_TIMEOUT)
+            await running.service.ledger.flush()
+            first_rows = usage_rows(tmp_path)
+            first_connections = session.connections
+            second = await session.exec(fake, LIMIT_RUN_TIMEOUT)
+            await running.service.ledger.flush()
+            second_rows = usage_rows(tmp_path)[len(first_rows):]
+            metric = refusals(running, "requests_per_minute")
+        finally:
+            await running.stop()
+    refused = _refused(second_rows, "rate_limit_exceeded")
+    context = (
+        f"\n### codex {version}, requests_per_minute = 2"
+        + _shown("run 1", first, first_rows, first_connections, start)
+        + _shown("run 2 (rate limited)", second, second_rows, session.connections - first_connections, start)
+        + f"\n--- key_limit_refused (reason, retry_after): {refused_log.events}"
+        + f"\n--- cch_key_refusals_total{{reason=requests_per_minute}}: {metric}"
+    )
+    print(context)
+    record_property("rate_limited_refusals", len(refused))
+
+    assert first.code == 0 and EXPECTED_TEXT in first.stdout, context
+    assert [r["status"] for r in first_rows] == ["completed", "completed"], context
+    # The second run: refused (never upstream), then Codex retried after the Retry-After it was
+    # given and the turn went through; the refusals are counted alike in rows and the metric.
+    assert second.code == 0 and EXPECTED_TEXT in second.stdout, context
+    assert refused and second_rows[: len(refused)] == refused, context
+    assert [r["status"] for r in second_rows[len(refused):]] == ["completed"], context
+    assert all(r["upstream_transport"] is None for r in refused), context
+    assert metric == len(refused), context
+    waits = [after for reason, after in refused_log.events if reason == "requests_per_minute"]
+    assert waits and all(w is not None for w in waits), context
+    assert second_rows[-1]["started_at"] - refused[-1]["started_at"] >= min(waits) - 1, context
+    # Bounded: the warm-up and the turn's first attempt, not a retry per second.
+    assert len(refused) <= 6, context
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.timeout(LIMIT_TIMEOUT, method="thread")
+async def test_codex_gives_up_on_a_rate_limit_that_does_not_clear(
+    fake: FakeUpstream, codex: tuple[Path, str], tmp_path: Path, record_property: Any
+) -> None:
+    """``max_concurrent_turns = 1`` with another turn of the key held open for the whole run:
+    every turn Codex sends is refused ``rate_limit_exceeded`` with ``retry-after: 5``."""
+    binary, version = codex
+    record_property("codex_version", version)
+    fake.default = reporting_usage
+    # The holder's turn: a first event (so no first-event timeout ends it), then nothing.
+    fake.enqueue(lambda recorded: hold(codex_events(recorded)[:1]))
+    running = await start_ledger_gateway(fake, tmp_path, KeyLimitsConfig(max_concurrent_turns=1))
+    try:
+        holder = await running.connect(headers={"Authorization": f"Bearer {CLIENT_KEY}"})
+        holder.send_json({
+            "type": "response.create", "model": MODEL, "store": False,
+            "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hold"}]}],
+        })
+        await fake.wait_for_requests(1)
+        session = CodexSession(binary, tmp_path / "codex", running)
+        start = time.time()
+        finished = await session.exec(fake, LIMIT_RUN_TIMEOUT, settle=False)
+        await running.service.ledger.flush()
+        rows = usage_rows(tmp_path)  # the holder's turn is still in flight: no row yet
+        metric = refusals(running, "max_concurrent_turns")
+        upstream_turns = len(fake.requests)
+    finally:
+        await running.stop()
+    refused = _refused(rows, "rate_limit_exceeded")
+    context = (
+        f"\n### codex {version}, max_concurrent_turns = 1, the slot held"
+        + _shown("run", finished, rows, session.connections, start)
+        + f"\n--- cch_key_refusals_total{{reason=max_concurrent_turns}}: {metric}; upstream turns: {upstream_turns}"
+    )
+    print(context)
+    record_property("busy_refusals", len(refused))
+
+    assert finished.code not in (0, None), context
+    assert "429" in finished.stderr, context  # the refusal reached Codex
+    assert rows == refused and metric == len(refused), context
+    assert upstream_turns == 1, context  # only the holder's turn
+    # Bounded: Codex retries over the WebSocket, then over HTTP, then gives up.
+    assert {r["client_transport"] for r in refused} <= {"websocket", "http"}, context
+    assert 1 < len(refused) <= 20, context
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.timeout(LIMIT_TIMEOUT, method="thread")
+async def test_codex_shows_when_a_spent_day_resets_and_stops(
+    fake: FakeUpstream, codex: tuple[Path, str], tmp_path: Path, record_property: Any
+) -> None:
+    """``tokens_per_day = 1000``: the first `codex exec`'s turn reports 1,234 tokens; the second
+    is refused until the next UTC midnight (hours). A Retry-After that long, Codex 0.169.0
+    sleeps silently, so the gateway sends a usage limit with ``resets_at`` instead: Codex says
+    when to try again and exits (docs/codex.md#rate-limits-and-quotas-what-codex-shows)."""
+    binary, version = codex
+    record_property("codex_version", version)
+    if 86400 - time.time() % 86400 < 300:
+        pytest.skip("less than 5 minutes to UTC midnight: the day's Retry-After would be short")
+    fake.default = reporting_usage
+    with RefusalLog() as refused_log:
+        running = await start_ledger_gateway(fake, tmp_path, KeyLimitsConfig(tokens_per_day=1000))
+        try:
+            session = CodexSession(binary, tmp_path / "codex", running)
+            start = time.time()
+            first = await session.exec(fake, LIMIT_RUN_TIMEOUT)
+            await running.service.ledger.flush()
+            first_rows = usage_rows(tmp_path)
+            first_connections = session.connections
+            second: Finished | str
+            try:
+                second = await session.exec(fake, LONG_WAIT_BOUND)
+            except TimeoutError as still_running:
+                second = str(still_running)
+            await running.service.ledger.flush()
+            second_rows = usage_rows(tmp_path)[len(first_rows):]
+        finally:
+            await running.stop()
+    refused = _refused(second_rows, "rate_limit_exceeded")
+    shown = (
+        _shown("run 2 (daily tokens spent)", second, second_rows, session.connections - first_connections, start)
+        if isinstance(second, Finished)
+        else f"\n=== run 2 (daily tokens spent): killed after {LONG_WAIT_BOUND}s; {second}\n--- rows: {second_rows}"
+    )
+    context = (
+        f"\n### codex {version}, tokens_per_day = 1000"
+        + _shown("run 1", first, first_rows, first_connections, start)
+        + shown
+        + f"\n--- key_limit_refused (reason, retry_after): {refused_log.events}"
+    )
+    print(context)
+    record_property("long_wait_exited", isinstance(second, Finished))
+
+    assert first.code == 0 and [r["status"] for r in first_rows] == ["completed", "completed"], context
+    assert isinstance(second, Finished) and second.code not in (0, None), context
+    assert "usage limit" in second.stderr and "Try again at" in second.stderr, context
+    # Codex does not spin on the gateway: the warm-up and one attempt of the turn at most.
+    assert refused and second_rows == refused and len(refused) <= 2, context
+    assert all(after is None for _, after in refused_log.events), context
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.timeout(LIMIT_TIMEOUT, method="thread")
+async def test_codex_stops_at_once_on_an_exhausted_budget(
+    fake: FakeUpstream, codex: tuple[Path, str], tmp_path: Path, record_property: Any
+) -> None:
+    """``budget_per_month = 0.001`` USD: the first `codex exec`'s turn costs more than that
+    (admitted: the budget was unspent); the second is refused ``insufficient_quota``."""
+    binary, version = codex
+    record_property("codex_version", version)
+    fake.default = reporting_usage
+    running = await start_ledger_gateway(fake, tmp_path, KeyLimitsConfig(budget_per_month=0.001))
+    try:
+        session = CodexSession(binary, tmp_path / "codex", running)
+        start = time.time()
+        first = await session.exec(fake, LIMIT_RUN_TIMEOUT)
+        await running.service.ledger.flush()
+        first_rows = usage_rows(tmp_path)
+        first_connections = session.connections
+        upstream_turns = len(fake.requests)
+        second = await session.exec(fake, LIMIT_RUN_TIMEOUT)
+        await running.service.ledger.flush()
+        second_rows = usage_rows(tmp_path)[len(first_rows):]
+        metric = refusals(running, "budget_per_month")
+    finally:
+        await running.stop()
+    refused = _refused(second_rows, "insufficient_quota")
+    context = (
+        f"\n### codex {version}, budget_per_month = 0.001"
+        + _shown("run 1 (spends the budget)", first, first_rows, first_connections, start)
+        + _shown("run 2 (budget spent)", second, second_rows, session.connections - first_connections, start)
+        + f"\n--- cch_key_refusals_total{{reason=budget_per_month}}: {metric}"
+    )
+    print(context)
+    record_property("quota_refusals", len(refused))
+
+    assert first.code == 0 and EXPECTED_TEXT in first.stdout, context
+    assert [r["status"] for r in first_rows] == ["completed", "completed"], context
+    assert sum(r["cost"] for r in first_rows) == pytest.approx(TURN_COST), context
+    assert second.code not in (0, None), context
+    # A usage limit with resets_at: Codex says when the budget resets (not "Quota exceeded").
+    assert "usage limit" in second.stderr and "Try again at" in second.stderr, context
+    assert len(fake.requests) == upstream_turns, context  # nothing reached upstream
+    assert second_rows == refused and metric == len(refused), context
+    # Not retried: at most the warm-up and the turn, each refused once.
+    assert 1 <= len(refused) <= 2, context

@@ -235,7 +235,11 @@ def test_tokens_of_a_turn_count_on_the_day_it_finishes() -> None:
     lease = admitted(lim, alice)
     clock.advance(60)  # past midnight
     lease.finish(1000, None)
-    assert refused(lim, alice).retry_after == epoch("2026-12-08T00:00:00Z") - epoch("2026-12-07T00:00:30Z")
+    over = refused(lim, alice)
+    # A day's wait is a usage limit that says when it resets (Codex would sleep a Retry-After).
+    assert (over.kind, over.code, over.retry_after, over.headers()) == ("usage_limit_reached", "rate_limit_exceeded", None, ())
+    assert over.resets_at == epoch("2026-12-08T00:00:00Z")
+    assert over.resets_in_seconds == epoch("2026-12-08T00:00:00Z") - epoch("2026-12-07T00:00:30Z")
 
 
 def test_unknown_tokens_count_nothing() -> None:
@@ -251,8 +255,9 @@ def test_unknown_tokens_count_nothing() -> None:
 
 
 def test_budget_per_month_refuses_when_spent_and_resets_at_the_utc_month() -> None:
-    """An exhausted budget is insufficient_quota with no Retry-After (Codex must not retry
-    it), and the month after admits again."""
+    """An exhausted budget is insufficient_quota, a usage limit that says when it resets and
+    has no Retry-After (Codex shows the reset and does not retry), and the month after admits
+    again."""
     lim, clock = limiter("2026-12-31T23:59:30Z", sheet(**{"gpt-5": 0.001}))
     alice = key(budget_per_month=1.0)
     admitted(lim, alice).finish(600, 0.6)
@@ -260,11 +265,13 @@ def test_budget_per_month_refuses_when_spent_and_resets_at_the_utc_month() -> No
     over = refused(lim, alice)
     assert over == Refused(
         429,
-        "insufficient_quota",
+        "usage_limit_reached",
         "insufficient_quota",
         "Key 'alice' has spent its monthly budget ($1.00 of $1.00 this UTC month); it resets at 2027-01-01T00:00:00Z.",
         None,
         "budget_per_month",
+        resets_at=int(epoch("2027-01-01T00:00:00Z")),
+        resets_in_seconds=30,
     )
     assert over.headers() == ()
     clock.advance(29)
@@ -516,13 +523,14 @@ def test_quota_error_event_bytes_have_no_retry_after() -> None:
     result(lim.seed("alice", 0, 50.0))
     over = refused(lim, alice)
     assert over.error_event() == (
-        '{"type":"error","status":429,"error":{"type":"insufficient_quota","code":"insufficient_quota",'
+        '{"type":"error","status":429,"error":{"type":"usage_limit_reached","code":"insufficient_quota",'
         '"message":"Key \'alice\' has spent its monthly budget ($50.00 of $50.00 this UTC month);'
-        ' it resets at 2027-01-01T00:00:00Z."}}'
+        ' it resets at 2027-01-01T00:00:00Z.","resets_at":1798761600,"resets_in_seconds":2203200}}'
     )
     assert over.json_body() == (
         b'{"error":{"message":"Key \'alice\' has spent its monthly budget ($50.00 of $50.00 this UTC month);'
-        b' it resets at 2027-01-01T00:00:00Z.","type":"insufficient_quota","code":"insufficient_quota"}}'
+        b' it resets at 2027-01-01T00:00:00Z.","type":"usage_limit_reached","code":"insufficient_quota",'
+        b'"resets_at":1798761600,"resets_in_seconds":2203200}}'
     )
 
 

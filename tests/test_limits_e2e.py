@@ -36,6 +36,7 @@ from cch.testing.scripts import SSE_HEADERS, Delay, Event, Script, hold, json_re
 MODEL = "gpt-5.5"
 DEC_6_23_59 = datetime(2026, 12, 6, 23, 59, tzinfo=UTC).timestamp()
 DEC_31_23_59 = datetime(2026, 12, 31, 23, 59, tzinfo=UTC).timestamp()
+JAN_1 = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
 
 # What a WebSocket client sends to open the handshake (RFC 6455 §4.1 sample key).
 UPGRADE_HEADERS = {
@@ -142,7 +143,7 @@ class Reply:
     def json(self) -> Any:
         return json.loads(self.body)
 
-    def error(self, status: int, type_: str, code: str, retry_after: str | None) -> str:
+    def error(self, status: int, type_: str, code: str, retry_after: str | None, **extra: Any) -> str:
         """Assert an OpenAI JSON error with this status and Retry-After; its message."""
         assert self.code == status, self.body
         assert self.header("content-type") == "application/json"
@@ -150,7 +151,7 @@ class Reply:
         body = self.json()
         message = body["error"]["message"]
         assert isinstance(message, str) and message
-        assert body == {"error": {"message": message, "type": type_, "code": code}}
+        assert body == {"error": {"message": message, "type": type_, "code": code, **extra}}
         return message  # type: ignore[no-any-return]
 
     def sse_types(self) -> list[str]:
@@ -600,6 +601,37 @@ async def test_tokens_per_day_refuses_until_the_next_utc_midnight(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_day_spent_hours_before_midnight_is_a_usage_limit_that_says_when_it_resets(
+    fake: FakeUpstream, tunnel_mode: str, harness: Harness
+) -> None:
+    """A wait longer than LONG_WAIT is no Retry-After (Codex would sleep it silently, for
+    hours): the frame says when the day resets, which Codex shows without retrying."""
+    noon = datetime(2026, 12, 6, 12, 0, tzinfo=UTC).timestamp()
+    midnight = int(datetime(2026, 12, 7, tzinfo=UTC).timestamp())
+    clock = clock_at(noon)
+    alice = key("alice", tokens_per_day=100)
+    running = await harness.start(keyed(fake, tunnel_mode, alice), clock)
+    client = await connect(running, alice)
+    fake.enqueue(spending(60, 40))
+    assert (await turn(client, running))[-1]["type"] == "response.completed"
+    (frame,) = await turn(client, running)
+    message = frame["error"]["message"]
+    assert frame == {
+        "type": "error",
+        "status": 429,
+        "error": {
+            "type": "usage_limit_reached",
+            "code": "rate_limit_exceeded",
+            "message": message,
+            "resets_at": midnight,
+            "resets_in_seconds": midnight - int(noon),
+        },
+    }
+    assert "100 of 100 tokens used this UTC day" in message and "2026-12-07T00:00:00Z" in message
+    assert len(fake.requests) == 1 and client.close_info is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_token_limits_http_post_get_429_json_with_retry_after(
     fake: FakeUpstream, harness: Harness
 ) -> None:
@@ -706,7 +738,7 @@ PRICES = (
 
 
 @pytest_twisted.ensureDeferred
-async def test_budget_per_month_refuses_insufficient_quota_without_retry_after_until_the_next_utc_month(
+async def test_budget_per_month_refuses_insufficient_quota_as_a_usage_limit_until_the_next_utc_month(
     fake: FakeUpstream, tunnel_mode: str, harness: Harness
 ) -> None:
     clock = clock_at(DEC_31_23_59)
@@ -717,10 +749,18 @@ async def test_budget_per_month_refuses_insufficient_quota_without_retry_after_u
     assert (await turn(client, running))[-1]["type"] == "response.completed"  # $1.00 spent
     (frame,) = await turn(client, running)
     message = frame["error"]["message"]
+    # A usage limit that says when it resets, with no Retry-After: Codex shows the time and does
+    # not retry (docs/codex.md#rate-limits-and-quotas-what-codex-shows).
     assert frame == {
         "type": "error",
         "status": 429,
-        "error": {"type": "insufficient_quota", "code": "insufficient_quota", "message": message},
+        "error": {
+            "type": "usage_limit_reached",
+            "code": "insufficient_quota",
+            "message": message,
+            "resets_at": int(JAN_1),
+            "resets_in_seconds": 60,
+        },
     }
     assert "2027-01-01T00:00:00Z" in message and "$1.00 of $1.00" in message
     clock.advance(59)
@@ -743,7 +783,7 @@ async def test_budget_per_month_http_post_gets_429_insufficient_quota_without_re
     assert (await harness.post(running, alice, post_body())).sse_types()[-1] == "response.completed"
     await settled(running)
     (await harness.post(running, alice, post_body())).error(
-        429, "insufficient_quota", "insufficient_quota", None
+        429, "usage_limit_reached", "insufficient_quota", None, resets_at=int(JAN_1), resets_in_seconds=60
     )
     assert len(fake.requests) == 1
 
