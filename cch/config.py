@@ -35,6 +35,7 @@ from cch.secret import RESERVED_PREFIX, SECRET_ENV, new_secret
 __all__ = [
     "BreakerConfig",
     "ClientKey",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -209,6 +210,26 @@ class PriceConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Several replicas sharing per-key limits through Redis (docs/scaling.md); off without
+    ``redis``, and single-process behaviour is then unchanged."""
+
+    # "" = off | "redis://[[user]:password@]host[:port][/db]" (port 6379, db 0 by default)
+    redis: str = field(default="", repr=False)  # its password never reaches a log line
+    # This replica's name in its Redis leases; "" = server.replica when that is set, else
+    # "<host name>-<pid>" (several replicas may share a host), resolved at load.
+    replica: str = ""
+    lease_ttl: float = 15.0  # seconds a dead replica's slots stay taken (renewed every ttl/3)
+    on_redis_down: str = "local"  # local (per-replica share of each limit) | refuse (503)
+    expected_replicas: int = 1  # "local" divides each limit by this, rounded up, at least 1
+    key_prefix: str = "cch:"  # every Redis key this gateway writes starts with it
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     keys: tuple[ClientKey, ...] = ()
@@ -221,6 +242,7 @@ class Config:
     usage: UsageConfig = field(default_factory=UsageConfig)
     prices: tuple[PriceConfig, ...] = ()
     key_defaults: KeyLimitsConfig = field(default_factory=KeyLimitsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: str = "<defaults>"  # where it came from, for messages
 
     @property
@@ -368,6 +390,7 @@ _SECTIONS: dict[str, type] = {
     "continuity": ContinuityConfig,
     "usage": UsageConfig,
     "key_defaults": KeyLimitsConfig,
+    "cluster": ClusterConfig,
 }
 _ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig, "prices": PriceConfig}
 
@@ -484,6 +507,53 @@ def _database(value: str) -> str | None:
             )
         return None
     return f"must be {example} (got {_shown_url(value)!r})"
+
+
+_REDIS_EXAMPLE = '"redis://127.0.0.1:6379/0" or "redis://:password@redis.internal:6379/0"'
+
+
+def _redis_url(value: str) -> str | None:
+    """cluster.redis: "" (off) or redis://[[user]:password@]host[:port][/db]. Shown without
+    userinfo: a password may sit in it."""
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError:
+        return (
+            f"not a valid Redis URL (got {_shown_url(value)!r}); the port must be 0..65535, and "
+            "':', '/' and '@' in a password percent-encoded"
+        )
+    if parts.scheme != "redis" or not parts.hostname:
+        return f"must be a redis:// URL with a host, e.g. {_REDIS_EXAMPLE} (got {_shown_url(value)!r})"
+    db = parts.path.removeprefix("/")
+    if "/" in db or not (db == "" or (db.isascii() and db.isdecimal())):
+        return f"the path must be a database number, e.g. {_REDIS_EXAMPLE} (got {_shown_url(value)!r})"
+    if parts.query or parts.fragment:
+        return f"takes no query or fragment, e.g. {_REDIS_EXAMPLE} (got {_shown_url(value)!r})"
+    return None
+
+
+def _lease_ttl(value: float) -> str | None:
+    if value < 1.0:
+        return f"must be at least 1 second: leases are renewed every lease_ttl/3 (got {value})"
+    return None
+
+
+def _name_in_keys(value: str) -> str | None:
+    """cluster.replica and cluster.key_prefix go into Redis keys and lease ids."""
+    if any(not "!" <= char <= "~" for char in value):
+        return f"must be printable ASCII without spaces (got {value!r})"
+    return None
+
+
+def _key_prefix(value: str) -> str | None:
+    if not value:
+        return 'must not be empty: it keeps cch\'s keys apart from others in the database, e.g. "cch:"'
+    if "{" in value or "}" in value:
+        return f"must not hold '{{' or '}}', which would make a Redis Cluster hash tag (got {value!r})"
+    return _name_in_keys(value)
 
 
 def _postgresql_scheme(value: str) -> str:
@@ -715,6 +785,11 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (UsageConfig, "spill_file"): _not_empty,
     (PriceConfig, "model"): _not_empty,
     (KeyLimitsConfig, "models"): _model_names,
+    (ClusterConfig, "redis"): _redis_url,
+    (ClusterConfig, "replica"): _name_in_keys,
+    (ClusterConfig, "lease_ttl"): _lease_ttl,
+    (ClusterConfig, "on_redis_down"): _one_of("local", "refuse"),
+    (ClusterConfig, "key_prefix"): _key_prefix,
 }
 # Values stored in the one form their users compare against (after the rule accepted them).
 _NORMAL_FORMS: dict[tuple[type, str], Callable[[Any], Any]] = {
@@ -944,10 +1019,14 @@ def _sections_of(raw: Mapping[str, Any], source: str) -> None:
                 raise ConfigError(
                     f"{source}: {name}: must be an array of tables, written [[{name}]]"
                 )
-        else:
-            what = "table" if isinstance(value, dict | list) else "top-level key"
-            lead = _unknown(what, name, [*_SECTIONS, *_ARRAYS])
+        elif isinstance(value, dict | list):
+            lead = _unknown("table", name, [*_SECTIONS, *_ARRAYS])
             raise ConfigError(f"{source}: {name}: {lead}(allowed tables: {allowed})")
+        else:
+            # A setting written outside its table: name the table that has it.
+            homes = [section for section, cls in _SECTIONS.items() if name in _keys_of(cls)]
+            hint = f"; did you mean [{homes[0]}] {name}? " if len(homes) == 1 else " "
+            raise ConfigError(f"{source}: {name}: unknown top-level key{hint}(allowed tables: {allowed})")
 
 
 def _from_env(scope: _Scope, key: str, variable: str, env: Mapping[str, str]) -> str:
@@ -981,8 +1060,13 @@ def _build(
         _refuse_budget_without_prices(key_defaults, scopes["key_defaults"], raw.get("keys", []))
     tunnel = values["tunnel"]
     tunnel["secret"] = _resolve_secret(tunnel, scopes["tunnel"], env)
-    if not values["server"].get("replica"):
+    named_replica = values["server"].get("replica")
+    if not named_replica:
         values["server"]["replica"] = socket.gethostname()
+    if not values["cluster"].get("replica"):
+        # One name per replica when the operator gave one (ledger rows and leases agree); the
+        # host name alone is not enough for leases, since several replicas may share a host.
+        values["cluster"]["replica"] = named_replica or f"{socket.gethostname()}-{os.getpid()}"
 
     server = _make(ServerConfig, values["server"])
     kind = _parse_endpoint(server.listen)[0]
@@ -1032,6 +1116,7 @@ def _build(
         usage=_make(UsageConfig, values["usage"]),
         prices=prices,
         key_defaults=key_defaults,
+        cluster=_make(ClusterConfig, values["cluster"]),
         source=source,
     )
 

@@ -16,6 +16,7 @@ from twisted.logger import capturedLogs
 from cch.config import (
     BreakerConfig,
     ClientKey,
+    ClusterConfig,
     Config,
     ConfigError,
     ContinuityConfig,
@@ -319,14 +320,15 @@ def test_non_utf8_file_is_refused() -> None:
 def test_unknown_table_names_file_and_table_and_lists_allowed() -> None:
     assert error("[sever]\nlisten = 'tcp:1'\n") == (
         "cch.toml: sever: unknown table; did you mean server? (allowed tables: breaker, "
-        "continuity, key_defaults, keys, limits, prices, providers, server, tunnel, "
+        "cluster, continuity, key_defaults, keys, limits, prices, providers, server, tunnel, "
         "upstream_websocket, usage)"
     )
 
 
 def test_unknown_top_level_key_is_refused() -> None:
     assert error('listen = "tcp:1"\n').startswith(
-        "cch.toml: listen: unknown top-level key (allowed tables: breaker, continuity, key_defaults,"
+        "cch.toml: listen: unknown top-level key; did you mean [server] listen? (allowed tables: "
+        "breaker, cluster, continuity, key_defaults,"
     )
 
 
@@ -1791,6 +1793,7 @@ SECTION_CLASSES = {
     "continuity": ContinuityConfig,
     "usage": UsageConfig,
     "key_defaults": KeyLimitsConfig,
+    "cluster": ClusterConfig,
     "keys[]": ClientKey,
     "providers[]": ProviderConfig,
     "prices[]": PriceConfig,
@@ -1854,3 +1857,129 @@ def test_a_client_key_can_come_from_the_environment(tmp_path: Any) -> None:
     )
     with pytest.raises(ConfigError, match="either key or key_env"):
         load_config(str(path), {"ALICE_KEY": "x" * 10})
+
+
+# --- [cluster] (issue 15) ----------------------------------------------------------------------
+
+
+
+def _own_replica() -> str:
+    import os
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def test_cluster_is_off_by_default_with_a_replica_name_of_host_and_pid() -> None:
+    config = load_config(None, {})
+    assert config.cluster == ClusterConfig(replica=_own_replica())
+    assert not config.cluster.enabled
+    assert ClusterConfig() == ClusterConfig("", "", 15.0, "local", 1, "cch:")
+
+
+def test_cluster_section_sets_every_key() -> None:
+    config = load(
+        '[cluster]\nredis = "redis://:pw@redis.internal:6380/2"\nreplica = "eu-1a"\nlease_ttl = 9\n'
+        'on_redis_down = "refuse"\nexpected_replicas = 3\nkey_prefix = "team:"\n'
+    )
+    assert config.cluster == ClusterConfig("redis://:pw@redis.internal:6380/2", "eu-1a", 9.0, "refuse", 3, "team:")
+    assert config.cluster.enabled
+
+
+def test_cluster_replica_defaults_to_the_server_replica_when_one_is_named() -> None:
+    assert load('[server]\nreplica = "pod-7"\n').cluster.replica == "pod-7"
+    named = load('[server]\nreplica = "pod-7"\n[cluster]\nreplica = "lease-7"\n')
+    assert (named.server.replica, named.cluster.replica) == ("pod-7", "lease-7")
+    # Unnamed, the ledger's host name is not enough for leases: the pid is added.
+    unnamed = load("")
+    assert (unnamed.server.replica, unnamed.cluster.replica) == (socket.gethostname(), _own_replica())
+
+
+def test_cluster_keys_come_from_the_environment_too() -> None:
+    env = {
+        "CCH_CLUSTER_REDIS": "redis://127.0.0.1:6379/0",
+        "CCH_CLUSTER_LEASE_TTL": "4.5",
+        "CCH_CLUSTER_ON_REDIS_DOWN": "refuse",
+        "CCH_CLUSTER_EXPECTED_REPLICAS": "5",
+        "CCH_CLUSTER_KEY_PREFIX": "x:",
+        "CCH_CLUSTER_REPLICA": "r1",
+    }
+    assert load('[cluster]\nredis = "redis://other:1/0"\n', env).cluster == ClusterConfig(
+        "redis://127.0.0.1:6379/0", "r1", 4.5, "refuse", 5, "x:"
+    )
+    assert env_error({"CCH_CLUSTER_ON_REDIS_DOWN": "crash"}) == (
+        "environment: CCH_CLUSTER_ON_REDIS_DOWN: must be one of local, refuse (got 'crash')"
+    )
+    assert env_error({"CCH_CLUSTER_EXPECTED_REPLICA": "2"}).startswith(
+        "environment: CCH_CLUSTER_EXPECTED_REPLICA: not a cch setting; did you mean "
+        "CCH_CLUSTER_EXPECTED_REPLICAS?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://:s3cret@redis:6379/0", "must be a redis:// URL with a host"),
+        ("rediss://:s3cret@redis:6379/0", "must be a redis:// URL with a host"),
+        ("redis://:s3cret@/0", "must be a redis:// URL with a host"),
+        ("redis://:s3cret@redis:99999/0", "not a valid Redis URL"),
+        ("redis://:s3cret@redis:6379/zero", "the path must be a database number"),
+        ("redis://:s3cret@redis:6379/0/1", "the path must be a database number"),
+        ("redis://:s3cret@redis:6379/0?timeout=1", "takes no query or fragment"),
+    ],
+)
+def test_a_bad_redis_url_is_named_without_its_password(url: str, problem: str) -> None:
+    message = error(f'[cluster]\nredis = "{url}"\n')
+    assert message.startswith(f"cch.toml: cluster.redis: {problem}")
+    assert "s3cret" not in message and "***@" in message
+    from_env = env_error({"CCH_CLUSTER_REDIS": url})
+    assert from_env.startswith(f"environment: CCH_CLUSTER_REDIS: {problem}") and "s3cret" not in from_env
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1", "redis://127.0.0.1:6379", "redis://h:1/", "redis://u:p%40ss@h:6379/15", "redis://[::1]:6379/0"]
+)
+def test_redis_urls_of_every_documented_form_are_accepted(url: str) -> None:
+    assert load(f'[cluster]\nredis = "{url}"\n').cluster.redis == url
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("lease_ttl = 0.5", "cch.toml: cluster.lease_ttl: must be at least 1 second: leases are renewed every lease_ttl/3 (got 0.5)"),
+        ("lease_ttl = 0", "cch.toml: cluster.lease_ttl: must be a number > 0 (got 0.0)"),
+        ("on_redis_down = 'fail'", "cch.toml: cluster.on_redis_down: must be one of local, refuse (got 'fail')"),
+        ("expected_replicas = 0", "cch.toml: cluster.expected_replicas: must be >= 1 (got 0)"),
+        ("expected_replicas = 1.5", "cch.toml: cluster.expected_replicas: must be an integer (got float)"),
+        ("key_prefix = ''", "cch.toml: cluster.key_prefix: must not be empty: it keeps cch's keys apart from others in the database, e.g. \"cch:\""),
+        ("key_prefix = 'cch{a}:'", "cch.toml: cluster.key_prefix: must not hold '{' or '}', which would make a Redis Cluster hash tag (got 'cch{a}:')"),
+        ("key_prefix = 'my app:'", "cch.toml: cluster.key_prefix: must be printable ASCII without spaces (got 'my app:')"),
+        ("replica = 'eu 1'", "cch.toml: cluster.replica: must be printable ASCII without spaces (got 'eu 1')"),
+        ("redis = 6379", "cch.toml: cluster.redis: must be a string (got integer)"),
+    ],
+)
+def test_cluster_values_are_checked_with_one_line_messages(text: str, expected: str) -> None:
+    assert error(f"[cluster]\n{text}\n") == expected
+
+
+def test_an_unknown_cluster_key_gets_a_suggestion() -> None:
+    assert error("[cluster]\nredis_url = 'redis://h'\n") == (
+        "cch.toml: cluster.redis_url: unknown key; did you mean redis? (allowed: expected_replicas, "
+        "key_prefix, lease_ttl, on_redis_down, redis, replica)"
+    )
+
+
+def test_config_schema_lists_the_cluster_keys_and_their_variables() -> None:
+    rows = {key: (kind, default, env) for key, kind, default, env in config_schema() if key.startswith("cluster.")}
+    assert rows == {
+        "cluster.redis": ("string", "", "CCH_CLUSTER_REDIS"),
+        "cluster.replica": ("string", "", "CCH_CLUSTER_REPLICA"),
+        "cluster.lease_ttl": ("number", 15.0, "CCH_CLUSTER_LEASE_TTL"),
+        "cluster.on_redis_down": ("string", "local", "CCH_CLUSTER_ON_REDIS_DOWN"),
+        "cluster.expected_replicas": ("integer", 1, "CCH_CLUSTER_EXPECTED_REPLICAS"),
+        "cluster.key_prefix": ("string", "cch:", "CCH_CLUSTER_KEY_PREFIX"),
+    }
+
+
+def test_the_cluster_config_never_shows_the_redis_password_in_its_repr() -> None:
+    config = load('[cluster]\nredis = "redis://:s3cret@h:6379/0"\n')
+    assert "s3cret" not in repr(config.cluster) and "s3cret" not in repr(config)
