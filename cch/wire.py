@@ -41,6 +41,28 @@ def event_type(data: str) -> str | None:
     return None
 
 
+_last_response: tuple[str, dict[str, Any] | None] = ("", None)
+
+
+def response_of(data: str) -> dict[str, Any] | None:
+    """The ``response`` object of an event (a terminal's, ``response.created``'s), or None.
+
+    The transcript and the usage meter both read a turn's terminal event: the last one parsed is
+    kept (by identity), so the second reader does not parse it again."""
+    global _last_response
+    seen, response = _last_response
+    if seen is data:
+        return response
+    try:
+        value = loads(data)
+    except ValueError:
+        value = None
+    response = value.get("response") if isinstance(value, dict) else None
+    response = response if isinstance(response, dict) else None
+    _last_response = (data, response)
+    return response
+
+
 def error_event(
     code: str,
     message: str,

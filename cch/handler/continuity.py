@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer
-
-from cch.jsoncodec import dumps, loads
+from cch.jsoncodec import dumps
 from cch.transcript import Origin, Transcript, as_items
-from cch.turn import ResponseSink
-from cch.wire import event_type, previous_not_found
+from cch.wire import previous_not_found
 
 NEW_SOCKET = -1  # an attempt on a socket that does not exist yet
 
@@ -86,44 +82,22 @@ def warmup_events(body: dict[str, Any]) -> tuple[str, list[str]]:
     return response_id, [created, completed]
 
 
-class RecordingSink:
-    """Passes a response through and writes completed responses into the transcript."""
+class TranscriptRecorder:
+    """Writes an attempt's completed (or incomplete) response into the transcript: what the
+    client sent, what the upstream answered, and where it came from. The turn's meter hands it
+    the terminal event's response (cch/handler/metering.py: one pass over the events)."""
 
-    def __init__(self, sink: ResponseSink, transcript: Transcript, body: dict[str, Any], origin: Origin) -> None:
-        self.sink = sink
+    def __init__(self, transcript: Transcript, body: dict[str, Any], origin: Origin) -> None:
         self.transcript = transcript
         previous = body.get("previous_response_id")
         self.previous = previous if isinstance(previous, str) else None
         self.input = as_items(body.get("input"))
         self.origin = origin
 
-    def sse_started(self, status: int, headers: dict[str, str]) -> None:
-        self.sink.sse_started(status, headers)
-
-    def sse_event(self, data: str, kind: str | None = None) -> None:
-        if kind is None:
-            kind = event_type(data)
-        if kind == "response.completed" or kind == "response.incomplete":
-            self._record(data)
-        self.sink.sse_event(data, kind)
-
-    def _record(self, data: str) -> None:
-        try:
-            response = loads(data).get("response")
-        except ValueError:
-            return
-        if not isinstance(response, dict) or not isinstance(response.get("id"), str):
+    def record(self, response: dict[str, Any]) -> None:
+        if not isinstance(response.get("id"), str):
             return
         output = response.get("output")
         self.transcript.add(
             response["id"], self.previous, self.input, output if isinstance(output, list) else [], self.origin
         )
-
-    def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
-        self.sink.json_body(status, body, content_type, headers)
-
-    def register_producer(self, producer: IPushProducer) -> None:
-        self.sink.register_producer(producer)
-
-    def unregister_producer(self) -> None:
-        self.sink.unregister_producer()

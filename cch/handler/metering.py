@@ -3,7 +3,7 @@
 A :class:`TurnMeter` is the sink the pipeline hands to whoever serves a turn; it passes every
 call through and looks only at what it needs: the time of the first event, the response id
 (``response.created`` and terminals), and the terminal event's ``response`` (status, model,
-``usage``). Deltas cost one set lookup (their type is known already: whoever parsed the event
+``usage``), which it also hands to the attempt's transcript writer — one pass over the events. Deltas cost one set lookup (their type is known already: whoever parsed the event
 passed it on). :meth:`TurnMeter.row` makes the one :class:`~cch.usage.rows.UsageRow`, however
 the turn ended (docs/usage.md).
 """
@@ -15,11 +15,12 @@ from typing import Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 
+from cch.handler.continuity import TranscriptRecorder
 from cch.jsoncodec import loads
 from cch.turn import ResponseSink
 from cch.usage.prices import PriceSheet
 from cch.usage.rows import UsageRow, usage_counts
-from cch.wire import TERMINAL_EVENT_TYPES, error_code, event_type
+from cch.wire import TERMINAL_EVENT_TYPES, error_code, event_type, response_of
 
 # A terminal event's type → the row's status.
 TERMINAL_STATUS = {
@@ -54,6 +55,7 @@ class TurnMeter:
         self.on_response_id = on_response_id
         self.started_at = clock.seconds()
         self.first_event_at: float | None = None
+        self._created: str | None = None  # the response.created event, unparsed
         self.response_id: str | None = None
         self.terminal: str | None = None  # the terminal event's type
         self.response: dict[str, Any] | None = None  # the terminal's (or JSON body's) response
@@ -64,6 +66,8 @@ class TurnMeter:
         self.upstream_transport: str | None = None
         self.attempts = 0
         self.replayed = False
+        # The attempt's transcript writer, when the connection keeps one (cch.handler.continuity).
+        self.recorder: TranscriptRecorder | None = None
 
     # -- ResponseSink ----------------------------------------------------------------------
 
@@ -71,14 +75,12 @@ class TurnMeter:
         self.sink.sse_started(status, headers)
 
     def sse_event(self, data: str, kind: str | None = None) -> None:
+        if kind is None:
+            kind = event_type(data)
         if self.first_event_at is None:
             self.first_event_at = self.clock.seconds()
-            if kind is None:
-                kind = event_type(data)
             if kind == "response.created":
-                self._created(data)
-        elif kind is None:
-            kind = event_type(data)
+                self._created = data  # read only if no terminal says the id (a cut turn)
         if kind in TERMINAL_EVENT_TYPES and self.terminal is None:
             self._terminal(data, kind)  # type: ignore[arg-type]
         self.sink.sse_event(data, kind)
@@ -112,25 +114,16 @@ class TurnMeter:
 
     # -- what the events say ---------------------------------------------------------------
 
-    def _created(self, data: str) -> None:
-        try:
-            response = loads(data).get("response")
-        except (ValueError, AttributeError):
-            return
-        if isinstance(response, dict):
-            self._response_id(response.get("id"))
-
     def _terminal(self, data: str, kind: str) -> None:
         self.terminal = kind
         if kind == "error":
             self.error_code = error_code(data)
             return
-        try:
-            response = loads(data).get("response")
-        except (ValueError, AttributeError):
-            return
-        if isinstance(response, dict):
+        response = response_of(data)
+        if response is not None:
             self._response(response)
+            if self.recorder is not None and kind != "response.failed":
+                self.recorder.record(response)
 
     def _response(self, response: dict[str, Any]) -> None:
         """A response object (a terminal's, or a whole JSON body): its id, and the code of its
@@ -163,6 +156,11 @@ class TurnMeter:
 
     def row(self, prices: PriceSheet, replica: str) -> UsageRow:
         now = self.clock.seconds()
+        if self.response_id is None and self._created is not None:
+            # Cut before its terminal: the id response.created gave (a stored response exists).
+            created = response_of(self._created)
+            if created is not None:
+                self._response_id(created.get("id"))
         status = self.status or TERMINAL_STATUS.get(self.terminal or "", None)
         if status is None:
             status, self.error_code = "error", self.error_code or STREAM_WITHOUT_TERMINAL

@@ -21,7 +21,7 @@ from cch.config import ClientKey, LimitsConfig
 from cch.drain import Drain
 from cch.handler import continuity, errors
 from cch.handler.auth import KeyRing
-from cch.handler.continuity import NEW_SOCKET, RecordingSink
+from cch.handler.continuity import NEW_SOCKET, TranscriptRecorder
 from cch.handler.eligibility import evaluate
 from cch.handler.metering import TurnMeter
 from cch.handler.outbound import upstream_headers, upstream_url
@@ -199,11 +199,12 @@ class ResponsesHandler:
         )
         lease: TurnLease | None = None
         try:
-            admitted = await self._admit(ctx, key, body, model)
-            if isinstance(admitted, Refusal):
-                self._refuse(ctx, meter, admitted)
-                return
-            lease = admitted
+            if key is not None:  # a keyless gateway has neither owners nor limits
+                admitted = await self._admit(ctx, key, body, model)
+                if isinstance(admitted, Refusal):
+                    self._refuse(ctx, meter, admitted)
+                    return
+                lease = admitted
             await self._attempts(ctx, body, meter, model)
         except CancelledError:
             meter.ended("drained" if self.drain is not None and self.drain.draining else "cancelled")
@@ -220,13 +221,11 @@ class ResponsesHandler:
     def _owned(self, key: str, response_id: str) -> None:
         self.ledger.owns(response_id, key)
 
-    async def _admit(
-        self, ctx: RequestContext, key: ClientKey | None, body: dict[str, Any], model: str | None
-    ) -> TurnLease | Refusal:
+    async def _admit(self, ctx: RequestContext, key: ClientKey, body: dict[str, Any], model: str | None) -> TurnLease | Refusal:
         """A turn's ``previous_response_id`` must be the key's own (docs/usage.md#ownership):
         another key's id is answered as unknown and never forwarded; then the key's limits."""
         previous = body.get("previous_response_id")
-        if key is not None and isinstance(previous, str):
+        if isinstance(previous, str):
             try:
                 owner = await self.ledger.owner_of(previous)
             except CancelledError:
@@ -275,10 +274,9 @@ class ResponsesHandler:
                 _send_events(meter, [lost])
                 return
             meter.replayed = meter.replayed or send is not body
-            target: ResponseSink = meter
             if transcript is not None:
-                target = RecordingSink(meter, transcript, body, Origin(provider.name, "http", None, _stored(body)))
-            outcome = await self._attempt(ctx, provider, send, stream, target, attempt, transcript, meter)
+                meter.recorder = TranscriptRecorder(transcript, body, Origin(provider.name, "http", None, _stored(body)))
+            outcome = await self._attempt(ctx, provider, send, stream, meter, attempt, transcript)
             if outcome is None:
                 return
             last = outcome
@@ -399,11 +397,10 @@ class ResponsesHandler:
         )
         meter.upstream_transport = "websocket"
         meter.replayed = meter.replayed or send is not body
-        sink: ResponseSink = meter
         if transcript is not None:
             origin = Origin(provider.name, "websocket", exchange.socket_id, _stored(body))
-            sink = RecordingSink(meter, transcript, body, origin)
-        await exchange.deliver(sink, provider.config.idle_timeout)
+            meter.recorder = TranscriptRecorder(transcript, body, origin)
+        await exchange.deliver(meter, provider.config.idle_timeout)
         return True
 
     async def _attempt(
@@ -412,12 +409,11 @@ class ResponsesHandler:
         provider: Provider,
         body: dict[str, Any],
         stream: bool,
-        sink: ResponseSink,
+        meter: TurnMeter,
         attempt: int,
         transcript: Transcript | None = None,
-        meter: TurnMeter | None = None,
     ) -> tuple[int, bytes, str] | None:
-        """Try one provider. None when the response went to the sink; otherwise the error to
+        """Try one provider. None when the response went to the client; otherwise the error to
         report if no later provider does better."""
         config = provider.config
         breaker = provider.breaker
@@ -468,18 +464,16 @@ class ResponsesHandler:
             content_type = (response.headers.getRawHeaders("content-type") or [JSON])[0]
             error = await collect_body(response, self.clock, idle_timeout=config.idle_timeout)
             if not is_previous_not_found(error):
-                sink.json_body(400, error, content_type)
+                meter.json_body(400, error, content_type)
                 return None
             # The upstream lost the chain it was expected to hold: replay it once.
             send, lost = continuity.replay(transcript, body)
             if send is None:
-                _send_events(sink, [lost])
+                _send_events(meter, [lost])
                 return None
-            if meter is not None:
-                meter.replayed = True
-            return await self._attempt(ctx, provider, send, stream, sink, attempt, None, meter)
-        if meter is not None:
-            meter.upstream_transport = "http"
+            meter.replayed = True
+            return await self._attempt(ctx, provider, send, stream, meter, attempt)
+        meter.upstream_transport = "http"
         log.info(
             "upstream_attempt_started",
             provider=provider.name,
@@ -490,7 +484,7 @@ class ResponsesHandler:
         )
         await read_body(
             response,
-            sink,
+            meter,
             self.clock,
             idle_timeout=config.idle_timeout,
             max_json_bytes=self.limits.max_json_response_bytes,
