@@ -512,19 +512,19 @@ SHARES: list[tuple[str, list[str], list[str], list[str]]] = [
         [],
     ),
     (
-        "parsing each event once (`events.event_type` → `jsoncodec.loads`)",
-        [r"cch/events\.py:\d+\(event_type\)$"],
+        "parsing each event once (`wire.event_type` → `jsoncodec.loads`)",
+        [r"cch/wire\.py:\d+\(event_type\)$"],
         [],
         [],
     ),
     (
         "cch's per-event call chain, own time: `UpstreamConnection._message` → `ws_message` → "
-        "`WSStream.forward` → `RecordingSink.sse_event` → `_Turn.sse_event` → `_Turn._send`",
+        "`Exchange.forward` → `TurnMeter.sse_event` → `_Turn.sse_event` → `_Turn._send`",
         [],
         [
             r"cch/upstream/ws\.py:\d+\(_message\)$",
-            r"cch/upstream/pool\.py:\d+\((ws_message|forward)\)$",
-            r"cch/handler/continuity\.py:\d+\(sse_event\)$",
+            r"cch/upstream/exchange\.py:\d+\((ws_message|forward)\)$",
+            r"cch/handler/metering\.py:\d+\(sse_event\)$",
             r"cch/edge/connection\.py:\d+\((sse_event|_send)\)$",
         ],
         [],
@@ -550,9 +550,9 @@ SHARES: list[tuple[str, list[str], list[str], list[str]]] = [
         [],
     ),
     (
-        "turn completion after the terminal event (`WSStream._complete`: pool bookkeeping, "
-        "pipeline and edge wrap-up, metrics, logs)",
-        [r"cch/upstream/pool\.py:\d+\(_complete\)$"],
+        "turn completion after the terminal event (`Exchange._finish`: pool bookkeeping, "
+        "pipeline and edge wrap-up, usage row, metrics, logs)",
+        [r"cch/upstream/exchange\.py:\d+\(_finish\)$"],
         [],
         [],
     ),
