@@ -324,7 +324,7 @@ class ResponsesHandler:
             return False
         target = Target.of(
             provider.name,
-            ws_url(upstream_url(provider.base_url)),
+            upstream_ws_url(provider.base_url),
             upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
             ctx.ws_session,
             tls_ca=provider.config.tls_ca,
@@ -491,6 +491,12 @@ class ResponsesHandler:
             max_event_bytes=self.limits.max_upstream_event_bytes,
         )
         return None
+
+
+@functools.lru_cache(maxsize=256)
+def upstream_ws_url(base_url: str) -> str:
+    """A provider's Responses WebSocket URL (the same for every turn: parsed once)."""
+    return ws_url(upstream_url(base_url))
 
 
 def _stored(body: dict[str, Any]) -> bool:
