@@ -181,17 +181,25 @@ class LedgerStore:
     def _insert_new(self, txn: Any, table: str, columns: Sequence[str], unique: str, values: list[tuple[Any, ...]]) -> int:
         """Insert the rows whose ``unique`` column is not in ``table`` yet; returns how many.
 
-        SQLite, in process, runs the one-row statement per row. PostgreSQL gets the batch by
-        COPY into a temporary table and one INSERT ... SELECT from it: a statement per row, or
-        one statement with thousands of parameters, costs it several times more
-        (benchmarks/ledger.py)."""
+        SQLite gets a few multi-row statements: each statement is one step with the GIL released,
+        where a statement per row would hand the GIL back and forth with the reactor's thread
+        for every row. PostgreSQL gets the batch by COPY into a temporary table and one
+        INSERT ... SELECT from it: a statement per row, or one statement with thousands of
+        parameters, costs it several times more (benchmarks/ledger.py)."""
         if not values:
             return 0
         names = ", ".join(columns)
         if self.dialect.name == "sqlite":
-            marks = ", ".join("?" for _ in columns)
-            txn.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT ({unique}) DO NOTHING", values)
-            return max(txn.rowcount, 0)
+            row_marks = "(" + ", ".join("?" for _ in columns) + ")"
+            per_statement = max(1, SQLITE_MAX_VARIABLES // len(columns))
+            added = 0
+            for start in range(0, len(values), per_statement):
+                chunk = values[start : start + per_statement]
+                marks = ", ".join([row_marks] * len(chunk))
+                flat = [value for row in chunk for value in row]
+                txn.execute(f"INSERT INTO {table} ({names}) VALUES {marks} ON CONFLICT ({unique}) DO NOTHING", flat)
+                added += max(txn.rowcount, 0)
+            return added
         batch = f"{table}_batch_v{LATEST}"  # per connection; emptied by each commit
         txn.execute(f"CREATE TEMPORARY TABLE IF NOT EXISTS {batch} (LIKE {table}) ON COMMIT DELETE ROWS")
         with txn.copy(f"COPY {batch} ({names}) FROM STDIN") as copy:
@@ -281,6 +289,11 @@ class LedgerStore:
         if not self._closed:
             self._closed = True
             self.pool.close()
+
+
+SQLITE_MAX_VARIABLES = 999
+"""Parameters one SQLite statement may take everywhere (SQLITE_MAX_VARIABLE_NUMBER before
+SQLite 3.32; 32766 since): 45 rows a statement, a few dozen statements a batch."""
 
 
 def _text(value: Any) -> Any:
