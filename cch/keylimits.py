@@ -93,6 +93,7 @@ ends or connection closes, which no window foretells."""
 DAY = 86400.0
 
 RATE_LIMITED = "rate_limit_exceeded"
+CLUSTER_UNAVAILABLE = "cluster_unavailable"  # the shared store is down and may not be done without
 USAGE_LIMIT = "usage_limit_reached"  # the error type Codex shows with its reset time
 LONG_WAIT = 300
 """Seconds beyond which a refusal says when it resets instead of how long to wait: Codex sleeps a
@@ -518,6 +519,16 @@ class KeyLimiter:
                 reason=reason,
                 resets_at=resets,
             )
+        if reason == CLUSTER_UNAVAILABLE:
+            return self._refused(
+                key,
+                CLUSTER_UNAVAILABLE,
+                f"Limits for key '{key}' cannot be checked right now (the shared limit store is"
+                f" unreachable). Please try again in {wait}s.",
+                status=503,
+                retry_after=wait,
+                reason=reason,
+            )
         if wait is not None and wait > LONG_WAIT:
             # Codex sleeps a Retry-After silently, however long (docs/codex.md#rate-limits-and-
             # quotas-what-codex-shows): a long wait is a usage limit that says when it resets.
@@ -551,6 +562,8 @@ class KeyLimiter:
         reason = reason or code
         if resets_at is not None:
             kind = USAGE_LIMIT  # Codex shows when it resets and does not retry
+        elif code == CLUSTER_UNAVAILABLE:
+            kind = "server_error"
         else:
             kind = "invalid_request_error" if code == MODEL_NOT_ALLOWED else code
         self._refusals[(key, reason)] = self._refusals.get((key, reason), 0) + 1

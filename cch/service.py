@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from cch.admin import AdminUsageResource
+from cch.cluster.service import ClusterService
 from cch.config import Config, ContinuityConfig, TunnelConfig, is_loopback_endpoint
 from cch.doors import AuthFailureBudget, Doors
 from cch.drain import Drain
@@ -117,7 +118,9 @@ class GatewayService(MultiService):
         self.keys = KeyRing(config.keys)
         self.prices = PriceSheet(config.prices)
         self.ledger = open_ledger(config.usage, run_dir or os.getcwd(), reactor, clock)
-        self.limiter = KeyLimiter(clock, self.prices)
+        # Several replicas share their keys' limits through Redis ([cluster]); else in memory.
+        self.cluster = ClusterService(config.cluster, reactor, clock) if config.cluster.enabled else None
+        self.limiter = KeyLimiter(clock, self.prices, self.cluster.store if self.cluster else None)
         self.seeded: Deferred[None] = succeed(None)
         self.router = ProviderRouter(config.providers, config.breaker, clock)
         self.ws_pool = UpstreamWSPool(reactor, clock, config.upstream_websocket)
@@ -156,7 +159,14 @@ class GatewayService(MultiService):
             self.handler, drain=self.drain, limits=config.limits, secret=config.tunnel.secret, clock=clock, metrics=self.metrics
         )
         for component in (
-            self.edge_factory, self.handler, self.ws_pool, self.router, self.transcripts, self.ledger, self.limiter
+            self.edge_factory,
+            self.handler,
+            self.ws_pool,
+            self.router,
+            self.transcripts,
+            self.ledger,
+            self.limiter,
+            self.cluster,
         ):
             if component is not None:
                 self.metrics.export(component)  # each reports its own figures
@@ -165,6 +175,9 @@ class GatewayService(MultiService):
         # Children, in start order; they stop once the drain is over (_stop): the ledger writes
         # the last turns' rows as it stops.
         self._adopt("usage-ledger", self.ledger)
+        if self.cluster is not None:
+            # Leases are renewed while the drain lets turns finish; they are given back at stop.
+            self._adopt("cluster", self.cluster)
         self._adopt("upstream-ws-pool", self.ws_pool)
         self._adopt("upstream-http", self.upstream)
         if isinstance(self.tunnel, HttpTunnel):

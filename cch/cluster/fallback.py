@@ -37,15 +37,17 @@ from twisted.logger import Logger
 
 from cch.cluster.redis import RedisError
 from cch.config import KeyLimitsConfig
-from cch.keylimits import BUSY_RETRY_AFTER, Breach, LimitStore, MemoryLimitStore
+from cch.keylimits import (
+    BUSY_RETRY_AFTER,
+    CLUSTER_UNAVAILABLE,
+    Breach,
+    LimitStore,
+    MemoryLimitStore,
+)
 
 __all__ = ["CLUSTER_UNAVAILABLE", "FallbackLimitStore"]
 
 log = Logger()
-
-CLUSTER_UNAVAILABLE = "cluster_unavailable"
-"""The :class:`Breach` reason of a connection or turn refused because the shared limits cannot
-be read (``on_redis_down = "refuse"``)."""
 
 _REMOTE, _LOCAL = "remote", "local"
 
