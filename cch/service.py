@@ -256,6 +256,14 @@ class GatewayService(MultiService):
         _check_fd_budget(self.config.server.max_connections)
         self.listener.when_listening().addCallback(self._listening)
         self.seeded = Deferred.fromCoroutine(self._seed_limits())
+        if self.cluster is not None:
+            self.cluster.redis.on_connect(self._reseed)
+
+    def _reseed(self) -> None:
+        """Redis (re)connected, and may have restarted empty: seed each key's day and month
+        from the ledger again (a seeding under way reads the ledger afresh anyway)."""
+        if self.seeded.called:
+            self.seeded = Deferred.fromCoroutine(self._seed_limits())
 
     async def _seed_limits(self) -> None:
         """Start each key's day and month from the ledger, so a restart does not hand out a
@@ -326,6 +334,8 @@ class GatewayService(MultiService):
         no new work; idle clients closed 1001 now; turns in flight may finish until
         ``server.drain_timeout``; then everyone is closed 1001; the children (listeners,
         upstream pool and connections) stop last."""
+        if self.cluster is not None:
+            self.cluster.redis.forget(self._reseed)
         self.seeded.cancel()
         self.seeded.addErrback(lambda failure: failure.trap(CancelledError))
         self.drain.start()

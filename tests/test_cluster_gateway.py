@@ -100,3 +100,47 @@ async def test_refuse_mode_answers_503_while_redis_is_unreachable(fake: FakeUpst
         assert fake.requests == []
     finally:
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_that_restarts_empty_gets_the_days_tokens_from_the_ledger_again(
+    fake: FakeUpstream, redis_url: str, tmp_path: Any
+) -> None:
+    from conftest import eventually, within
+    from test_limits_seed import row, write_rows
+
+    from cch.cluster.testing import RedisProxy, delete_prefix
+    from cch.config import UsageConfig
+
+    database = f"sqlite:///{tmp_path / 'usage.sqlite3'}"
+    await write_rows(database, [row("a", NOW - 60, 1000)])  # today's allowance, used before
+    keys = open_test_redis(reactor)
+    proxy = RedisProxy(reactor, redis_url)
+    proxy.start()
+    clock = Clock()
+    clock.advance(NOW)
+    key = ClientKey("alice", KEY, limits=KeyLimitsConfig(tokens_per_day=1000))
+    cluster = ClusterConfig(redis=proxy.url, key_prefix=keys.prefix, replica="r")
+    service = makeService(gateway_config(fake, keys=(key,), usage=UsageConfig(database=database), cluster=cluster), reactor, clock)
+    assert service.cluster is not None
+    redis = service.cluster.redis
+    redis.reconnect_delay = redis.max_reconnect_delay = 0.05
+    service.startService()
+    await service.when_listening()
+    running = RunningGateway(service)
+    try:
+        await within(service.seeded, "the first seeding")
+        assert (await post(running))[0] == 429
+        # Redis goes away and comes back empty: its day counter is gone.
+        await proxy.stop()
+        await delete_prefix(keys, keys.prefix)
+        proxy.start()
+        await eventually(lambda: redis.connects >= 2, "the gateway to reconnect to Redis")
+        await within(service.seeded, "the seeding after the reconnect")
+        status, body, _ = await post(running)
+        assert status == 429 and body is not None and "1000 of 1000 tokens" in body["error"]["message"]
+        assert fake.requests == []
+    finally:
+        await running.stop()
+        await proxy.stop()
+        await close_test_redis(keys)
