@@ -40,6 +40,7 @@ from usage_e2e_support import (
     UNPRICED,
     answer,
     by_status,
+    flushed_rows,
     gateway_clock,
     get,
     json_event,
@@ -231,8 +232,7 @@ async def test_the_http_tunnel_carries_a_websocket_turn_to_one_handler_and_one_r
     running = await launch(config, clock, database.run_dir)
     with request_ids("ws_request_started") as edge_ids:
         await ws_turns(running, 3)
-    await running.service.ledger.flush()
-    found = rows(database)
+    found = await flushed_rows(running, database)
     assert sorted(r["request_id"] for r in found) == sorted(edge_ids) and len(set(edge_ids)) == 3
     assert {r["client_transport"] for r in found} == {"websocket"}
     samples = await scrape(running)
@@ -355,8 +355,7 @@ async def test_a_turn_served_by_the_second_provider_counts_two_attempts(
     client.send_json(response_create(model=PRICED))
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the turn")
     assert events[-1]["type"] == "response.completed"
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["provider"], row["attempts"], row["status"], tokens(row)) == (
         "secondary",
         2,
@@ -382,8 +381,7 @@ async def test_a_fallback_from_the_upstream_websocket_to_http_is_the_same_attemp
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the turn")
     assert events[-1]["type"] == "response.completed"
     assert len(fake.refused_upgrades) == 1 and fake.requests[0].transport == "http"
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["provider"], row["attempts"], row["upstream_transport"], tokens(row)) == (
         "primary",
         1,
@@ -405,8 +403,7 @@ async def test_a_frame_without_model_is_recorded_with_the_model_of_the_connectio
     del frame["model"]
     client.send_json(frame)
     await within(Deferred.fromCoroutine(client.recv_turn()), "the turn")
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["model_requested"], row["model_served"]) == (PRICED, PRICED)
     assert row["cost"] == pytest.approx(COST)
     await running.stop()
@@ -425,8 +422,7 @@ async def test_a_warm_up_the_gateway_answers_itself_is_a_row_without_upstream(
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the warm-up")
     assert events[-1]["type"] == "response.completed"
     assert fake.requests == []
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["upstream_transport"], tokens(row), row["cost"]) == (
         "completed",
         None,
@@ -451,8 +447,7 @@ async def test_many_turns_at_once_are_one_row_each(
         client.send_json(response_create(model=PRICED))
     for client in clients:
         await within(Deferred.fromCoroutine(client.recv_turn()), "a turn")
-    await running.service.ledger.flush()
-    found = rows(database)
+    found = await flushed_rows(running, database)
     assert len(found) == 20 and len({r["request_id"] for r in found}) == 20
     assert sorted(r["response_id"] for r in found) == sorted(r.response_id for r in fake.requests)
     await running.stop()
@@ -472,8 +467,7 @@ async def test_a_model_name_the_database_cannot_store_as_is_does_not_lose_the_ba
     for model in (PRICED, odd):
         client.send_json(response_create(model=model))
         await within(Deferred.fromCoroutine(client.recv_turn()), "a turn")
-    await running.service.ledger.flush()
-    found = rows(database)
+    found = await flushed_rows(running, database)
     assert len(found) == 2
     stored = {r["model_requested"] for r in found} - {PRICED}
     assert [(len(m), m[:2]) for m in stored] == [(256, "m\ufffd")]
@@ -494,8 +488,7 @@ async def test_a_gateway_without_keys_records_turns_with_a_null_key(
     client = await running.connect()
     client.send_json(response_create(model=PRICED))
     await within(Deferred.fromCoroutine(client.recv_turn()), "the turn")
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["key"], row["status"], tokens(row)) == (None, "completed", TOKENS)
     code, body = await get(running, "/admin/usage?by=key")
     assert code == 200
@@ -536,8 +529,7 @@ async def test_every_upstream_terminal_kind_is_exactly_one_row(
     client.send_json(response_create(model=PRICED))
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the terminal")
     assert events[-1]["type"] == terminal
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["error_code"], tokens(row)) == (status, code, counts)
     assert row["cost"] == (pytest.approx(cost) if cost is not None else None)
     assert (row["response_id"], row["upstream_transport"]) == (
@@ -582,8 +574,7 @@ async def test_every_non_streamed_http_outcome_is_exactly_one_row(
         "the response",
     )
     await within(treq.content(response), "the body")
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["error_code"], tokens(row), row["client_transport"]) == (
         status,
         code,
@@ -609,8 +600,7 @@ async def test_an_upstream_that_drops_mid_stream_is_one_error_row(
     client.send_json(response_create(model=PRICED))
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the terminal")
     assert events[-1]["type"] == "error"
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["error_code"], tokens(row), row["cost"]) == (
         "error",
         events[-1]["error"]["code"],
@@ -633,8 +623,7 @@ async def test_a_turn_every_provider_failed_is_an_error_row_without_upstream_tra
     client.send_json(response_create(model=PRICED))
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the error")
     assert events[-1]["type"] == "error"
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (
         row["status"],
         row["error_code"],
@@ -660,8 +649,7 @@ async def test_an_upstream_stream_that_ends_without_a_terminal_is_one_error_row(
     client.send_json(response_create(model=PRICED))
     events = await within(Deferred.fromCoroutine(client.recv_turn()), "the terminal")
     assert events[-1]["type"] == "error"
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["error_code"], tokens(row)) == (
         "error",
         events[-1]["error"]["code"],
@@ -694,8 +682,7 @@ async def test_an_upstream_gone_silent_is_a_gateway_made_error_row(
     error = await within(client.recv(), "the idle timeout's error event")
     assert (error["type"], error["error"]["code"]) == ("error", "upstream_idle_timeout")
     await within(fake.wait_for_finished(0), "the upstream request aborted")
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["error_code"], tokens(row), row["cost"]) == (
         "error",
         "upstream_idle_timeout",
@@ -735,8 +722,7 @@ async def test_a_websocket_client_that_leaves_mid_turn_is_one_cancelled_row(
     await within(client.abort() if how == "abort" else client.close(), "the client gone")
     await within(fake.wait_for_cancelled(0), "the upstream request aborted")
     await within(running.service.handler.wait_idle(), "the turn over")
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["client_transport"], tokens(row), row["cost"]) == (
         "cancelled",
         "websocket",
@@ -776,8 +762,7 @@ async def test_an_http_client_that_leaves_mid_turn_is_one_cancelled_row(
         posting.cancel()
     await within(fake.wait_for_cancelled(0), "the upstream request aborted")
     await within(running.service.handler.wait_idle(), "the turn over")
-    await running.service.ledger.flush()
-    [row] = rows(database)
+    [row] = await flushed_rows(running, database)
     assert (row["status"], row["client_transport"], tokens(row), row["cost"]) == (
         "cancelled",
         "http",

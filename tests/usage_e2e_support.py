@@ -208,6 +208,12 @@ def rows(database: Any) -> list[dict[str, Any]]:
     return out
 
 
+async def flushed_rows(running: RunningGateway, database: Any) -> list[dict[str, Any]]:
+    """The ledger's rows once everything recorded so far is written."""
+    await running.service.ledger.flush()
+    return rows(database)
+
+
 def by_status(found: list[dict[str, Any]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for row in found:
