@@ -35,6 +35,8 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cch.waiters import Waiters
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
@@ -136,7 +138,7 @@ class RedisConnection(Service):
         self.connects = 0
         self._hooks: list[Callable[[], object]] = []
         self._in_flight = 0  # commands sent and not answered yet
-        self._idle: list[Deferred[None]] = []  # fired when none is in flight
+        self._idle: Waiters[None] = Waiters()  # fired when none is in flight
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -184,17 +186,13 @@ class RedisConnection(Service):
 
     async def _close(self, factory: Any) -> None:
         if self._in_flight:
-            idle: Deferred[None] = Deferred()
-            self._idle.append(idle)
-            await idle
+            await self._idle.wait()
         await factory.disconnect()
 
     def _answered(self, result: Any) -> Any:
         self._in_flight -= 1
         if not self._in_flight:
-            idle, self._idle = self._idle, []
-            for waiter in idle:
-                waiter.callback(None)
+            self._idle.fire(None)
         return result
 
     def on_connect(self, hook: Callable[[], object]) -> None:
