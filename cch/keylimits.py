@@ -79,6 +79,8 @@ __all__ = [
     "MemoryLimitStore",
     "Refused",
     "TurnLease",
+    "utc_month",
+    "whole_seconds",
 ]
 
 log = Logger()
@@ -246,13 +248,13 @@ class LimitStore(Protocol):
         """Raise this UTC day's tokens and this UTC month's spend to at least these figures."""
 
 
-def _wait(seconds: float) -> int:
+def whole_seconds(seconds: float) -> int:
     """Whole seconds, rounded up and at least 1 (rounded to the microsecond first, so float
     noise in epoch arithmetic never adds a second)."""
     return max(1, math.ceil(round(seconds, 6)))
 
 
-def _month(now: float) -> tuple[float, float]:
+def utc_month(now: float) -> tuple[float, float]:
     """The first second (epoch) of the UTC month holding ``now``, and of the next one."""
     when = datetime.fromtimestamp(now, UTC)
     start = datetime(when.year, when.month, 1, tzinfo=UTC)
@@ -287,7 +289,7 @@ class _KeyState:
         if day != self.day:
             self.day, self.day_tokens = day, 0
         if not self.month[0] <= now < self.month[1]:
-            self.month, self.month_spent = _month(now), 0.0
+            self.month, self.month_spent = utc_month(now), 0.0
 
 
 class MemoryLimitStore:
@@ -332,7 +334,7 @@ class MemoryLimitStore:
             return Breach("budget_per_month", budget, state.month_spent, None)
         per_day = limits.tokens_per_day
         if per_day is not None and state.day_tokens >= per_day:
-            return Breach("tokens_per_day", per_day, state.day_tokens, _wait((state.day + 1) * DAY - now))
+            return Breach("tokens_per_day", per_day, state.day_tokens, whole_seconds((state.day + 1) * DAY - now))
         per_minute = limits.tokens_per_minute
         if per_minute is not None and state.tokens_in_window >= per_minute:
             # The bucket whose leaving brings the window under the limit.
@@ -342,12 +344,12 @@ class MemoryLimitStore:
                 if left < per_minute:
                     frees_at = bucket[1] + WINDOW
                     break
-            return Breach("tokens_per_minute", per_minute, state.tokens_in_window, _wait(frees_at - now))
+            return Breach("tokens_per_minute", per_minute, state.tokens_in_window, whole_seconds(frees_at - now))
         rpm = limits.requests_per_minute
         if rpm is not None and len(state.requests) >= rpm:
             # The request whose leaving brings the window under the limit.
             leaving = state.requests[len(state.requests) - rpm]
-            return Breach("requests_per_minute", rpm, len(state.requests), _wait(leaving + WINDOW - now))
+            return Breach("requests_per_minute", rpm, len(state.requests), whole_seconds(leaving + WINDOW - now))
         concurrent = limits.max_concurrent_turns
         if concurrent is not None and state.in_flight >= concurrent:
             return Breach("max_concurrent_turns", concurrent, state.in_flight, BUSY_RETRY_AFTER)
@@ -509,7 +511,7 @@ class KeyLimiter:
         reason, limit, used, wait = breach.reason, breach.limit, breach.used, breach.retry_after
         now = self.clock.seconds()
         if reason == "budget_per_month":
-            resets = _month(now)[1]
+            resets = utc_month(now)[1]
             return self._refused(
                 key,
                 NO_QUOTA,

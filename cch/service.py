@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application import strports
@@ -29,7 +28,7 @@ from cch.handler.auth import KeyRing
 from cch.handler.pipeline import ResponsesHandler
 from cch.handler.routing import ProviderRouter
 from cch.httpchannel import ConnectionSlots, GuardedSite
-from cch.keylimits import KeyLimiter
+from cch.keylimits import KeyLimiter, utc_month
 from cch.logs import access_log_formatter, mask_url
 from cch.metrics import Metrics
 from cch.transcript import TranscriptStore
@@ -276,11 +275,11 @@ class GatewayService(MultiService):
         while waiting:
             now = self.clock.seconds()
             day = now - now % 86400
-            month = datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            month = utc_month(now)[0]
             for key in list(waiting):
                 try:
                     tokens_today, _ = await self.ledger.spent(key.name, day)
-                    _, spent = await self.ledger.spent(key.name, month.timestamp())
+                    _, spent = await self.ledger.spent(key.name, month)
                 except CancelledError:
                     raise
                 except Exception as exc:

@@ -43,9 +43,8 @@ from twisted.python.failure import Failure
 from cch.cluster.redis import RedisConnection, Script
 from cch.config import KeyLimitsConfig
 
-# _month and _wait: the memory store's calendar and rounding, so both stores answer alike from
-# one copy (they should become public names of cch.keylimits).
-from cch.keylimits import BUSY_RETRY_AFTER, DAY, WINDOW, Breach, _month, _wait
+# The memory store's calendar and rounding: both stores answer alike from one copy.
+from cch.keylimits import BUSY_RETRY_AFTER, DAY, WINDOW, Breach, utc_month, whole_seconds
 
 __all__ = ["RedisLimitStore"]
 
@@ -310,7 +309,7 @@ class RedisLimitStore(Service):
         concurrent = limits.max_concurrent_turns
         lease = self._new_id() if concurrent is not None else ""
         keys = [
-            self._key(key, f"month:{int(_month(now)[0])}"),
+            self._key(key, f"month:{int(utc_month(now)[0])}"),
             self._key(key, f"day:{int(now // DAY)}"),
             self._key(key, "tokens"),
             self._key(key, "requests"),
@@ -344,10 +343,10 @@ class RedisLimitStore(Service):
         if reason == "budget_per_month":
             retry = None
         elif reason == "tokens_per_day":
-            retry = _wait((int(now // DAY) + 1) * DAY - now)
+            retry = whole_seconds((int(now // DAY) + 1) * DAY - now)
         elif reason in ("tokens_per_minute", "requests_per_minute"):
             frees_at = float(reply[2]) + WINDOW if reply[2] else now
-            retry = _wait(frees_at - now)
+            retry = whole_seconds(frees_at - now)
         else:
             retry = BUSY_RETRY_AFTER
         return Breach(reason, limit, used, retry)
@@ -365,7 +364,7 @@ class RedisLimitStore(Service):
         if not (lease or day or minute or spend):
             return succeed(None)
         keys = [
-            self._key(key, f"month:{int(_month(now)[0])}"),
+            self._key(key, f"month:{int(utc_month(now)[0])}"),
             self._key(key, f"day:{int(now // DAY)}"),
             self._key(key, "tokens"),
             self._key(key, "turns"),
@@ -375,7 +374,7 @@ class RedisLimitStore(Service):
         return self.redis.run(FINISH, keys, args).addCallback(lambda _: None)
 
     def seed(self, key: str, now: float, tokens_today: int, spent_this_month: float) -> Deferred[None]:
-        keys = [self._key(key, f"day:{int(now // DAY)}"), self._key(key, f"month:{int(_month(now)[0])}")]
+        keys = [self._key(key, f"day:{int(now // DAY)}"), self._key(key, f"month:{int(utc_month(now)[0])}")]
         args = [str(tokens_today), repr(float(spent_this_month)), str(_DAY_KEY_MS), str(_MONTH_KEY_MS)]
         return self.redis.run(SEED, keys, args).addCallback(lambda _: None)
 
