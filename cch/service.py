@@ -125,6 +125,10 @@ class GatewayService(MultiService):
         self.ws_pool = UpstreamWSPool(reactor, clock, config.upstream_websocket)
         self.upstream = HttpUpstream(reactor, clock)
         self.unsupported = UnsupportedCache(clock, config.upstream_websocket.unsupported_ttl)
+        if self.cluster is not None:
+            # Owners, unsupported endpoints and breakers are known to every replica.
+            self.ledger.share_owners(self.cluster.owners)
+            self.cluster.share_marks(self.unsupported, [p.breaker for p in self.router.providers])
         self.transcripts = transcript_store(config.continuity)
         self.handler = ResponsesHandler(
             keys=self.keys,
@@ -184,6 +188,13 @@ class GatewayService(MultiService):
         self.listener = self._listen("listener", config.server.listen, self.site)
         self.metrics_listener = self._metrics_listener(doors)
 
+    def _readiness(self) -> dict[str, str]:
+        """What /readyz reports beside its status: the shared state's stores."""
+        return {
+            "redis": "off" if self.cluster is None else ("up" if self.cluster.ready else "down"),
+            "database": self.ledger.database_state,
+        }
+
     def _session_closed(self) -> list[Callable[[str], None]]:
         """What a closing client connection releases: its upstream socket, its transcript."""
         release = [self.ws_pool.cleanup]
@@ -204,7 +215,7 @@ class GatewayService(MultiService):
         return build_root(
             responses,
             models=ModelsResource(keys, self.router),
-            ready=ReadyResource(drain),
+            ready=ReadyResource(drain, self._readiness),
             metrics=MetricsResource(
                 self.metrics, admin_token=config.server.admin_token, open_without_token=not keys.required
             ),

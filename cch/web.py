@@ -509,14 +509,19 @@ class HealthResource(JsonResource):
 
 
 class ReadyResource(JsonResource):
-    def __init__(self, drain: Drain) -> None:
+    """``GET /readyz``: 503 while draining, else 200 with the state of what the replica shares
+    (``stores()``: Redis, the usage database). A store that is down does not fail readiness:
+    every replica shares it, and taking them all out of rotation would turn the clean errors
+    the gateway answers meanwhile into connection failures (docs/scaling.md)."""
+
+    def __init__(self, drain: Drain, stores: Callable[[], dict[str, str]] = dict) -> None:
         super().__init__()
         self.drain = drain
+        self.stores = stores
 
     def render_GET(self, request: Request) -> bytes:
-        if self.drain.draining:
-            return json_answer(request, 503, {"status": "draining"})
-        return json_answer(request, 200, {"status": "ready"})
+        status = "draining" if self.drain.draining else "ready"
+        return json_answer(request, 503 if self.drain.draining else 200, {"status": status, **self.stores()})
 
 
 class MetricsResource(JsonResource):

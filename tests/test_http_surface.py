@@ -353,12 +353,13 @@ async def test_healthz_is_200(fake: FakeUpstream, launch: Any, fetch: Fetch) -> 
 async def test_readyz_is_200_then_503_once_draining_while_healthz_stays_200(fake: FakeUpstream, launch: Any, fetch: Fetch) -> None:
     running = await launch(gateway_config(fake))
     ready = await fetch("GET", running.http_url + "/readyz")
-    assert (ready.code, ready.json()) == (200, {"status": "ready"})
+    # No [cluster] and the conftest's ledger off: neither shared store is in use.
+    assert (ready.code, ready.json()) == (200, {"status": "ready", "redis": "off", "database": "off"})
     running.service.drain.start()
     draining = await fetch("GET", running.http_url + "/readyz")
     assert draining.code == 503
     assert draining.header("content-type") == "application/json"
-    assert draining.json() == {"status": "draining"}
+    assert draining.json() == {"status": "draining", "redis": "off", "database": "off"}
     health = await fetch("GET", running.http_url + "/healthz")
     assert health.code == 200
 

@@ -109,7 +109,7 @@ async def test_stop_drains_before_the_pool_and_the_listeners_stop_and_leaves_not
     closed = await within(idle.wait_closed(), "the idle client's close")
     assert (closed.code, closed.reason) == (1001, "going_away")
     # Draining, not stopped: the listener answers (no new work), the pool holds the busy socket.
-    assert await get(running.http_url + "/readyz") == (503, {"status": "draining"})
+    assert await get(running.http_url + "/readyz") == (503, {"status": "draining", "redis": "off", "database": "off"})
     status, body = await get(running.http_url + "/v1/responses", headers=UPGRADE_HEADERS)
     assert (status, body["error"]["code"]) == (503, "draining")
     assert service.ws_pool.running and len(service.ws_pool.sockets) == 1

@@ -14,16 +14,22 @@ from twisted.internet.interfaces import IReactorTime
 
 from cch.cluster.fallback import FallbackLimitStore
 from cch.cluster.limits import RedisLimitStore
+from cch.cluster.marks import SharedMarks
+from cch.cluster.owners import RedisOwners
 from cch.cluster.redis import RedisAddress, RedisConnection
 from cch.config import ClusterConfig
+from cch.handler.routing import CircuitBreaker
+from cch.upstream.unsupported import UnsupportedCache
 
 __all__ = ["ClusterService"]
 
 
 class ClusterService(MultiService):
-    """The connection to Redis and the shared limit store, started in that order and stopped
-    one after the other in the reverse order (the store gives its leases back before the
-    connection closes). ``store`` is what a :class:`cch.keylimits.KeyLimiter` is given.
+    """What the replicas share through Redis: the connection, the limit store (``store`` is
+    what a :class:`cch.keylimits.KeyLimiter` is given), the response-id owners (``owners``, for
+    the ledger) and, once :meth:`share_marks` is called, the unsupported-endpoint marks and the
+    breakers. Started in that order and stopped one after the other in the reverse order (the
+    store gives its leases back before the connection closes).
 
     ``reactor`` connects to Redis; ``clock`` times leases, windows and outages (the gateway's
     injected clock). Add it to the gateway's tree so that it stops after the drain: leases are
@@ -43,8 +49,18 @@ class ClusterService(MultiService):
         self.store = FallbackLimitStore(
             self.limits, clock, mode=config.on_redis_down, expected_replicas=config.expected_replicas
         )
+        self.owners = RedisOwners(self.redis, prefix=config.key_prefix)
+        self.marks: SharedMarks | None = None
+        self.clock = clock
         self.redis.setServiceParent(self)
         self.limits.setServiceParent(self)
+
+    def share_marks(self, unsupported: UnsupportedCache, breakers: list[CircuitBreaker]) -> None:
+        """Share ``unsupported``'s marks and the ``breakers``' changes with the other replicas."""
+        self.marks = SharedMarks(
+            self.redis, self.clock, prefix=self.config.key_prefix, unsupported=unsupported, breakers=breakers
+        )
+        self.marks.setServiceParent(self)
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
@@ -65,3 +81,5 @@ class ClusterService(MultiService):
         yield from self.redis.collect()
         yield from self.limits.collect()
         yield from self.store.collect()
+        if self.marks is not None:
+            yield from self.marks.collect()

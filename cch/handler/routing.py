@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from twisted.internet.interfaces import IReactorTime
@@ -18,9 +18,17 @@ OPEN = "open"
 HALF_OPEN = "half_open"
 
 
+# (provider, OPEN or CLOSED, when on the clock) of a change this process made.
+BreakerListener = Callable[[str, str, float], object]
+
+
 class CircuitBreaker:
     """Opens after ``failure_threshold`` consecutive failures; after ``cooldown`` seconds one
-    trial request is let through (half-open); its outcome closes or re-opens the breaker."""
+    trial request is let through (half-open); its outcome closes or re-opens the breaker.
+
+    With several replicas an opening or closing made here is told to ``listeners``
+    (cch.cluster.marks), and one made elsewhere comes back through :meth:`learn`: the replicas
+    share their discoveries and the last change wins."""
 
     def __init__(self, name: str, config: BreakerConfig, clock: IReactorTime) -> None:
         self.name = name
@@ -29,6 +37,8 @@ class CircuitBreaker:
         self.failures = 0
         self.opened_at: float | None = None
         self.trial_in_flight = False
+        self.changed_at: float | None = None  # of the last opening or closing, here or learned
+        self.listeners: list[BreakerListener] = []
 
     @property
     def state(self) -> str:
@@ -49,26 +59,51 @@ class CircuitBreaker:
             self.trial_in_flight = True
 
     def record_success(self) -> None:
+        self.failures = 0
+        self.trial_in_flight = False
         if self.opened_at is not None:
             log.info("provider_breaker_closed", provider=self.name)
-        self.failures = 0
-        self.opened_at = None
-        self.trial_in_flight = False
+            self.opened_at = None
+            self._changed(CLOSED)
 
     def record_failure(self) -> None:
         self.trial_in_flight = False
         if self.opened_at is not None:
             # A failed half-open trial (or a late failure while open) restarts the cool-down.
             self.opened_at = self.clock.seconds()
+            self._changed(OPEN)
             return
         self.failures += 1
         if self.failures >= self.config.failure_threshold:
             self.opened_at = self.clock.seconds()
             log.warn("provider_breaker_opened", provider=self.name, failures=self.failures)
+            self._changed(OPEN)
 
     def attempt_abandoned(self) -> None:
         """The attempt ended without a verdict (client went away): free the trial slot."""
         self.trial_in_flight = False
+
+    def _changed(self, state: str) -> None:
+        self.changed_at = self.clock.seconds()
+        for listener in self.listeners:
+            listener(self.name, state, self.changed_at)
+
+    def learn(self, state: str, at: float) -> bool:
+        """Another replica opened (``OPEN``) or closed (``CLOSED``) this provider's breaker at
+        ``at``: follow it unless this breaker changed since. Tells nobody; True when news."""
+        if self.changed_at is not None and self.changed_at >= at:
+            return False
+        self.changed_at = at
+        if state == OPEN:
+            if self.opened_at is None:
+                log.warn("provider_breaker_opened", provider=self.name, by="another replica")
+            self.opened_at = at
+        elif self.opened_at is not None:
+            log.info("provider_breaker_closed", provider=self.name, by="another replica")
+            self.opened_at = None
+            self.failures = 0
+            self.trial_in_flight = False
+        return True
 
 
 class Provider:

@@ -10,7 +10,9 @@ Nothing is ever dropped unless both the database and the spill file refuse it at
 ``cch_usage_rows_dropped`` counter says so (docs/usage.md#when-the-database-is-down).
 
 Response-id ownership is kept beside the rows: a bounded map of recent owners answers a follow-up
-turn before the owner reaches the database; older ids are looked up in the store.
+turn before the owner reaches the database; older ids are looked up in the store. With several
+replicas an owner directory shared through Redis (:meth:`Ledger.share_owners`) answers between
+the two: a follow-up on another replica, before the owner's batch reached the database.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import json
 import os
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -53,6 +55,14 @@ class RecentOwners:
         return self._owners.get(response_id)
 
 
+class OwnerDirectory(Protocol):
+    """Owners shared with other replicas (:class:`cch.cluster.owners.RedisOwners`)."""
+
+    def put(self, response_id: str, key: str) -> Deferred[None]: ...
+
+    def get(self, response_id: str) -> Deferred[str | None]: ...
+
+
 class Ledger(Service):
     """What the gateway records turns and owners into: :class:`UsageLedger`, or
     :class:`NullLedger` when the ledger is off. Both count tokens and turns for the metrics and
@@ -64,6 +74,11 @@ class Ledger(Service):
         self.recent = RecentOwners(recent_owners)
         self.tokens: dict[tuple[str, str, str, str], int] = {}
         self.turns: dict[tuple[str, str], int] = {}
+        self.shared_owners: OwnerDirectory | None = None
+
+    def share_owners(self, directory: OwnerDirectory) -> None:
+        """Also write owners to ``directory`` and ask it before the database (several replicas)."""
+        self.shared_owners = directory
 
     def record(self, row: UsageRow) -> None:
         """Count one turn; never blocks, never raises."""
@@ -87,10 +102,44 @@ class Ledger(Service):
     def owns(self, response_id: str, key: str) -> None:
         """``key`` created ``response_id``: only ``key`` may continue from it."""
         self.recent.add(response_id, key)
+        if self.shared_owners is not None:
+            self.shared_owners.put(response_id, key)
 
     def owner_of(self, response_id: str) -> Deferred[str | None]:
-        """The key that created ``response_id``, or None; never fails."""
-        return succeed(self.recent.get(response_id))
+        """The key that created ``response_id``, or None: this process's recent owners, then the
+        shared directory, then the database. Fails when the database cannot say (the caller
+        must then refuse the continuation: "no owner" would let any key continue from it)."""
+        known = self.recent.get(response_id)
+        if known is not None:
+            return succeed(known)
+        if self.shared_owners is None:
+            return self._stored_owner(response_id)
+        return Deferred.fromCoroutine(self._shared_owner(response_id))
+
+    async def _shared_owner(self, response_id: str) -> str | None:
+        assert self.shared_owners is not None
+        try:
+            owner = await self.shared_owners.get(response_id)
+        except CancelledError:
+            raise
+        except Exception as exc:
+            if self.store is None:
+                raise  # no database to ask instead: nobody can say (the caller refuses)
+            log.debug("shared_owner_unknown", error=_describe(exc))  # the database still may
+            owner = None
+        if owner is not None:
+            return owner
+        return await self._stored_owner(response_id)
+
+    def _stored_owner(self, response_id: str) -> Deferred[str | None]:
+        """What the database says; nothing is kept here."""
+        return succeed(None)
+
+    @property
+    def database_state(self) -> str:
+        """For /readyz: ``off`` (no database), ``starting``, ``up`` or ``down`` (the last
+        operation failed; rows wait or spill meanwhile)."""
+        return "off"
 
     def flush(self) -> Deferred[None]:
         return succeed(None)
@@ -181,14 +230,15 @@ class UsageLedger(Ledger):
         super().owns(response_id, key)
         self.owners.append((response_id, key))
 
-    def owner_of(self, response_id: str) -> Deferred[str | None]:
-        """Recent owners first (a follow-up a second later is not in the database yet), then the
-        store; None when no key owns the id. When the database cannot say (it is down) the
-        Deferred fails: the caller must then refuse the continuation (previous_response_not_found
-        makes Codex resend the context), since "no owner" would let any key continue from it."""
-        known = self.recent.get(response_id)
-        if known is not None:
-            return succeed(known)
+    @property
+    def database_state(self) -> str:
+        if self.failing:
+            return "down"
+        return "up" if self._store_started else "starting"
+
+    def _stored_owner(self, response_id: str) -> Deferred[str | None]:
+        """The store's answer; it fails when the database is down (the caller refuses:
+        previous_response_not_found makes Codex resend the context)."""
         if self._stopped:
             return fail(StoreError("the usage ledger has stopped"))
         if self._store_started and not self._spill_may_hold_rows:
