@@ -268,6 +268,14 @@ class GatewayService(MultiService):
         self.seeded = Deferred.fromCoroutine(self._seed_limits())
         if self.cluster is not None:
             self.cluster.redis.on_connect(self._reseed)
+            if not self.config.usage.database.startswith("postgresql"):
+                # Each replica would keep its own ledger: past Redis's day, only the replica
+                # that made a response id knows its owner, and usage reports see one replica.
+                log.warn(
+                    "cluster_ledger_not_shared",
+                    database=self.config.usage.database.split("://")[0],
+                    hint="with several replicas set usage.database to a PostgreSQL URL (docs/scaling.md)",
+                )
 
     def _reseed(self) -> None:
         """Redis (re)connected, and may have restarted empty: seed each key's day and month

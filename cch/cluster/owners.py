@@ -9,6 +9,9 @@ database's to answer — a PostgreSQL ledger shared by the replicas (docs/scalin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, Metric
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,3 +54,13 @@ class RedisOwners:
     def get(self, response_id: str) -> Deferred[str | None]:
         """The key that created ``response_id`` as Redis knows it, or None."""
         return self.redis.execute("GET", self._key(response_id))
+
+    def collect(self) -> Iterator[Metric]:
+        written = CounterMetricFamily("cch_cluster_owners_written", "Response-id owners written to Redis.")
+        written.add_metric([], self.written)
+        yield written
+        failed = CounterMetricFamily(
+            "cch_cluster_owner_write_errors", "Response-id owners Redis did not take (the ledger database still answers)."
+        )
+        failed.add_metric([], self.write_errors)
+        yield failed

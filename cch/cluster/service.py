@@ -81,5 +81,6 @@ class ClusterService(MultiService):
         yield from self.redis.collect()
         yield from self.limits.collect()
         yield from self.store.collect()
+        yield from self.owners.collect()
         if self.marks is not None:
             yield from self.marks.collect()
