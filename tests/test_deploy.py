@@ -19,12 +19,24 @@ import pytest
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
-from cch.config import Config, is_loopback_endpoint, load_config
+from cch.config import Config, config_schema, is_loopback_endpoint, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 EXAMPLE_TOML = DEPLOY / "cch.example.toml"
 K8S = DEPLOY / "k8s"
+SECRET_EXAMPLE = K8S / "secret.yaml.example"
+SCALING_DOC = ROOT / "docs" / "scaling.md"
+PLACEHOLDER = "CHANGE-ME"
+# The CCH_* variables cch reads besides CCH_<SECTION>_<KEY> (docs/configuration.md, "Other
+# environment variables", and config_schema's aliases).
+OTHER_CCH_VARIABLES = {
+    "CCH_LISTEN",
+    "CCH_UPSTREAM_WEBSOCKET",
+    "CCH_RESPONSES_WS_INTERNAL_SECRET",
+    "CCH_LOG_FORMAT",
+    "CCH_LOG_LEVEL",
+}
 CONFIG_PATH = "/etc/cch/cch.toml"
 # After server.drain_timeout the gateway still waits up to 10 s for close handshakes and 10 s
 # for cancelled requests to wind down (cch.service.GatewayService._stop).
@@ -103,6 +115,50 @@ def configmap_config(configmap_toml: str, tmp_path: Path) -> Config:
     return load_toml_text(configmap_toml + "\n" + KEYS_TOML, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def secret_example(yaml: Any) -> dict[str, Any]:
+    (doc,) = [d for d in yaml.safe_load_all(SECRET_EXAMPLE.read_text(encoding="utf-8")) if d]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def secret_values(secret_example: dict[str, Any]) -> dict[str, str]:
+    """The example Secret's values by key (stringData, or data base64-decoded)."""
+    import base64
+
+    values = dict(secret_example.get("stringData") or {})
+    for key, value in (secret_example.get("data") or {}).items():
+        values[key] = base64.b64decode(value).decode("utf-8")
+    return values
+
+
+def secret_refs(pod: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(where, Secret name, key) for every Secret key the pod reads: env of every container and
+    init container, and Secret volumes."""
+    refs = []
+    for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.append((f"{c['name']}: env {e['name']}", ref["name"], ref["key"]))
+    for v in pod["spec"].get("volumes", []):
+        if "secret" in v:
+            for item in v["secret"].get("items", []):
+                refs.append((f"volume {v['name']}", v["secret"]["secretName"], item["key"]))
+    return refs
+
+
+def deployment_env(container: dict[str, Any], secret_values: dict[str, str]) -> dict[str, str]:
+    """The container's environment, with Secret references filled from the example Secret."""
+    env = {}
+    for e in container["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            env[e["name"]] = secret_values[e["valueFrom"]["secretKeyRef"]["key"]]
+    return env
+
+
 def prestop_seconds(container: dict[str, Any]) -> float:
     pre_stop = container["lifecycle"]["preStop"]
     if "sleep" in pre_stop:
@@ -135,6 +191,25 @@ def test_example_config_needs_its_secrets() -> None:
         load_config(EXAMPLE_TOML, env={})
 
 
+def uncommented(text: str) -> str:
+    """The example with its commented-out settings turned on: lines starting "#[" or "#name"."""
+    return "\n".join(
+        line[1:] if re.match(r"#[\[a-z_]", line) else line for line in text.splitlines()
+    )
+
+
+def test_example_config_shows_a_cluster_section_that_loads(tmp_path: Path) -> None:
+    text = EXAMPLE_TOML.read_text(encoding="utf-8")
+    assert "cluster" not in tomllib.loads(text), "commented out: one process needs no Redis"
+    on = uncommented(text)
+    assert "cluster" in tomllib.loads(on)
+    config = load_toml_text(on, tmp_path)  # unknown keys and bad values are refused
+    assert config.cluster.enabled
+    assert config.cluster.expected_replicas >= 2
+    assert config.usage.database.startswith("postgresql://")
+    assert "docs/scaling.md" in text
+
+
 # --- Kubernetes --------------------------------------------------------------------------------
 
 
@@ -153,6 +228,75 @@ def test_every_manifest_parses(yaml: Any) -> None:
         assert docs, path.name
         for doc in docs:
             assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], path.name
+
+
+def test_the_example_secret_is_kept_out_of_kubectl_apply_and_holds_only_placeholders(
+    secret_example: dict[str, Any], secret_values: dict[str, str]
+) -> None:
+    # `kubectl apply -f deploy/k8s/` reads only .json, .yaml and .yml files: the example must
+    # never overwrite a real Secret.
+    assert SECRET_EXAMPLE.suffix not in (".json", ".yaml", ".yml")
+    assert secret_example["apiVersion"] == "v1" and secret_example["kind"] == "Secret"
+    assert secret_values
+    for key, value in secret_values.items():
+        assert PLACEHOLDER in value, f"{key}: not an obvious placeholder"
+
+
+def test_every_secret_key_the_deployment_reads_is_in_the_example_secret(
+    pod: dict[str, Any], secret_example: dict[str, Any], secret_values: dict[str, str]
+) -> None:
+    refs = secret_refs(pod)
+    assert refs
+    for where, name, key in refs:
+        assert name == secret_example["metadata"]["name"], where
+        assert key in secret_values, f"{where}: key {key!r} is not in {SECRET_EXAMPLE.name}"
+    # ... and the example holds nothing the Deployment does not read.
+    assert set(secret_values) == {key for _, _, key in refs}
+
+
+def test_every_cch_variable_the_deployment_sets_is_one_cch_reads(
+    container: dict[str, Any], configmap_toml: str
+) -> None:
+    source = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "cch").rglob("*.py"))
+    assert [name for name in OTHER_CCH_VARIABLES if name not in source] == []
+    known = {env for *_, env in config_schema() if env} | OTHER_CCH_VARIABLES
+    provider_vars = set(env_for(tomllib.loads(configmap_toml)))
+    for e in container["env"]:
+        name = e["name"]
+        if name.startswith("CCH_"):
+            assert name in known, f"{name}: not a variable cch reads (cch.config.config_schema)"
+        else:
+            assert name in provider_vars, f"{name}: no provider names it in api_key_env"
+
+
+def test_replicas_share_redis_and_a_postgresql_ledger_from_the_secret(
+    container: dict[str, Any],
+    secret_values: dict[str, str],
+    configmap_toml: str,
+    manifests: dict[str, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("CCH_CLUSTER_REDIS", "CCH_USAGE_DATABASE"):
+        assert "secretKeyRef" in env[name]["valueFrom"], f"{name} must come from a Secret"
+    # The ConfigMap's file, the Secret's keys.toml and the Deployment's environment (Secret
+    # values from the example) make a valid clustered config.
+    text = configmap_toml + "\n" + secret_values["keys.toml"]
+    variables = deployment_env(container, secret_values)
+    config = load_toml_text(
+        text, tmp_path, {k: v for k, v in variables.items() if not k.startswith("CCH_LOG_")}
+    )
+    assert config.cluster.enabled
+    assert config.usage.database.startswith("postgresql://")
+    hpa = manifests["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["minReplicas"] <= config.cluster.expected_replicas <= hpa["maxReplicas"]
+    assert manifests["Deployment"]["spec"]["replicas"] >= 2
+
+
+def test_the_manifests_point_to_the_scaling_doc() -> None:
+    assert SCALING_DOC.is_file()
+    for path in (K8S / "deployment.yaml", K8S / "configmap.yaml", K8S / "hpa.yaml", SECRET_EXAMPLE):
+        assert "docs/scaling.md" in path.read_text(encoding="utf-8"), path.name
 
 
 def test_configmap_config_is_valid(configmap_config: Config, example: Config) -> None:
