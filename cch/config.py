@@ -123,6 +123,22 @@ class ProviderConfig:
     # Client headers dropped by default that may reach this provider (openai-organization,
     # openai-project: who is billed is the operator's choice, not the client's).
     forward_headers: tuple[str, ...] = ()
+    # The API it speaks: "responses" (passed through), "chat" (Chat Completions) or
+    # "anthropic" (Messages), the last two translated (cch.translate; docs/providers.md).
+    api: str = "responses"
+    # Model names renamed on the way upstream: client's name -> the provider's.
+    model_map: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def translated(self) -> bool:
+        return self.api != "responses"
+
+    def upstream_model(self, model: str) -> str:
+        """The provider's name for the client's ``model``."""
+        for asked, served in self.model_map:
+            if asked == model:
+                return served
+        return model
 
 
 @dataclass(frozen=True)
@@ -702,6 +718,13 @@ def _pem_file(path: str) -> str | None:
     return None
 
 
+def _model_map(pairs: tuple[tuple[str, str], ...]) -> str | None:
+    for asked, served in pairs:
+        if not asked.strip() or not served.strip():
+            return f"model names may not be empty (got {asked!r} = {served!r})"
+    return None
+
+
 def _extra_headers(headers: tuple[tuple[str, str], ...]) -> str | None:
     for name, value in headers:
         lowered = name.lower()
@@ -776,6 +799,8 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ProviderConfig, "headers"): _extra_headers,
     (ProviderConfig, "forward_headers"): _forward_headers,
     (ProviderConfig, "websocket"): _one_of("auto", "on", "off"),
+    (ProviderConfig, "api"): _one_of("responses", "chat", "anthropic"),
+    (ProviderConfig, "model_map"): _model_map,
     (ProviderConfig, "tls_ca"): _pem_file,
     (TunnelConfig, "mode"): _one_of("in-process", "http"),
     (TunnelConfig, "url"): _tunnel_url,
@@ -1179,6 +1204,14 @@ def _providers(
             if "api_key" in values:
                 raise scope.error("api_key_env", "set either api_key or api_key_env, not both")
             values["api_key"] = _from_env(scope, "api_key_env", variable, env)
+        if values.get("api", "responses") != "responses" and values.get("websocket") == "on":
+            raise scope.error(
+                "websocket",
+                f'"on" needs api = "responses": a {values["api"]} provider is reached over HTTP only '
+                '(leave websocket unset or "off")',
+            )
+        if values.get("api", "responses") != "responses":
+            values["websocket"] = "off"  # the upstream WebSocket speaks the Responses API only
         providers.append(_make(ProviderConfig, values))
     _refuse_duplicate(providers, "name", "providers", source)
     return tuple(providers)

@@ -622,6 +622,35 @@ def test_provider_websocket_must_be_auto_on_or_off(mode: str) -> None:
     )
 
 
+@pytest.mark.parametrize("api", ["chat", "anthropic"])
+def test_a_translated_provider_is_reached_over_http_only(api: str) -> None:
+    provider = load(PROVIDER + f"api = '{api}'\n").providers[0]
+    assert (provider.api, provider.translated, provider.websocket) == (api, True, "off")
+    assert load(PROVIDER).providers[0].api == "responses" and not load(PROVIDER).providers[0].translated
+
+
+def test_a_translated_provider_refuses_websocket_on() -> None:
+    assert error(PROVIDER + "api = 'chat'\nwebsocket = 'on'\n") == (
+        "cch.toml: providers[0].websocket: \"on\" needs api = \"responses\": a chat provider is "
+        'reached over HTTP only (leave websocket unset or "off")'
+    )
+
+
+def test_provider_api_must_be_known() -> None:
+    assert error(PROVIDER + "api = 'gemini'\n") == (
+        "cch.toml: providers[0].api: must be one of responses, chat, anthropic (got 'gemini')"
+    )
+
+
+def test_model_map_renames_only_the_models_it_names() -> None:
+    provider = load(PROVIDER + "model_map = { 'gpt-5.5' = 'qwen3-coder' }\n").providers[0]
+    assert provider.model_map == (("gpt-5.5", "qwen3-coder"),)
+    assert (provider.upstream_model("gpt-5.5"), provider.upstream_model("other")) == ("qwen3-coder", "other")
+    assert error(PROVIDER + "model_map = { 'gpt-5.5' = '' }\n") == (
+        "cch.toml: providers[0].model_map: model names may not be empty (got 'gpt-5.5' = '')"
+    )
+
+
 def test_provider_api_key_inline() -> None:
     assert load(PROVIDER + "api_key = 'sk-1'\n").providers[0].api_key == "sk-1"
 
