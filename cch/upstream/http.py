@@ -174,7 +174,7 @@ class _Events:
             for event in self.decoder.finish():
                 self._event(event)
         elif not self.terminal_seen:
-            self.sink.sse_event(error_event(*_failure(end)))
+            self.sink.sse_event(error_event(*failure_of(end)))
 
 
 def _json_read(collected: Collected, status: int, kind: str, sink: ResponseSink) -> None:
@@ -182,11 +182,11 @@ def _json_read(collected: Collected, status: int, kind: str, sink: ResponseSink)
     if isinstance(collected.end, (Complete, Unframed)):
         sink.json_body(status, collected.data, kind)
         return
-    code, message = _failure(collected.end)
+    code, message = failure_of(collected.end)
     sink.json_body(502, error_body(message, "bad_gateway_error", code), "application/json")
 
 
-def _failure(end: BodyEnd) -> tuple[str, str]:
+def failure_of(end: BodyEnd) -> tuple[str, str]:
     """Code and message of a body that did not end cleanly."""
     match end:
         case Idle(timeout):
