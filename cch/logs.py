@@ -286,7 +286,10 @@ class _LineObserver:
         level = event.get("log_level", LogLevel.info)
         if level in self._dropped:
             return
-        if self._batch is None:
+        if self._batch is None or not getattr(self._batch, "running", True):
+            # No batching once the reactor has stopped: no timer would fire, and twistd ends
+            # the process by its signal, so no exit handler runs either.
+            self.flush()
             self._write([event])
             return
         self._pending.append(event)
@@ -366,9 +369,12 @@ def twistd_observer() -> ILogObserver:
 
     from twisted.internet import reactor
 
-    return make_observer(
+    observer = make_observer(
         sys.stdout,
         os.environ.get("CCH_LOG_FORMAT", "auto"),
         os.environ.get("CCH_LOG_LEVEL", "info"),
         batch=reactor,
     )
+    # What is still batched when the reactor stops is written then (SIGTERM's last lines).
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)  # type: ignore[attr-defined]
+    return observer

@@ -136,6 +136,24 @@ def test_an_outage_is_logged_once_and_its_end_once() -> None:
     assert store.outages == 2
 
 
+def test_a_finish_that_asks_redis_nothing_does_not_end_the_outage() -> None:
+    # Redis is asked nothing when a turn has nothing to count there (no lease, no token or
+    # budget limit): its quiet success is no news of Redis, and the outage goes on, once.
+    store, shared, _ = fallback()
+    shared.down = True
+    shared.finish = lambda *args: Deferred.fromCoroutine(_nothing())  # type: ignore[method-assign]
+    with capturedLogs() as events:
+        for _ in range(3):
+            result(store.try_admit("alice", NOW, limits(requests_per_minute=100)))
+            result(store.finish("alice", NOW, limits(requests_per_minute=100), 10, None))
+    assert [event.get("log_format") for event in events] == ["cluster_redis_down"]
+    assert (store.down, store.outages) == (True, 1)
+
+
+async def _nothing() -> None:
+    return None
+
+
 def test_the_switch_back_is_automatic_and_slots_go_back_where_they_were_taken() -> None:
     store, shared, _ = fallback(replicas=2)
     two = limits(max_concurrent_turns=2)

@@ -486,3 +486,22 @@ def test_batched_observer_writes_a_moment_later_in_order() -> None:
     observer({"log_format": "boom", "log_level": LogLevel.error, "log_time": 0.0, "log_namespace": "t"})
     assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()][-2:] == ["third", "boom"]
     assert clock.getDelayedCalls() == []
+
+
+def test_batched_observer_writes_at_once_when_the_reactor_is_not_running() -> None:
+    # After the reactor stopped no timer fires, and twistd ends the process by its signal (no
+    # exit handler runs): SIGTERM's last lines must not wait for either.
+    import io
+
+    from twisted.internet.task import Clock
+
+    from cch.logs import make_observer
+
+    out, clock = io.StringIO(), Clock()
+    observer = make_observer(out, "json", batch=clock)
+    observer({"log_format": "batched", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
+    assert out.getvalue() == ""
+    clock.running = False  # type: ignore[attr-defined]
+    observer({"log_format": "Server Shut Down.", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
+    assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()] == ["batched", "Server Shut Down."]
+    assert clock.getDelayedCalls() == []

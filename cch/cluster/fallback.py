@@ -215,13 +215,13 @@ class FallbackLimitStore:
         else:
             shared_limits = limits
         try:
+            # Not a sign that Redis is back when it succeeds: a finish with nothing to count
+            # asks Redis nothing. The next connection or turn, which always asks, says so.
             await self.shared.finish(key, now, shared_limits, tokens, cost)
         except RedisError as error:
             self._failed(error, "finish")
             if where == _REMOTE:
                 await self.local.finish(key, now, self.shares(usage_only), tokens, cost)
-        else:
-            self._answered()
 
     def seed(self, key: str, now: float, tokens_today: int, spent_this_month: float) -> Deferred[None]:
         """Seed Redis, and the local store with this replica's share; a failure to seed Redis
