@@ -1,7 +1,9 @@
 """A fake OpenAI Responses upstream: a real Twisted server for tests, demos and benchmarks.
 
 One port serves `POST /v1/responses` (SSE or JSON), the WebSocket upgrade on the same path and
-`GET /v1/models`. What it answers is scripted (see `cch.testing.scripts`); what it received is
+`GET /v1/models`; `POST /v1/chat/completions` and `POST /v1/messages` take scripts from the same
+queue (the fake does not speak those APIs: scripts say what to stream, e.g.
+`cch.testing.chat_scripts`), recorded with their path. What it answers is scripted (see `cch.testing.scripts`); what it received is
 recorded for assertions. `previous_response_id` follows OpenAI's rules (store=false responses are
 only known on the WebSocket connection that produced them), so a gateway's continuity handling
 can be tested against it.
@@ -129,10 +131,15 @@ class FakeUpstream:
     # --- serving ------------------------------------------------------------------------------
 
     def resource(self) -> IResource:
-        """The root resource: /v1/responses (POST and WebSocket upgrade) and /v1/models."""
+        """The root resource: /v1/responses (POST and WebSocket upgrade), /v1/models, and
+        POST /v1/chat/completions and /v1/messages (for translated providers)."""
         if self._resource is None:
             v1 = Resource()
             v1.putChild(b"responses", _ResponsesResource(self))
+            chat = Resource()
+            chat.putChild(b"completions", _ScriptedPostResource(self))
+            v1.putChild(b"chat", chat)
+            v1.putChild(b"messages", _ScriptedPostResource(self))
             v1.putChild(b"models", _ModelsResource(self))
             root = Resource()
             root.putChild(b"v1", v1)
@@ -522,6 +529,20 @@ class _ResponsesResource(Resource):
         run = fake._start(recorded, sink, problem, None)
         finished.addErrback(lambda _: run.cancel())
         fake._changed()
+
+
+class _ScriptedPostResource(_ResponsesResource):
+    """/v1/chat/completions and /v1/messages: a POST runs the next script, exactly as on
+    /v1/responses; there is no WebSocket here."""
+
+    def render(self, request: Request) -> bytes | int:
+        if request.postpath:
+            return _json_error(request, 404, "not_found", "Unknown path.")
+        if request.method == b"POST":
+            self._serve(request)
+            return NOT_DONE_YET
+        request.setHeader(b"allow", b"POST")
+        return _json_error(request, 405, "method_not_allowed", "Use POST.")
 
 
 class _HTTPSink:
