@@ -24,6 +24,7 @@ from benchmarks.runner import (
     remove_workdir,
 )
 from benchmarks.wsclient import check_loopback
+from cch.cluster.redis import RedisAddress
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -70,6 +71,12 @@ def parser() -> argparse.ArgumentParser:
         type=_targets,
         default=DEFAULT_TARGETS,
         help="comma-separated, direct is always included (default: " + ",".join(DEFAULT_TARGETS) + "): " + ", ".join(TARGETS),
+    )
+    run.add_argument(
+        "--redis",
+        dest="redis_url",
+        help=f"the Redis of the pooled-ws-cluster target (default {defaults.redis_url}); the target "
+        "is skipped when it does not answer",
     )
     run.add_argument(
         "--target",
@@ -189,7 +196,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in (
         "runs", "events", "delta_bytes", "delay", "seq_turns", "seq_gap_ms", "connections", "duration",
         "idle_counts", "reuse_turns", "log_level", "profile_duration", "external_url", "external_pid",
-        "upstream_port", "quiet_wait", "noise_retries",
+        "upstream_port", "quiet_wait", "noise_retries", "redis_url",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -223,6 +230,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
             check_loopback(settings.external_url)
         except ValueError as exc:
             raise SystemExit(f"--target: {exc}") from None
+    try:
+        RedisAddress.from_url(settings.redis_url)
+    except ValueError:
+        raise SystemExit("--redis: expected redis://[[user]:password@]host[:port][/db]") from None
     return settings
 
 
@@ -274,10 +285,20 @@ def run(args: argparse.Namespace) -> int:
     report.headline(summary, results["settings"], say)
     say("")
     say(f"results: {args.out / 'results.json'}" + ("" if args.no_doc else f"; report: {args.doc}"))
-    if temporary:
+    failed = [run for run in results["runs"] if run.get("failed")]
+    if temporary and not failed:
         remove_workdir(workdir)
     else:
         say(f"logs, configs and profile: {workdir}")
+    if failed:
+        for run in failed:
+            for problem in run["failed"]:
+                print(f"FAILED {run['target']} run {run['run'] + 1}: {problem}", file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) failed their limits check and are left out of the summary",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

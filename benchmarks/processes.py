@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,33 @@ async def port_when_ready(
         raise
 
 
+# The limits of the keyed targets' client key: every limit a turn is counted against
+# (docs/configuration.md#key_defaults--per-key-limits), each far above what a benchmark reaches,
+# so that the limits are counted on every turn and never refuse one.
+KEY_LIMITS: dict[str, int] = {
+    "max_concurrent_turns": 100_000,
+    "requests_per_minute": 1_000_000_000,
+    "tokens_per_minute": 1_000_000_000_000,
+}
+KEY_NAME = "bench"
+
+
+@dataclass(frozen=True)
+class KeyedGateway:
+    """A gateway with one client key holding :data:`KEY_LIMITS`: counted in memory, or in the
+    Redis at ``redis`` under ``key_prefix`` (``[cluster]``). ``admin_token`` opens its
+    ``/metrics`` (a gateway with keys serves it only with the token)."""
+
+    key: str = field(repr=False)
+    admin_token: str = field(repr=False)
+    redis: str | None = None
+    key_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.redis is None) != (self.key_prefix is None):
+            raise ValueError("redis and key_prefix go together")
+
+
 def gateway_toml(
     upstream_port: int,
     *,
@@ -206,14 +234,20 @@ def gateway_toml(
     secret: str,
     max_socket_age: float | None = None,
     usage_database: str | None = None,
+    keyed: KeyedGateway | None = None,
 ) -> str:
     """A gateway config: one provider at the benchmark upstream, defaults elsewhere (the usage
     ledger too: SQLite in the working directory); ``usage_database`` sets ``[usage] database``
-    (cch before the ledger knows no such table)."""
+    (cch before the ledger knows no such table); ``keyed`` adds the client key with its limits
+    and, for the cluster target, ``[cluster]``."""
     lines = [
         "[server]",
         'listen = "tcp:0:interface=127.0.0.1"',
         "drain_timeout = 2.0",
+    ]
+    if keyed is not None:
+        lines.append(f'admin_token = "{keyed.admin_token}"')
+    lines += [
         "",
         "[[providers]]",
         'name = "bench"',
@@ -228,6 +262,16 @@ def gateway_toml(
         lines += ["", "[usage]", f'database = "{usage_database}"']
     if max_socket_age is not None:
         lines += ["", "[upstream_websocket]", f"max_socket_age = {max_socket_age!r}"]
+    if keyed is not None:
+        lines += ["", "[[keys]]", f'name = "{KEY_NAME}"', f'key = "{keyed.key}"']
+        lines += [f"{name} = {value}" for name, value in KEY_LIMITS.items()]
+        if keyed.redis is not None:
+            lines += [
+                "",
+                "[cluster]",
+                f"redis = {json.dumps(keyed.redis)}",  # a TOML basic string
+                f'key_prefix = "{keyed.key_prefix}"',
+            ]
     return "\n".join(lines) + "\n"
 
 

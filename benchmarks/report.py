@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 BASELINE = "direct"
+# The shared limits' cost (issue 15): the same key limits in memory and in Redis, same run.
+LOCAL_LIMITS, SHARED_LIMITS = "pooled-ws-limits", "pooled-ws-cluster"
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -39,6 +41,14 @@ def metrics_of(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, float
         m[f"c{n}_upstream_cpu_s_per_1k_events"] = _get(c, "cpu_s_per_1k_events", "upstream")
         for role in ("server", "upstream", "client", "other_processes"):
             m[f"c{n}_{role}_cpu_util"] = _get(c, "cpu_utilization", role)
+    # CPU per turn (ms) of the gateway and, for the cluster target, of the Redis server.
+    for role in ("server", "redis"):
+        m[f"seq_{role}_cpu_ms_per_turn"] = _per_turn(_get(run, "sequential"), role)
+        for n in settings["connections"]:
+            m[f"c{n}_{role}_cpu_ms_per_turn"] = _per_turn(_get(run, "concurrent", str(n)), role)
+    for n in settings["connections"]:
+        m[f"c{n}_redis_cpu_util"] = _get(run, "concurrent", str(n), "cpu_utilization", "redis")
+    m["redis_commands_per_turn"] = _get(run, "limits_check", "redis_commands_per_turn")
     m["idle_rss_mib"] = _get(run, "idle", "idle_rss_mib")
     m["startup_rss_mib"] = run.get("startup_rss_mib")
     for n in settings["idle_counts"]:
@@ -51,11 +61,22 @@ def metrics_of(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, float
     return m
 
 
+def _per_turn(phase: Any, role: str) -> float | None:
+    """CPU milliseconds of ``role`` per turn of a phase."""
+    cpu, turns = _get(phase, "cpu_seconds", role), _get(phase, "turns")
+    return cpu / turns * 1000 if cpu is not None and turns else None
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
-    """Median (and min/max) over runs of every metric, per target; ratios vs the baseline."""
+    """Median (and min/max) over runs of every metric, per target; ratios vs the baseline.
+    A run that failed its limits check (``failed``) measured something else: left out."""
     settings = results["settings"]
     per_target: dict[str, list[dict[str, float | None]]] = {}
+    failed: dict[str, int] = {}
     for run in results["runs"]:
+        if run.get("failed"):
+            failed[run["target"]] = failed.get(run["target"], 0) + 1
+            continue
         per_target.setdefault(run["target"], []).append(metrics_of(run, settings))
     medians: dict[str, dict[str, float | None]] = {}
     spread: dict[str, dict[str, list[float]]] = {}
@@ -75,12 +96,48 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     }
     summary = {
         "runs_per_target": {t: len(rows) for t, rows in per_target.items()},
+        "failed_runs": failed,
         "median": medians,
         "min_max": spread,
         "ratio_vs_direct": ratios,
+        "shared_limits": shared_limits_cost(results),
     }
     summary["targets"] = evaluate_targets(summary, settings)
     return summary
+
+
+def shared_limits_cost(results: dict[str, Any]) -> dict[str, Any] | None:
+    """What keeping the key's limits in Redis costs: ``pooled-ws-cluster`` − ``pooled-ws-limits``
+    within each run (the two ran back to back on the same machine state), the median (and
+    min/max) of those differences in each metric's own unit; for throughput also the time per
+    turn (1 / turns/s, µs) and cluster ÷ limits. None unless both ran (and passed) in a run."""
+    settings = results["settings"]
+    by_run: dict[int, dict[str, dict[str, float | None]]] = {}
+    for run in results["runs"]:
+        if run["target"] in (LOCAL_LIMITS, SHARED_LIMITS) and not run.get("failed"):
+            by_run.setdefault(run["run"], {})[run["target"]] = metrics_of(run, settings)
+    pairs = [(r[LOCAL_LIMITS], r[SHARED_LIMITS]) for r in by_run.values() if len(r) == 2]
+    if not pairs:
+        return None
+    diffs: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        diffs.setdefault(key, []).append(value)
+
+    for local, shared in pairs:
+        for key, value in shared.items():
+            if value is not None and local.get(key) is not None:
+                add(key, value - local[key])  # type: ignore[operator]
+        for n in settings["connections"]:
+            lo, hi = local.get(f"c{n}_turns_per_s"), shared.get(f"c{n}_turns_per_s")
+            if lo and hi:
+                add(f"c{n}_us_per_turn", 1e6 / hi - 1e6 / lo)
+                add(f"c{n}_turns_per_s_ratio", hi / lo)
+    return {
+        "pairs": len(pairs),
+        "difference": {k: statistics.median(v) for k, v in diffs.items()},
+        "difference_min_max": {k: [min(v), max(v)] for k, v in diffs.items()},
+    }
 
 
 def evaluate_targets(summary: dict[str, Any], settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -494,6 +551,133 @@ def plot(results: dict[str, Any], summary: dict[str, Any], path: Path) -> bool:
 # --- the document ---------------------------------------------------------------------------------
 
 COMMAND = ".venv/bin/python -m benchmarks run"
+SHARED_LIMITS_COMMAND = (
+    f"{COMMAND} --targets {LOCAL_LIMITS},{SHARED_LIMITS} --runs 5 --no-profile --no-plot "
+    "--out /tmp/bench-cluster --doc /tmp/bench-cluster/benchmarks.md"
+)
+
+
+def _us(ms: float | None) -> str:
+    """A difference in milliseconds as signed µs (ms from 1 ms on)."""
+    if ms is None:
+        return "–"
+    sign = "+" if ms >= 0 else "−"
+    if abs(ms) >= 1:
+        return f"{sign}{abs(ms):.2f} ms"
+    return f"{sign}{abs(ms) * 1000:.0f} µs"
+
+
+def shared_limits_rows(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of the shared-limits table: times and CPU per turn in ms."""
+    rows = [
+        ("seq_ttfe_p50_ms", "sequential: time to first event p50 (ms)"),
+        ("seq_ttfe_p95_ms", "sequential: time to first event p95 (ms)"),
+        ("seq_ttfe_p99_ms", "sequential: time to first event p99 (ms)"),
+        ("seq_turn_p50_ms", "sequential: turn time p50 (ms)"),
+        ("seq_server_cpu_ms_per_turn", "sequential: gateway CPU per turn (ms)"),
+    ]
+    for n in settings["connections"]:
+        rows += [
+            (f"c{n}_turns_per_s", f"{n} connections: turns/s"),
+            (f"c{n}_turn_p50_ms", f"{n} connections: turn time p50 (ms)"),
+            (f"c{n}_server_cpu_ms_per_turn", f"{n} connections: gateway CPU per turn (ms)"),
+        ]
+    return rows
+
+
+def shared_limits_section(results: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The Redis cost measured in this run, or, when this run did not measure it, the one
+    recorded in SHARED_LIMITS_RECORDED (with why, if the cluster target was skipped)."""
+    cost = summary.get("shared_limits")
+    skipped = (results.get("skipped") or {}).get(SHARED_LIMITS)
+    note = f"_`{SHARED_LIMITS}` was skipped in this run: {skipped}._\n\n" if skipped else ""
+    for target, count in (summary.get("failed_runs") or {}).items():
+        if target in (LOCAL_LIMITS, SHARED_LIMITS):
+            note += f"_`{target}`: {count} run(s) failed the limits check (see the JSON)._\n\n"
+    if not cost:
+        return note + SHARED_LIMITS_RECORDED
+    settings, med, ratio = results["settings"], summary["median"], summary["ratio_vs_direct"]
+    diff, spread = cost["difference"], cost["difference_min_max"]
+    shared = med[SHARED_LIMITS]
+    from benchmarks.processes import KEY_LIMITS
+
+    limits = ", ".join(f"`{k} = {v:,}`" for k, v in KEY_LIMITS.items())
+    redis_url = (results.get("redis") or {}).get("url") or settings.get("redis_url")
+    per_turn = shared.get("redis_commands_per_turn")
+    failed = summary.get("failed_runs", {})
+    n_failed = failed.get(LOCAL_LIMITS, 0) + failed.get(SHARED_LIMITS, 0)
+    code, m = code_line(results), results["machine"]
+    load = m.get("loadavg_at_start")
+
+    def spread_of(key: str, fmt: Callable[[float], str]) -> str:
+        lo_hi = spread.get(key) or []
+        if len(lo_hi) != 2 or cost["pairs"] < 2:
+            return ""
+        return f" ({fmt(lo_hi[0])} to {fmt(lo_hi[1])})"
+
+    out = (
+        f"`{LOCAL_LIMITS}` is `pooled-ws` with one client key whose limits count every turn "
+        f"({limits}: never reached), kept in the gateway's memory; `{SHARED_LIMITS}` keeps the "
+        f'same limits in Redis (`[cluster] redis = "{redis_url}"`, a `key_prefix` '
+        "of its own for every gateway process, deleted after it stops). The limits take two Redis "
+        "round trips a turn, each one Lua script: one admits the turn before its frame goes "
+        "upstream (on the time-to-first-event path), one finishes it after its terminal event; "
+        "whatever else `[cluster]` sends to Redis is part of the cost too: "
+        f"{_fmt(per_turn)} commands per turn in all (`cch_redis_commands_total` ÷ "
+        "`cch_turns_started_total`). Every keyed gateway's `/metrics` is read after its "
+        "scenarios, and a run fails unless the key's limits refused nothing and, for the cluster "
+        "target, the gateway counted through Redis (at least two commands per turn) with no "
+        f"Redis error, outage or fallback ({n_failed} run(s) failed and are left out). Redis "
+        f"runs on the same {m.get('cores')} cores as everything else; its CPU is read from "
+        "`/proc` of its process (it may serve other clients too).\n\n"
+        f"Medians of {cost['pairs']} runs (cch {code}, started {results['started_at']}, load "
+        f"average at start {', '.join(f'{x:.2f}' for x in load) if load else 'unknown'}); the "
+        "last column is the median over the runs of cluster − limits within the same run "
+        "(min to max in parentheses):\n\n"
+        f"| metric | direct | {LOCAL_LIMITS} | {SHARED_LIMITS} | Redis cost |\n"
+        "|---|---:|---:|---:|---:|\n"
+    )
+
+    def cell(target: str, key: str) -> str:
+        r = ratio.get(target, {}).get(key)
+        return _fmt(med[target].get(key)) + ("" if r is None else f" ({r:.2f}×)")
+
+    for key, label in shared_limits_rows(settings):
+        base = med.get(BASELINE, {}).get(key)
+        if key.endswith("_turns_per_s"):
+            n = key[1:].split("_", 1)[0]
+            r, us = diff.get(f"c{n}_turns_per_s_ratio"), diff.get(f"c{n}_us_per_turn")
+            what = "–"
+            if r is not None and us is not None:
+                what = f"{r:.2f}× limits = {_us(us / 1000)} per turn"
+                what += spread_of(f"c{n}_us_per_turn", lambda v: _us(v / 1000))
+        else:
+            what = _us(diff.get(key)) + spread_of(key, _us)
+        out += (
+            f"| {label} | {_fmt(base)} | {cell(LOCAL_LIMITS, key)} | "
+            f"{cell(SHARED_LIMITS, key)} | {what} |\n"
+        )
+    out += (
+        "| sequential: Redis server CPU per turn (ms) | – | – | "
+        f"{_fmt(shared.get('seq_redis_cpu_ms_per_turn'))} | |\n"
+    )
+    for n in settings["connections"]:
+        util = shared.get(f"c{n}_redis_cpu_util")
+        out += (
+            f"| {n} connections: Redis server CPU per turn (ms) | – | – | "
+            f"{_fmt(shared.get(f'c{n}_redis_cpu_ms_per_turn'))} "
+            f"({'–' if util is None else f'{util * 100:.0f}% of a core'}) | |\n"
+        )
+    out += (
+        "\nRatios in parentheses are against `direct` in the same run; for turns/s the cost is "
+        "cluster ÷ limits and the time per turn it adds (1 / turns/s). Reproduce (Redis on "
+        "127.0.0.1:6379, or `--redis URL`; without one the cluster target is skipped with the "
+        "reason printed; `--doc` elsewhere, since a run of these targets alone would replace "
+        "this page):\n\n"
+        f"```sh\n{SHARED_LIMITS_COMMAND}\n```\n"
+    )
+    return out
+
 
 # Written by hand from the profiles of commits 8b5967c (before) and f364ebd (after); the "where
 # the time goes" table above it is recomputed from the profile of each run. Kept here so that
@@ -535,6 +719,72 @@ first event +0.69 → +0.39 ms, +0.39 to +0.47 ms over those runs; see
    URL parsing with IDNA, cookie jar, redirect and content-decoding layers, or cooperator
    round trip before the body, per request (the HTTP tunnel's body, too, now goes out with its
    headers; its drain deadline runs only while the connection holds it paused).
+"""
+
+# The shared limits' cost as last measured (`shared_limits_section` of that run, pasted): a
+# default run does not include the two targets, and regenerating the document keeps it.
+SHARED_LIMITS_RECORDED = f"""\
+Recorded from a run of the two targets alone (below): a default run does not include them, so
+this section stays as measured until a run that includes both replaces it.
+
+`{LOCAL_LIMITS}` is `pooled-ws` with one client key whose limits count every turn
+(`max_concurrent_turns = 100,000`, `requests_per_minute = 1,000,000,000`,
+`tokens_per_minute = 1,000,000,000,000`: never reached), kept in the gateway's memory;
+`{SHARED_LIMITS}` keeps the same limits in Redis (`[cluster] redis = "redis://127.0.0.1:6379/0"`,
+a `key_prefix` of its own for every gateway process, deleted after it stops). The limits take two
+Redis round trips a turn, each one Lua script: one admits the turn before its frame goes upstream
+(on the time-to-first-event path), one finishes it after its terminal event. The code measured
+also wrote each response id's owner to Redis (one `SET` a turn) and read the shared marks every
+2 s: 3.00 commands per turn in all (`cch_redis_commands_total` ÷ `cch_turns_started_total`).
+Every keyed gateway's `/metrics` was read after its scenarios: in no run did the key's limits
+refuse anything, nor did Redis fail a command, go down or leave a turn to the local fallback (a
+run that shows any of these fails, and is left out of the medians).
+
+**What Redis costs per turn** (cluster − limits within the same run, median of 5 runs): time to
+first event p50 **+345 µs** (0.57 → 0.93 ms; direct 0.23 ms), gateway CPU **+312 µs** at 16
+connections and **+362 µs** at 64, throughput **0.77×** at 16 connections (1,279 → 1,013 turns/s,
++228 µs per turn) and **0.71×** at 64 (1,346 → 954 turns/s, +306 µs per turn); the Redis server
+itself spends about 55–60 µs of CPU per turn. Against `direct` in the same run: `{LOCAL_LIMITS}`
+0.64× (16 connections) and +0.34 ms to the first event, `{SHARED_LIMITS}` 0.51× and +0.70 ms.
+
+| metric | direct | pooled-ws-limits | pooled-ws-cluster | Redis cost |
+|---|---:|---:|---:|---:|
+| sequential: time to first event p50 (ms) | 0.23 | 0.57 (2.47×) | 0.93 (4.04×) | +345 µs (+132 µs to +540 µs) |
+| sequential: time to first event p95 (ms) | 0.32 | 0.69 (2.15×) | 1.23 (3.85×) | +316 µs (−110 µs to +832 µs) |
+| sequential: time to first event p99 (ms) | 0.43 | 0.94 (2.18×) | 1.68 (3.88×) | +738 µs (−126 µs to +2.34 ms) |
+| sequential: turn time p50 (ms) | 2.78 | 3.35 (1.20×) | 4.00 (1.44×) | +627 µs (+259 µs to +1.05 ms) |
+| sequential: gateway CPU per turn (ms) | 0.65 | 0.65 (1.00×) | 1.20 (1.85×) | +600 µs (+200 µs to +750 µs) |
+| 16 connections: turns/s | 1,997 | 1,279 (0.64×) | 1,013 (0.51×) | 0.77× limits = +228 µs per turn (+31 µs to +642 µs) |
+| 16 connections: turn time p50 (ms) | 7.20 | 12.8 (1.78×) | 14.0 (1.94×) | +1.93 ms (−1.12 ms to +8.83 ms) |
+| 16 connections: gateway CPU per turn (ms) | 0.49 | 0.41 (0.82×) | 0.73 (1.47×) | +312 µs (+246 µs to +398 µs) |
+| 64 connections: turns/s | 2,078 | 1,346 (0.65×) | 954 (0.46×) | 0.71× limits = +306 µs per turn (+251 µs to +663 µs) |
+| 64 connections: turn time p50 (ms) | 29.7 | 47.6 (1.60×) | 67.7 (2.28×) | +19.98 ms (+16.51 ms to +37.07 ms) |
+| 64 connections: gateway CPU per turn (ms) | 0.48 | 0.41 (0.86×) | 0.78 (1.62×) | +362 µs (+301 µs to +475 µs) |
+| sequential: Redis server CPU per turn (ms) | – | – | 0.15 | |
+| 16 connections: Redis server CPU per turn (ms) | – | – | 0.059 (6% of a core) | |
+| 64 connections: Redis server CPU per turn (ms) | – | – | 0.0548 (5% of a core) | |
+
+Ratios in parentheses are against `direct` in the same run; for turns/s the cost is cluster ÷
+limits and the time per turn it adds (1 / turns/s). Redis runs on the same 2 cores as everything
+else; its CPU is read from `/proc` of its process (other test runs on the machine may have used
+the same Redis meanwhile). CPU is counted in 10 ms ticks: over the 200 sequential turns that is
+±50 µs a turn, over the thousands of a throughput phase much less.
+
+The run: 2 cores, AMD EPYC, Python 3.11.7; started 2026-12-06T09:18:30Z, 6.3 minutes; load
+average 1.20, 1.92, 1.41 at the start and 1.66, 1.60, 1.43 at the end; 11 of 45 timed phases
+were run again because other programs were busy. The cch measured was a copy of the working tree
+taken at the start (HEAD `f0c132e18833` and the uncommitted work of that moment), given with
+`--cch-src` so that every run measured the same code while the tree kept changing. An earlier
+run of the same session on the live tree (HEAD `b69a66bd00a3`), on a busier machine (load 2.81 at
+the start, 14 of 45 phases run again), gave +231 µs to the first event, +266 and +335 µs of
+gateway CPU per turn, and 0.87× and 0.69× throughput (+139 and +313 µs per turn) at 16 and 64
+connections. Reproduce (Redis on 127.0.0.1:6379, or `--redis URL`; without one the cluster target
+is skipped with the reason printed; `--doc` elsewhere, since a run of these targets alone would
+replace this page):
+
+```sh
+{SHARED_LIMITS_COMMAND}
+```
 """
 
 # What the profile of f364ebd shows is left; the shares come from the table above.
@@ -764,6 +1014,9 @@ CPU used by each process during the throughput phases (median; 100% = one core):
 {utilization_table(results, summary)}
 {limits_paragraph(results, summary)}
 
+## Shared limits through Redis
+
+{shared_limits_section(results, summary)}
 ## Profile: the per-event path
 
 {profile_section(results.get("profile"))}
@@ -819,5 +1072,18 @@ def headline(summary: dict[str, Any], settings: dict[str, Any], say: Printer = p
             cell = _fmt(v) + ("" if t == BASELINE or r is None else f" ({r:.2f}x)")
             cells.append(cell.rjust(22))
         say(key.ljust(28) + "".join(cells))
+    cost = summary.get("shared_limits")
+    if cost:
+        diff = cost["difference"]
+        say("")
+        say(f"Redis cost: {SHARED_LIMITS} - {LOCAL_LIMITS}, same run, median of {cost['pairs']}")
+        say(
+            f"  time to first event p50 {_us(diff.get('seq_ttfe_p50_ms'))}, gateway CPU per "
+            f"turn (sequential) {_us(diff.get('seq_server_cpu_ms_per_turn'))}"
+        )
+        for n in settings["connections"]:
+            r, us = diff.get(f"c{n}_turns_per_s_ratio"), diff.get(f"c{n}_us_per_turn")
+            if r is not None and us is not None:
+                say(f"  {n} connections: turns/s {r:.2f}x limits, {_us(us / 1000)} per turn")
     say("")
     say(targets_list(summary))

@@ -7,6 +7,9 @@ Targets (each against the same fake upstream build, in fresh processes for every
 * ``pooled-ws``   cch, in-process tunnel, pooled upstream WebSocket (provider websocket = on)
 * ``http-tunnel`` cch, HTTP tunnel (each turn POSTed to its own /v1/responses), pooled
   upstream WebSocket: the same as ``pooled-ws`` plus the loopback HTTP hop
+* ``pooled-ws-limits``  ``pooled-ws`` with a client key whose limits count every turn, in memory
+* ``pooled-ws-cluster`` the same limits kept in Redis (``[cluster]``): against the one before,
+  the cost of the shared limits; skipped when Redis does not answer (``--redis``)
 * ``external``    any ``--target ws://127.0.0.1:PORT/v1/responses`` (another gateway)
 
 Targets are interleaved within each repeat (direct, b, c, d, direct, b, ...) so a slow
@@ -30,8 +33,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import load, procstats
-from benchmarks.processes import REPO, Child, gateway_toml, start_gateway, start_upstream
+from benchmarks import cluster, load, procstats
+from benchmarks.processes import (
+    REPO,
+    Child,
+    KeyedGateway,
+    gateway_toml,
+    start_gateway,
+    start_upstream,
+)
 from benchmarks.upstream import raise_nofile_limit
 
 
@@ -42,6 +52,8 @@ class Target:
     tunnel: str | None = None  # None: not a cch process we start
     websocket: str | None = None  # provider websocket setting
     usage_database: str | None = None  # [usage] database; None: the default (SQLite, on)
+    limits: bool = False  # a client key with limits (benchmarks.processes.KEY_LIMITS)
+    cluster: bool = False  # ... kept in Redis ([cluster]) rather than in memory
 
     @property
     def gateway(self) -> bool:
@@ -65,6 +77,22 @@ TARGETS: dict[str, Target] = {
     "pooled-ws-no-ledger": Target(
         "pooled-ws-no-ledger", "cch: pooled upstream WS, usage ledger off", "in-process", "on", "off"
     ),
+    # The shared limits' cost (issue 15): the same key limits in memory, and in Redis.
+    "pooled-ws-limits": Target(
+        "pooled-ws-limits",
+        "cch: pooled upstream WS, a key with limits kept in memory",
+        "in-process",
+        "on",
+        limits=True,
+    ),
+    "pooled-ws-cluster": Target(
+        "pooled-ws-cluster",
+        "cch: pooled upstream WS, the same key limits kept in Redis ([cluster])",
+        "in-process",
+        "on",
+        limits=True,
+        cluster=True,
+    ),
 }
 DEFAULT_TARGETS = ("direct", "inproc-http", "pooled-ws", "http-tunnel")
 NO_REUSE_SOCKET_AGE = 1e-6  # upstream_websocket.max_socket_age: retire the socket before every turn
@@ -78,6 +106,7 @@ class Settings:
     external_pid: int | None = None
     upstream_port: int = 0  # fixed port of the upstream of the external target (0 = any)
     source: Path = REPO  # the cch source tree under test (gateway and fake upstream)
+    redis_url: str = cluster.DEFAULT_REDIS  # the Redis of the pooled-ws-cluster target
     # the fake upstream's turns
     events: int = 40
     delta_bytes: int = 16
@@ -129,6 +158,7 @@ class Settings:
         data = asdict(self)
         data["client"] = {k: v for k, v in data["client"].items() if k != "headers"}
         data["source"] = str(self.source)
+        data["redis_url"] = cluster.shown_url(self.redis_url)
         return data
 
 
@@ -192,6 +222,12 @@ class Runner:
         self.children: list[Child] = []
         self.secret = secrets.token_hex(16)
         self._retry_spent = 0.0  # seconds spent re-running disturbed phases
+        # The keyed targets' client key and /metrics token, and the cluster target's Redis.
+        self.key = "bench-" + secrets.token_hex(16)
+        self.admin_token = secrets.token_hex(16)
+        self.redis: cluster.BenchRedis | None = None
+        self.skipped: dict[str, str] = {}  # target → why it was not run
+        self._prefixes: dict[Child, str] = {}  # gateway → its [cluster] key_prefix
 
     # -- processes --------------------------------------------------------------------------
 
@@ -218,14 +254,12 @@ class Runner:
         max_socket_age: float | None = None,
         profile_to: Path | None = None,
     ) -> tuple[Child, int]:
-        assert target.tunnel is not None and target.websocket is not None
-        text = gateway_toml(
-            upstream_port,
-            tunnel=target.tunnel,
-            websocket=target.websocket,
-            secret=self.secret,
-            max_socket_age=max_socket_age,
-            usage_database=target.usage_database,
+        prefix = None
+        if target.cluster:
+            assert self.redis is not None, "the cluster target runs only with Redis"
+            prefix = self.redis.new_prefix()
+        text = self.gateway_config(
+            target, upstream_port, max_socket_age=max_socket_age, key_prefix=prefix
         )
         child, port = await start_gateway(
             self.reactor,
@@ -237,12 +271,65 @@ class Runner:
             src=self.s.source,
         )
         self.children.append(child)
+        if prefix is not None:
+            self._prefixes[child] = prefix
         return child, port
 
+    def gateway_config(
+        self,
+        target: Target,
+        upstream_port: int,
+        *,
+        max_socket_age: float | None = None,
+        key_prefix: str | None = None,
+    ) -> str:
+        """The TOML of ``target``'s gateway; a cluster target's needs its ``key_prefix``."""
+        assert target.tunnel is not None and target.websocket is not None
+        keyed = None
+        if target.limits:
+            redis = self.s.redis_url if target.cluster else None
+            keyed = KeyedGateway(self.key, self.admin_token, redis, key_prefix if redis else None)
+        return gateway_toml(
+            upstream_port,
+            tunnel=target.tunnel,
+            websocket=target.websocket,
+            secret=self.secret,
+            max_socket_age=max_socket_age,
+            usage_database=target.usage_database,
+            keyed=keyed,
+        )
+
+    def client_config(self, target: Target) -> load.LoadConfig:
+        """The load client's settings for ``target``: its key on every upgrade if it has one."""
+        cfg = self.s.client
+        if not target.limits:
+            return cfg
+        return replace(cfg, headers={**cfg.headers, "Authorization": f"Bearer {self.key}"})
+
     async def stop(self, child: Child) -> None:
+        """Stop ``child``; for a cluster gateway, then delete its keys from Redis."""
         await child.stop(self.reactor)
         if child in self.children:
             self.children.remove(child)
+        prefix = self._prefixes.pop(child, None)
+        if prefix is not None and self.redis is not None:
+            try:
+                await self.redis.clean(prefix)
+            except Exception as exc:  # every key carries a TTL: it goes in time anyway
+                self.say(f"  could not delete the Redis keys under {prefix}: {exc!r}")
+
+    async def check_limits(self, tag: str, target: Target, port: int) -> dict[str, Any]:
+        """What a keyed gateway's /metrics says about its limits (benchmarks.cluster); any
+        problem is said loudly here and fails the run."""
+        try:
+            found = await cluster.scrape(self.reactor, port, self.admin_token)
+        except Exception as exc:
+            check: dict[str, Any] = {"problems": [f"could not read /metrics: {exc!r}"]}
+        else:
+            check = cluster.limits_check(found, cluster=target.cluster)
+        for problem in check["problems"]:
+            self.say(f"  {tag}: FAILED limits check: {problem}")
+        return check
 
     def kill_all(self) -> None:
         for child in self.children:
@@ -252,7 +339,7 @@ class Runner:
     # -- one target, one repeat ----------------------------------------------------------------
 
     async def run_target(self, target: Target, run: int) -> dict[str, Any]:
-        s, reactor, cfg = self.s, self.reactor, self.s.client
+        s, reactor, cfg = self.s, self.reactor, self.client_config(target)
         tag = f"{target.name}-{run}"
         background = await self.wait_quiet()
         fixed = s.upstream_port if target.name == "external" else 0
@@ -268,6 +355,8 @@ class Runner:
                 url, server_pid = f"ws://127.0.0.1:{upstream_port}/v1/responses", upstream.pid
             assert url is not None
             pids = {"server": server_pid, "upstream": upstream.pid}
+            if target.cluster and self.redis is not None and self.redis.pid is not None:
+                pids["redis"] = self.redis.pid  # its CPU is the target's, not other programs'
             result: dict[str, Any] = {"target": target.name, "run": run, "url": url}
             result["background_cores_before"] = background
             rss = procstats.rss_bytes(server_pid)
@@ -335,6 +424,13 @@ class Runner:
                 result["reuse"]["no_reuse"] = None  # HTTP upstream: no socket to keep or drop
             rss = procstats.rss_bytes(server_pid)
             result["final_rss_mib"] = rss / 2**20 if rss is not None else None
+            if target.limits and gateway is not None:
+                result["limits_check"] = await self.check_limits(tag, target, port)
+                no_reuse = result["reuse"].get("no_reuse") or {}
+                problems = result["limits_check"]["problems"]
+                problems += (no_reuse.get("limits_check") or {}).get("problems", [])
+                if problems:
+                    result["failed"] = problems
             return result
         finally:
             if gateway is not None:
@@ -393,9 +489,13 @@ class Runner:
         )
         try:
             url = f"ws://127.0.0.1:{port}/v1/responses"
-            return await load.reuse(
-                self.reactor, url, self.s.client, self.s.reuse_turns, self.s.phase_limit
+            cfg = self.client_config(target)
+            result = await load.reuse(
+                self.reactor, url, cfg, self.s.reuse_turns, self.s.phase_limit
             )
+            if target.limits:
+                result["limits_check"] = await self.check_limits(f"{tag}-noreuse", target, port)
+            return result
         finally:
             await self.stop(fresh)
 
@@ -434,6 +534,39 @@ class Runner:
 
     # -- everything -----------------------------------------------------------------------------
 
+    async def open_redis(self, targets: list[Target]) -> list[Target]:
+        """Connect to the cluster targets' Redis; without it they are skipped, with a reason
+        printed (a benchmark is not a test: the other targets still run)."""
+        wanted = [t for t in targets if t.cluster]
+        if not wanted:
+            return targets
+        problem = cluster.redis_problem(self.s.redis_url)
+        if problem is None:
+            redis = cluster.BenchRedis(self.reactor, self.s.redis_url)
+            try:
+                await redis.open()
+            except Exception as exc:
+                await redis.close()
+                problem = f"Redis at {redis.shown}: {exc}"
+            else:
+                self.redis = redis
+                return targets
+        for t in wanted:
+            self.say(f"skipping {t.name}: {problem} (--redis URL names another Redis)")
+            self.skipped[t.name] = problem
+        return [t for t in targets if not t.cluster]
+
+    async def close_redis(self) -> None:
+        if self.redis is None:
+            return
+        for prefix in list(self._prefixes.values()):  # gateways killed, not stopped
+            try:
+                await self.redis.clean(prefix)
+            except Exception:
+                pass  # every key carries a TTL: it goes in time anyway
+        self._prefixes.clear()
+        await self.redis.close()
+
     async def run(self) -> dict[str, Any]:
         s = self.s
         targets = [TARGETS[name] for name in s.targets if name in TARGETS]
@@ -442,6 +575,7 @@ class Runner:
         started = time.time()
         machine_info = machine(s.source)  # the code as it was when the run started
         runs: list[dict[str, Any]] = []
+        targets = await self.open_redis(targets)
         try:
             for run in range(s.runs):
                 for target in targets:
@@ -455,10 +589,16 @@ class Runner:
                 profile = await self.profile()
         finally:
             self.kill_all()
+            await self.close_redis()
+        redis = None
+        if self.redis is not None:
+            redis = {"url": self.redis.shown, "pid": self.redis.pid, "cleaned": self.redis.cleaned}
         return {
             "settings": s.as_json(),
             "machine": machine_info,
             "targets": {t.name: t.label for t in targets},
+            "skipped": self.skipped,
+            "redis": redis,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "wall_seconds": time.time() - started,
             "runs": runs,
