@@ -159,7 +159,9 @@ FRAME_ONLY = ("type", "background")
 def turn_body(fields: dict[str, Any], model: str | None = None) -> dict[str, Any]:
     """The Responses request of a turn: ``fields`` less :data:`FRAME_ONLY`, ``model`` filled in
     when the frame has none (the ``?model=`` fallback), and ``stream`` true."""
-    body = {k: v for k, v in fields.items() if k not in FRAME_ONLY}
+    body = dict(fields)  # copied whole, then trimmed: the same order, faster than a filter
+    for name in FRAME_ONLY:
+        body.pop(name, None)
     if model and body.get("model") in (None, ""):
         body["model"] = model
     body["stream"] = True
@@ -170,6 +172,12 @@ def upstream_ws_frame(body: dict[str, Any]) -> bytes:
     """The frame for an upstream Responses WebSocket (UTF-8): ``type`` first, then the body less
     what only HTTP or the client's frame carries (docs/reference-behaviour.md, "The upstream
     WebSocket pool")."""
-    frame: dict[str, Any] = {"type": "response.create"}
-    frame.update((k, v) for k, v in body.items() if k not in ("stream", *FRAME_ONLY))
+    # Copied whole, then trimmed (as turn_body): "type" stays first, with the frame's own value.
+    frame: dict[str, Any] = {"type": "response.create", **body}
+    frame["type"] = "response.create"
+    for name in _NOT_IN_UPSTREAM_FRAME:
+        frame.pop(name, None)
     return dumps_bytes(frame)
+
+
+_NOT_IN_UPSTREAM_FRAME = tuple(name for name in ("stream", *FRAME_ONLY) if name != "type")

@@ -24,6 +24,14 @@ class Eligibility:
     downgrade_reason: str | None = None
 
 
+# Verdicts are values: each is made once, not per attempt.
+_NOT_WEBSOCKET = Eligibility(False, False)
+_OFF = Eligibility(False, True, PROVIDER_WEBSOCKET_OFF)
+_DISABLED = Eligibility(False, True, SETTING_DISABLED)
+_CACHED = Eligibility(False, True, UNSUPPORTED_CACHED)
+_ELIGIBLE = Eligibility(True, True)
+
+
 def evaluate(
     ctx: RequestContext,
     provider: Provider,
@@ -35,13 +43,13 @@ def evaluate(
     """In order: a trusted WebSocket turn? provider allows it? global toggle on? not cached as
     unsupported (``auto`` only)? Each "no" after the first carries the downgrade reason."""
     if not ctx.via_websocket:
-        return Eligibility(False, False)
+        return _NOT_WEBSOCKET
     mode = provider.config.websocket
     if mode == "off":
-        return Eligibility(False, True, PROVIDER_WEBSOCKET_OFF)
+        return _OFF
     if not enabled:
-        return Eligibility(False, True, SETTING_DISABLED)
+        return _DISABLED
     # "on" insists: the unsupported cache only steers "auto" providers.
     if mode == "auto" and unsupported.lookup(provider.name, endpoint) is not None:
-        return Eligibility(False, True, UNSUPPORTED_CACHED)
-    return Eligibility(True, True)
+        return _CACHED
+    return _ELIGIBLE

@@ -81,6 +81,8 @@ class Refusal:
 
 RETRY_REASONS = {ConnectionLimit: "connection_limit", PreviousLost: "previous_lost"}
 
+WS_TARGETS_KEPT = 4096  # WebSocket targets remembered (about one per live client connection)
+
 
 @dataclass
 class WebSocketFigures:
@@ -136,6 +138,7 @@ class ResponsesHandler:
         self._idle: Waiters[None] = Waiters()
         self.http_attempts = 0
         self.ws_figures = WebSocketFigures()
+        self._ws_targets = functools.lru_cache(maxsize=WS_TARGETS_KEPT)(self._ws_target)
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
         """Fires when the whole response went to ``sink``; cancel it to abort upstream."""
@@ -322,14 +325,7 @@ class ResponsesHandler:
                 self.ws_figures.fallbacks[verdict.downgrade_reason] += 1
                 log.debug("upstream_ws_downgraded", provider=provider.name, reason=verdict.downgrade_reason, request_id=ctx.request_id)
             return False
-        target = Target.of(
-            provider.name,
-            upstream_ws_url(provider.base_url),
-            upgrade_headers(upstream_headers(ctx.headers, provider, stream=True)),
-            ctx.ws_session,
-            tls_ca=provider.config.tls_ca,
-            max_event_bytes=self.limits.max_upstream_event_bytes,
-        )
+        target = self._ws_targets(provider, tuple(ctx.headers.items()), ctx.ws_session)
         socket = pool.peek(target)
         send, lost = continuity.prepare(transcript, body, provider.name, NEW_SOCKET if socket is None else socket)
         if send is None:
@@ -402,6 +398,19 @@ class ResponsesHandler:
             meter.recorder = TranscriptRecorder(transcript, body, origin)
         await exchange.deliver(meter, provider.config.idle_timeout)
         return True
+
+    def _ws_target(self, provider: Provider, client_headers: tuple[tuple[str, str], ...], session: str | None) -> Target:
+        """Where a WebSocket attempt goes (kept in ``_ws_targets``: every turn of a connection asks
+        with the same provider, client headers and session, and making the upgrade headers and
+        their fingerprint costs several times the lookup)."""
+        return Target.of(
+            provider.name,
+            upstream_ws_url(provider.base_url),
+            upgrade_headers(upstream_headers(dict(client_headers), provider, stream=True)),
+            session,
+            tls_ca=provider.config.tls_ca,
+            max_event_bytes=self.limits.max_upstream_event_bytes,
+        )
 
     async def _attempt(
         self,

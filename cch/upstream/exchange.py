@@ -129,7 +129,7 @@ class Exchange:
         self.terminal_seen = False
         self.finished = False
         self.sink: ResponseSink | None = None
-        self.done: Deferred[None] = Deferred(self._cancel_delivery)
+        self.done: Deferred[None] | None = None  # made by deliver (a discarded exchange needs none)
         self.watchdog: IdleWatchdog | None = None
         self._first_kind: str | None = None  # the first event's type, while it is queued
         self._timer: IDelayedCall | None = None
@@ -258,8 +258,7 @@ class Exchange:
 
     def discard(self) -> None:
         """Do not deliver this response: the socket is retired (1000), everything released."""
-        if not self.done.called:
-            self._finish(1000)
+        self._finish(1000)  # nothing if the delivery already ended
 
     def deliver(self, sink: ResponseSink, idle_timeout: float | None = None) -> Deferred[None]:
         """Replay what is queued, then forward live events until a terminal (or the end).
@@ -267,6 +266,7 @@ class Exchange:
         An upstream silent for ``idle_timeout`` seconds mid-stream ends the turn with an
         ``upstream_idle_timeout`` error event and loses its socket (1011).
         """
+        done = self.done = Deferred(self._cancel_delivery)
         self.sink = sink
         sink.sse_started(200, {"content-type": "text/event-stream", "x-cch-upstream-transport": "websocket"})
         producer: IPushProducer = _SocketProducer(self)
@@ -276,18 +276,19 @@ class Exchange:
             self.watchdog.start()
         sink.register_producer(producer)
         kind, self._first_kind = self._first_kind, None
-        while self.queue and not self.done.called:
+        while self.queue and not done.called:
             text, size = self.queue.popleft()
             self.queued_bytes -= size
             self.forward(text, kind)
             kind = None
-        if not self.done.called and self.closed:
+        if not done.called and self.closed:
             self.ended()
-        return self.done
+        return done
 
     def forward(self, text: str, kind: str | None = None) -> None:
         """One upstream event to the sink; ``kind`` is its type when already known."""
-        if self.done.called or self.sink is None:
+        done = self.done
+        if done is None or done.called or self.sink is None:
             return
         if self.watchdog is not None:
             self.watchdog.poke()
@@ -301,7 +302,7 @@ class Exchange:
             retire = kind == "error" or is_connection_limit(text)
             self._stop_delivery()
             self._finish(1000 if retire else None)
-            self.done.callback(None)
+            done.callback(None)
 
     def _stalled(self) -> None:
         if self.mid_error is None:
@@ -311,7 +312,8 @@ class Exchange:
 
     def ended(self) -> None:
         """The socket closed (or stalled): without a terminal, end the turn with an error event."""
-        if self.done.called or self.sink is None:
+        done = self.done
+        if done is None or done.called or self.sink is None:
             return
         if not self.terminal_seen:
             code, message = self.mid_error or (
@@ -321,7 +323,7 @@ class Exchange:
             self.sink.sse_event(error_event(code, message), "error")
         self._stop_delivery()
         self._finish(1000 if self.terminal_seen else 1011)
-        self.done.callback(None)
+        done.callback(None)
 
     def stop(self) -> None:
         """The consumer stops producing: the socket goes (the exchange hears it close)."""
