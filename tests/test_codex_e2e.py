@@ -475,8 +475,8 @@ class CodexSession:
 
         self.factory.connection_opened = counting  # type: ignore[method-assign]
 
-    async def exec(self, fake: FakeUpstream, timeout: float, *, settle: bool = True) -> Finished:
-        """One ``codex exec`` of :data:`PROMPT`; with ``settle``, then until the gateway and the
+    async def exec(self, fake: FakeUpstream, timeout: float, *, settle: bool = True, prompt: str = PROMPT) -> Finished:
+        """One ``codex exec`` of ``prompt``; with ``settle``, then until the gateway and the
         fake have let go of its connections (skip it when another client holds one open)."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
@@ -488,7 +488,7 @@ class CodexSession:
             env["RUST_LOG"] = os.environ["RUST_LOG"]
         argv = [
             str(self.binary), "exec", "--skip-git-repo-check", "--sandbox", "read-only",
-            "--color", "never", PROMPT,
+            "--color", "never", prompt,
         ]
         finished = await run_process(argv, env, self.work, timeout)
         if settle:

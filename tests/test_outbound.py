@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from cch.config import BreakerConfig, ClientKey, ProviderConfig
 from cch.handler.auth import KeyRing, presented_key
-from cch.handler.outbound import upstream_headers, upstream_url
+from cch.handler.outbound import for_responses_provider, upstream_headers, upstream_url
 from cch.handler.routing import ProviderRouter
 
 
@@ -146,3 +146,17 @@ def test_keyring() -> None:
     assert ring.match("sk-cch-bob-22").name == "bob"
     assert ring.authenticate({"authorization": "Bearer sk-cch-bob-2"}) == (False, None)
     assert KeyRing([]).authenticate({}) == (True, None)
+
+
+def test_a_responses_provider_gets_the_mapped_model_and_no_foreign_reasoning() -> None:
+    plain = ProviderConfig(name="p", base_url="http://x/v1")
+    mapped = ProviderConfig(name="p", base_url="http://x/v1", model_map=(("gpt-5.5", "gpt-5.5-2026"),))
+    ours = {"type": "reasoning", "summary": [], "encrypted_content": "gAAAA-openai"}
+    theirs = {"type": "reasoning", "summary": [], "encrypted_content": "cch-anthropic:thinking:sig"}
+    body = {"model": "gpt-5.5", "input": [ours, {"type": "message", "role": "user", "content": "hi"}]}
+    assert for_responses_provider(body, plain) is body  # nothing to change: the same object
+    assert for_responses_provider(body, mapped) == {**body, "model": "gpt-5.5-2026"}
+    failed_over = {"model": "gpt-5.5", "input": [theirs, ours], "store": False}
+    assert for_responses_provider(failed_over, plain) == {"model": "gpt-5.5", "input": [ours], "store": False}
+    assert list(for_responses_provider(failed_over, mapped)) == ["model", "input", "store"]  # order kept
+    assert for_responses_provider({"model": "m", "input": "text"}, mapped) == {"model": "m", "input": "text"}

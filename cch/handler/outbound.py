@@ -6,7 +6,9 @@ See docs/reference-behaviour.md#upstream-headers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+from cch.config import ProviderConfig
 from cch.handler.routing import Provider
 from cch.headers import forwardable, without_hop_by_hop
 
@@ -45,3 +47,36 @@ def upstream_headers(
         headers["authorization"] = f"Bearer {provider.config.api_key}"
     headers.setdefault("user-agent", DEFAULT_USER_AGENT)
     return headers
+
+
+# A reasoning item an Anthropic provider made (cch.translate.anthropic): only Anthropic can read it.
+FOREIGN_REASONING = "cch-anthropic:"
+
+
+def for_responses_provider(body: dict[str, Any], provider: ProviderConfig) -> dict[str, Any]:
+    """``body`` as a Responses provider takes it: the model renamed by ``model_map``, and
+    without reasoning items another API made (a conversation that failed over from Anthropic:
+    OpenAI would refuse their encrypted content). ``body`` itself when nothing changes."""
+    model = body.get("model")
+    served = provider.upstream_model(model) if isinstance(model, str) else model
+    items = body.get("input")
+    kept = items
+    if isinstance(items, list):
+        kept = [item for item in items if not _foreign_reasoning(item)]
+        if len(kept) == len(items):
+            kept = items
+    if served == model and kept is items:
+        return body
+    adapted = dict(body)
+    if served != model:
+        adapted["model"] = served
+    if kept is not items:
+        adapted["input"] = kept
+    return adapted
+
+
+def _foreign_reasoning(item: Any) -> bool:
+    if not isinstance(item, dict) or item.get("type") != "reasoning":
+        return False
+    content = item.get("encrypted_content")
+    return isinstance(content, str) and content.startswith(FOREIGN_REASONING)

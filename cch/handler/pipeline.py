@@ -24,8 +24,9 @@ from cch.handler.auth import KeyRing
 from cch.handler.continuity import NEW_SOCKET, TranscriptRecorder
 from cch.handler.eligibility import evaluate
 from cch.handler.metering import TurnMeter
-from cch.handler.outbound import upstream_headers, upstream_url
+from cch.handler.outbound import for_responses_provider, upstream_headers, upstream_url
 from cch.handler.routing import Provider, ProviderRouter
+from cch.handler.translated import TranslatedAttempt
 from cch.jsoncodec import dumps_bytes, loads
 from cch.keylimits import KeyLimiter, Refused, TurnLease
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
@@ -138,6 +139,14 @@ class ResponsesHandler:
         self._idle: Waiters[None] = Waiters()
         self.http_attempts = 0
         self.ws_figures = WebSocketFigures()
+        self.translated = TranslatedAttempt(
+            upstream,
+            clock,
+            max_json_bytes=limits.max_json_response_bytes,
+            max_event_bytes=limits.max_upstream_event_bytes,
+        )
+        # Only a gateway with a provider that renames models or translates adapts bodies.
+        self._adapts = any(p.config.model_map or p.config.translated for p in router.providers)
         self._ws_targets = functools.lru_cache(maxsize=WS_TARGETS_KEPT)(self._ws_target)
 
     def handle(self, ctx: RequestContext, body: dict[str, Any], sink: ResponseSink) -> Deferred[None]:
@@ -267,6 +276,12 @@ class ResponsesHandler:
         last: tuple[int, bytes, str] | None = None
         for attempt, provider in enumerate(candidates, start=1):
             meter.attempts, meter.provider = attempt, provider.name
+            if provider.config.translated:
+                outcome = await self._translated_attempt(ctx, provider, body, stream, meter, attempt, transcript)
+                if outcome is None:
+                    return
+                last = outcome
+                continue
             if await self._websocket_attempt(ctx, provider, body, meter, attempt, transcript):
                 return
             if transcript is not None and continuity.wants_local_warmup(transcript, body):
@@ -279,6 +294,8 @@ class ResponsesHandler:
             meter.replayed = meter.replayed or send is not body
             if transcript is not None:
                 meter.recorder = TranscriptRecorder(transcript, body, Origin(provider.name, "http", None, _stored(body)))
+            if self._adapts:
+                send = for_responses_provider(send, provider.config)
             outcome = await self._attempt(ctx, provider, send, stream, meter, attempt, transcript)
             if outcome is None:
                 return
@@ -286,19 +303,54 @@ class ResponsesHandler:
         assert last is not None
         meter.json_body(*last)
 
-    def _local_warmup(self, body: dict[str, Any], sink: ResponseSink, transcript: Transcript, provider: Provider) -> None:
+    def _local_warmup(
+        self, body: dict[str, Any], sink: ResponseSink, transcript: Transcript | None, provider: Provider
+    ) -> None:
         """Answer a ``generate:false`` warm-up here: HTTP upstreams cannot keep it anyway."""
         response_id, events = continuity.warmup_events(body)
         previous = body.get("previous_response_id")
-        transcript.add(
-            response_id,
-            previous if isinstance(previous, str) else None,
-            as_items(body.get("input")),
-            [],
-            Origin(provider.name, "local", None, False),
-        )
+        if transcript is not None:
+            transcript.add(
+                response_id,
+                previous if isinstance(previous, str) else None,
+                as_items(body.get("input")),
+                [],
+                Origin(provider.name, "local", None, False),
+            )
         log.info("continuity_local_warmup", provider=provider.name)
         _send_events(sink, events)
+
+    async def _translated_attempt(
+        self,
+        ctx: RequestContext,
+        provider: Provider,
+        body: dict[str, Any],
+        stream: bool,
+        meter: TurnMeter,
+        attempt: int,
+        transcript: Transcript | None,
+    ) -> tuple[int, bytes, str] | None:
+        """An attempt at a provider of another API (cch.handler.translated). It stores nothing:
+        a warm-up is answered here, and a continuation the transcript holds is replayed whole."""
+        if body.get("generate") is False:
+            self._local_warmup(body, meter, transcript, provider)
+            return None
+        send: dict[str, Any] | None = body
+        previous = body.get("previous_response_id")
+        if transcript is not None and isinstance(previous, str) and transcript.knows(previous):
+            send, lost = continuity.replay(transcript, body)
+            if send is None:
+                _send_events(meter, [lost])
+                return None
+            meter.replayed = True
+        assert send is not None
+        if transcript is not None:
+            meter.recorder = TranscriptRecorder(transcript, body, Origin(provider.name, "http", None, False))
+        meter.upstream_transport = "http"
+        self.http_attempts += 1
+        return await self.translated.run(
+            ctx.headers, provider, send, stream, meter, attempt=attempt, request_id=ctx.request_id
+        )
 
     async def _websocket_attempt(
         self,
@@ -333,6 +385,8 @@ class ResponsesHandler:
             return True
         self.ws_figures.attempts += 1
         provider.breaker.attempt_started()
+        if self._adapts:
+            send = for_responses_provider(send, provider.config)
         try:
             outcome = await pool.exchange(target, upstream_ws_frame(send))
             again = _second_try(outcome, transcript, body, send, provider.name)
