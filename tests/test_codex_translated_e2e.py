@@ -126,9 +126,9 @@ async def start_translated_gateway(fake: FakeUpstream, run_dir: Path, api: str) 
 @pytest.mark.parametrize("api", ["chat", "anthropic"])
 @pytest_twisted.ensureDeferred
 async def test_codex_runs_a_tool_round_trip_through_a_translated_provider(
-    fake: FakeUpstream, codex: tuple[Path, str], tmp_path: Path, api: str, record_property: Any
+    fake: FakeUpstream, codex_fixture: tuple[Path, str], tmp_path: Path, api: str, record_property: Any
 ) -> None:
-    binary, version = codex
+    binary, version = codex_fixture
     record_property("codex_version", version)
     fake.default = chat_model if api == "chat" else anthropic_model
     running = await start_translated_gateway(fake, tmp_path, api)
@@ -141,8 +141,10 @@ async def test_codex_runs_a_tool_round_trip_through_a_translated_provider(
         rows = usage_rows(tmp_path)
     finally:
         await running.stop()
+    offered = [t.get("function", t).get("name") for t in (fake.requests[0].body.get("tools") or [])] if fake.requests else []
     context = (
-        f"\n--- codex {version} via {api}: exit={finished.code}\n--- stdout:\n{finished.stdout}"
+        f"\n--- codex {version} via {api}: exit={finished.code}; tools offered upstream: {offered}"
+        f"\n--- stdout:\n{finished.stdout}"
         f"\n--- stderr:\n{finished.stderr[-4000:]}\n--- upstream requests: "
         + json.dumps([{"path": r.path, "body": r.body} for r in fake.requests], indent=1)[:20000]
     )
