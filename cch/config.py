@@ -128,6 +128,9 @@ class ProviderConfig:
     api: str = "responses"
     # Model names renamed on the way upstream: client's name -> the provider's.
     model_map: tuple[tuple[str, str], ...] = ()
+    # A translated provider's output cap for a request that sets none (Anthropic requires
+    # one: 32000 otherwise, more than some models allow).
+    max_output_tokens: int | None = None
 
     @property
     def translated(self) -> bool:

@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
+from cch.cluster.testing import RedisProxy, close_test_redis, open_test_redis, require_redis
 from cch.config import Config, LimitsConfig, ProviderConfig, ServerConfig, TunnelConfig, UsageConfig
 from cch.service import GatewayService, makeService
 from cch.testing import FakeUpstream
@@ -36,6 +37,29 @@ async def fake() -> Any:
     await upstream.listen(global_reactor)
     yield upstream
     await upstream.stop()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis; the test skips (fails under CI=true) when it does not answer."""
+    return require_redis()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(redis_url: str) -> Any:
+    """A connection to it whose keys start with a prefix of this test's own, deleted after."""
+    connection = open_test_redis(global_reactor, redis_url)
+    yield connection
+    await close_test_redis(connection)
+
+
+@pytest_twisted.async_yield_fixture
+async def proxy(redis_url: str) -> Any:
+    """A proxy to that Redis that the test can stop (an outage) and start again."""
+    cut = RedisProxy(global_reactor, redis_url)
+    cut.start()
+    yield cut
+    await cut.stop()
 
 
 def gateway_config(

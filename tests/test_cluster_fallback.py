@@ -19,7 +19,7 @@ from twisted.logger import capturedLogs
 from cch.cluster.fallback import CLUSTER_UNAVAILABLE, FallbackLimitStore
 from cch.cluster.redis import RedisUnavailable
 from cch.cluster.service import ClusterService
-from cch.cluster.testing import RedisProxy, close_test_redis, open_test_redis, require_redis
+from cch.cluster.testing import RedisProxy, close_test_redis, open_test_redis
 from cch.config import ClientKey, ClusterConfig, KeyLimitsConfig
 from cch.keylimits import BUSY_RETRY_AFTER, Breach, KeyLimiter, MemoryLimitStore, TurnLease
 from cch.usage.prices import PriceSheet
@@ -267,20 +267,6 @@ def test_the_fallback_metrics_say_down_outages_and_fallbacks() -> None:
 
 
 # -- the whole service against Redis, through a proxy stopped and started again --------------
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The test Redis; the test skips (fails under CI=true) when it does not answer."""
-    return require_redis()
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(redis_url: str) -> Any:
-    proxy = RedisProxy(global_reactor, redis_url)
-    proxy.start()
-    yield proxy
-    await proxy.stop()
 
 
 async def eventually_admitted_by_redis(service: ClusterService, what: str) -> None:

@@ -8,7 +8,6 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
 from conftest import RunningGateway, gateway_config, start_gateway
@@ -16,19 +15,13 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.web.client import HTTPConnectionPool
 
-from cch.cluster.testing import close_test_redis, open_test_redis, require_redis
+from cch.cluster.testing import close_test_redis, open_test_redis
 from cch.config import ClientKey, ClusterConfig, KeyLimitsConfig
 from cch.service import makeService
 from cch.testing import FakeUpstream
 
 KEY = "sk-cch-alice-0123456789abcdef"
 NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC).timestamp()
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The test Redis; skips (fails under CI=true) when it does not answer."""
-    return require_redis()
 
 
 async def post(running: Any) -> tuple[int, dict[str, Any] | None, str | None]:

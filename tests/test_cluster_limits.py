@@ -45,19 +45,6 @@ def limits(**values: Any) -> KeyLimitsConfig:
     return KeyLimitsConfig(**values)
 
 
-@pytest.fixture
-def redis_url() -> str:
-    """The test Redis; the test skips (fails under CI=true) when it does not answer."""
-    return require_redis()
-
-
-@pytest_twisted.async_yield_fixture
-async def redis(redis_url: str) -> Any:
-    connection = open_test_redis(global_reactor, redis_url)
-    yield connection
-    await close_test_redis(connection)
-
-
 @dataclass
 class Subject:
     """One store under test and the clock its caller reads ``now`` from."""

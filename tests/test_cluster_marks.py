@@ -19,7 +19,6 @@ from cch.cluster.testing import (
     TestRedis,
     close_test_redis,
     open_test_redis,
-    require_redis,
 )
 from cch.config import BreakerConfig
 from cch.handler.routing import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
@@ -46,18 +45,6 @@ class Replica:
     async def read(self) -> None:
         """The next periodic read, as the Clock brings it."""
         await within(self.marks.read(), "the marks to be read")
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return require_redis()
-
-
-@pytest_twisted.async_yield_fixture
-async def redis(redis_url: str) -> Any:
-    connection = open_test_redis(reactor, redis_url)
-    yield connection
-    await close_test_redis(connection)
 
 
 @pytest_twisted.async_yield_fixture

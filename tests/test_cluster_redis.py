@@ -17,9 +17,6 @@ from cch.cluster.redis import RedisAddress, RedisConnection, RedisError, RedisUn
 from cch.cluster.testing import (
     RedisProxy,
     TestRedis,
-    close_test_redis,
-    open_test_redis,
-    require_redis,
 )
 
 
@@ -41,28 +38,6 @@ def connection(url: str, **options: Any) -> RedisConnection:
     redis = RedisConnection(RedisAddress.from_url(url), global_reactor, **options)
     redis.startService()
     return redis
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The test Redis; the test skips (fails under CI=true) when it does not answer."""
-    return require_redis()
-
-
-@pytest_twisted.async_yield_fixture
-async def redis(redis_url: str) -> Any:
-    connection = open_test_redis(global_reactor, redis_url)
-    yield connection
-    await close_test_redis(connection)
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(redis_url: str) -> Any:
-    """A proxy to the test Redis that the test can stop (an outage) and start again."""
-    proxy = RedisProxy(global_reactor, redis_url)
-    proxy.start()
-    yield proxy
-    await proxy.stop()
 
 
 # -- commands --------------------------------------------------------------------------------

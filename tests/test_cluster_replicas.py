@@ -46,18 +46,11 @@ from cch.cluster.testing import (
     close_test_redis,
     delete_prefix,
     open_test_redis,
-    require_redis,
 )
 from cch.testing import FakeUpstream
 from cch.testing.client import ResponsesWSClient
 
 BUSY = 5  # Retry-After of a concurrency refusal (cch.keylimits.BUSY_RETRY_AFTER)
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The test Redis; skips (fails under CI=true) when it does not answer."""
-    return require_redis()
 
 
 @pytest.fixture

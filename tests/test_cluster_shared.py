@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import pytest_twisted
 import treq
 from conftest import eventually, within
@@ -32,24 +31,9 @@ from twisted.internet import reactor
 from cch.cluster.testing import (
     RedisProxy,
     TestRedis,
-    close_test_redis,
-    open_test_redis,
-    require_redis,
 )
 from cch.config import ClusterConfig, Config, UsageConfig
 from cch.testing import FakeUpstream
-
-
-@pytest.fixture
-def redis_url() -> str:
-    return require_redis()
-
-
-@pytest_twisted.async_yield_fixture
-async def redis(redis_url: str) -> Any:
-    connection = open_test_redis(reactor, redis_url)
-    yield connection
-    await close_test_redis(connection)
 
 
 @pytest_twisted.async_yield_fixture
@@ -57,14 +41,6 @@ async def harness() -> Any:
     h = Harness()
     yield h
     await h.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def proxy(redis_url: str) -> Any:
-    cut = RedisProxy(reactor, redis_url)
-    cut.start()
-    yield cut
-    await cut.stop()
 
 
 def clustered(fake: FakeUpstream, url: str, prefix: str, replica: str, **overrides: Any) -> Config:

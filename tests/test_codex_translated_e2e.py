@@ -126,7 +126,11 @@ async def start_translated_gateway(fake: FakeUpstream, run_dir: Path, api: str) 
 @pytest.mark.parametrize("api", ["chat", "anthropic"])
 @pytest_twisted.ensureDeferred
 async def test_codex_runs_a_tool_round_trip_through_a_translated_provider(
-    fake: FakeUpstream, codex_fixture: tuple[Path, str], tmp_path: Path, api: str, record_property: Any
+    fake: FakeUpstream,
+    codex_fixture: tuple[Path, str],  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    api: str,
+    record_property: Any,
 ) -> None:
     binary, version = codex_fixture
     record_property("codex_version", version)

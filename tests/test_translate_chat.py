@@ -30,7 +30,8 @@ from cch.testing.chat_scripts import (
 from cch.testing.scripts import CREATED_AT
 from cch.translate import api_named
 from cch.translate.api import Untranslatable
-from cch.translate.chat import ChatApi, ChatStream, _InputUnwrapper
+from cch.translate.chat import ChatApi, ChatStream
+from cch.translate.custom_input import CustomInput
 from tests.test_translate_responses import (
     assert_golden,
     check_well_formed,
@@ -981,7 +982,7 @@ def test_the_input_unwrapper_decodes_any_split(
     text: str, ascii_only: bool, data: st.DataObject
 ) -> None:
     arguments = json.dumps({"input": text}, ensure_ascii=ascii_only)
-    unwrapper = _InputUnwrapper()
+    unwrapper = CustomInput()
     out = "".join(unwrapper.feed(piece) for piece in cuts(data.draw, arguments))
     assert out + unwrapper.finish() == text
     assert out == text  # all of it streamed before the end

@@ -251,3 +251,13 @@ async def test_the_ledger_row_carries_the_tokens_the_translated_upstream_reporte
     assert ledger.tokens[("alice", "chat", MODEL, "reasoning")] == 3
     assert ledger.turns[("alice", "completed")] == 1
 
+
+@pytest_twisted.ensureDeferred
+async def test_a_providers_output_cap_fills_in_when_the_request_sets_none(
+    fake: FakeUpstream, gateways: list[RunningGateway]
+) -> None:
+    running = await start(gateways, translated(fake, provider(fake, "anthropic", max_output_tokens=8192)))
+    client = await running.connect(headers={"Authorization": f"Bearer {KEY.key}"})
+    await turn(client, create())  # Codex sends no max_output_tokens
+    await turn(client, create(max_output_tokens=1000))
+    assert [r.body["max_tokens"] for r in fake.requests] == [8192, 1000]

@@ -178,6 +178,8 @@ class TranslatedAttempt:
             # upstream cannot know it either.
             sink.json_body(*_previous_not_found(body["previous_response_id"]))
             return None
+        if config.max_output_tokens is not None and not isinstance(body.get("max_output_tokens"), int):
+            body = {**body, "max_output_tokens": config.max_output_tokens}
         try:
             request = api.request(body, model=config.upstream_model(model), api_key=config.api_key)
         except Untranslatable as exc:

@@ -157,6 +157,7 @@ from typing import Any
 
 from cch import jsoncodec
 from cch.translate.api import Untranslatable, UpstreamRequest
+from cch.translate.custom_input import CustomInput
 from cch.translate.responses import ResponseBuilder, Usage
 
 __all__ = [
@@ -853,7 +854,7 @@ class _Block:
     signature: str = ""
     json: str = ""  # tool_use: the input JSON text received
     initial: str = ""  # tool_use: content_block_start's input, when it had one
-    custom: _InputString | None = None  # custom tool: its input, decoded as it comes
+    custom: CustomInput | None = None  # custom tool: its input, decoded as it comes
 
 
 class AnthropicStream:
@@ -946,7 +947,7 @@ class AnthropicStream:
             initial = block.get("input")
             first = jsoncodec.dumps(initial) if isinstance(initial, dict) and initial else ""
             if name in self._custom:
-                self._blocks[index] = _Block("custom", initial=first, custom=_InputString())
+                self._blocks[index] = _Block("custom", initial=first, custom=CustomInput())
                 return b.custom_tool_call(index, call_id=call_id, name=name)
             self._blocks[index] = _Block("function", initial=first)
             return b.function_call(index, call_id=call_id, name=name)
@@ -987,8 +988,9 @@ class AnthropicStream:
             events += b.function_arguments(index, block.initial or "{}")
         elif block.kind == "custom":
             assert block.custom is not None
-            final = _custom_input(block.json or block.initial)
-            events += b.custom_input(index, block.custom.rest(final))
+            if not block.json and block.initial:  # the whole input came with the block's start
+                events += b.custom_input(index, block.custom.feed(block.initial))
+            events += b.custom_input(index, block.custom.finish())
         return events + b.close(index)
 
     def _finish(self) -> list[dict[str, Any]]:
@@ -1032,97 +1034,6 @@ def _str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
-
-
-class _InputString:
-    """The ``input`` string of a custom tool's ``{"input": "..."}`` JSON, decoded while the
-    fragments arrive: text is released up to the last complete character (an escape, or a
-    surrogate pair, is held back until whole)."""
-
-    def __init__(self) -> None:
-        self._raw = ""
-        self._pos = -2  # where the string's undecoded text starts; -2 not known yet, -1 never
-        self._closed = False
-        self._sent = ""
-
-    def feed(self, fragment: str) -> str:
-        """The decoded text that ``fragment`` completes ("" if none yet)."""
-        self._raw += fragment
-        if self._pos == -2:
-            self._pos = _string_start(self._raw)
-        if self._pos < 0 or self._closed:
-            return ""
-        raw, j, n = self._raw, self._pos, len(self._raw)
-        while j < n:
-            c = raw[j]
-            if c == '"':
-                self._closed = True
-                break
-            if c == "\\":
-                need = 2
-                if raw[j + 1 : j + 2] == "u":
-                    need = 6
-                    digits = raw[j + 2 : j + 6]
-                    if len(digits) == 4 and 0xD800 <= _hex(digits) < 0xDC00:
-                        need = 12  # a high surrogate waits for its pair
-                if j + need > n:
-                    break
-                j += need
-            else:
-                j += 1
-        try:
-            text = jsoncodec.loads('"' + raw[self._pos : j] + '"')
-        except ValueError:
-            self._pos = -1  # not JSON we can follow: the block's stop sends it all
-            return ""
-        self._pos = j
-        self._sent += text
-        return text
-
-    def rest(self, final: str) -> str:
-        """What is left to send once the whole input is known to be ``final``: nothing if
-        what was sent does not lead to it (a cut-off JSON text; sent text cannot be taken
-        back)."""
-        if final.startswith(self._sent):
-            rest = final[len(self._sent) :]
-            self._sent = final
-            return rest
-        return ""
-
-
-def _string_start(raw: str) -> int:
-    """Where the ``input`` string's text starts in JSON that opens ``{"input": "``; -2 while
-    ``raw`` may still become that, -1 once it cannot."""
-    i = 0
-    for token in ("{", '"input"', ":", '"'):
-        while i < len(raw) and raw[i] in " \t\r\n":
-            i += 1
-        chunk = raw[i : i + len(token)]
-        if chunk != token[: len(chunk)]:
-            return -1
-        if len(chunk) < len(token):
-            return -2
-        i += len(token)
-    return i
-
-
-def _hex(digits: str) -> int:
-    try:
-        return int(digits, 16)
-    except ValueError:
-        return -1
-
-
-def _custom_input(text: str) -> str:
-    """A custom tool's input from the tool_use input JSON: its ``input`` string, else the
-    JSON text itself (the tool then reports what is wrong with it)."""
-    try:
-        parsed = jsoncodec.loads(text)
-    except ValueError:
-        return text
-    if isinstance(parsed, dict) and isinstance(parsed.get("input"), str):
-        return parsed["input"]
-    return text
 
 
 def _event_error(event: dict[str, Any]) -> tuple[str | None, str]:

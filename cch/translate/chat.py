@@ -86,6 +86,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cch.translate.api import Untranslatable, UpstreamRequest
+from cch.translate.custom_input import CustomInput
 from cch.translate.responses import REASONING, TEXT, ResponseBuilder, Usage
 
 __all__ = ["ChatApi", "ChatStream", "chat_error"]
@@ -438,7 +439,7 @@ class _ToolCall:
     name: str = ""
     pending: str = ""  # argument text not yet given to the builder
     opened: bool = False
-    custom: _InputUnwrapper | None = None
+    custom: CustomInput | None = None
     arguments: bool = False  # any argument text came
     closed: bool = False
 
@@ -575,7 +576,7 @@ class ChatStream:
         call.opened = True
         call_id = call.id or f"call_{self._response_id.removeprefix('resp_')}_{call.ordinal}"
         if call.name in self._custom:
-            call.custom = _InputUnwrapper()
+            call.custom = CustomInput()
             return self._builder.custom_tool_call(call.key, call_id=call_id, name=call.name)
         return self._builder.function_call(call.key, call_id=call_id, name=call.name)
 
@@ -645,127 +646,6 @@ def _usage(usage: dict[str, Any]) -> Usage:
         ),
         total_tokens=count(total) if isinstance(total, int) else None,
     )
-
-
-class _InputUnwrapper:
-    """Streams the ``input`` string out of a custom call's arguments ``{"input": "..."}`` as
-    its JSON text arrives, decoding escapes only once they are whole. Arguments of any other
-    shape are kept and given whole by :meth:`finish`."""
-
-    _PREFIX = ("{", '"input"', ":", '"')
-    _PLAIN = re.compile(r'[^"\\]+')
-    _ESCAPES = {
-        '"': '"',
-        "\\": "\\",
-        "/": "/",
-        "b": "\b",
-        "f": "\f",
-        "n": "\n",
-        "r": "\r",
-        "t": "\t",
-    }
-
-    def __init__(self) -> None:
-        self._raw = ""
-        self._state = "prefix"  # prefix | string | after | other
-        self._pos = 0
-        self._sent = ""
-
-    def feed(self, fragment: str) -> str:
-        self._raw += fragment
-        if self._state == "prefix":
-            start = self._prefix()
-            if start is None:
-                return ""
-            if start < 0:
-                self._state = "other"
-                return ""
-            self._state, self._pos = "string", start
-        if self._state != "string":
-            return ""
-        text = self._decode()
-        self._sent += text
-        return text
-
-    def finish(self) -> str:
-        """The rest of the input once the arguments are complete ("" if all was sent)."""
-        try:
-            value = json.loads(self._raw)
-        except ValueError:
-            value = None
-        if self._sent or self._state in ("string", "after"):
-            whole = value.get("input") if isinstance(value, dict) else None
-            if isinstance(whole, str) and whole.startswith(self._sent):
-                return whole[len(self._sent) :]
-            return ""  # cut short (a length stop): what was sent stands
-        if isinstance(value, dict):
-            if isinstance(value.get("input"), str):
-                return value["input"]
-            strings = [v for v in value.values() if isinstance(v, str)]
-            if len(value) == 1 and strings:
-                return strings[0]
-        return self._raw
-
-    def _prefix(self) -> int | None:
-        """Where the string starts; None: not enough text yet; -1: not this shape."""
-        raw, i = self._raw, 0
-        for token in self._PREFIX:
-            while i < len(raw) and raw[i] in " \t\r\n":
-                i += 1
-            have = raw[i : i + len(token)]
-            if not token.startswith(have):
-                return -1
-            if len(have) < len(token):
-                return None
-            i += len(token)
-        return i
-
-    def _decode(self) -> str:
-        raw, i = self._raw, self._pos
-        out: list[str] = []
-        while i < len(raw):
-            plain = self._PLAIN.match(raw, i)
-            if plain:
-                out.append(plain.group())
-                i = plain.end()
-                continue
-            if raw[i] == '"':
-                self._state = "after"
-                i += 1
-                break
-            # A backslash: decode the escape once it is all here.
-            if i + 1 >= len(raw):
-                break
-            kind = raw[i + 1]
-            if kind == "u":
-                if i + 6 > len(raw):
-                    break
-                width = 6
-                if 0xD800 <= _hex(raw[i + 2 : i + 6]) < 0xDC00:
-                    width = 12  # a surrogate pair: wait for the low half too
-                    if i + 12 > len(raw):
-                        break
-                try:
-                    out.append(json.loads('"' + raw[i : i + width] + '"'))
-                except ValueError:
-                    self._state = "other"
-                    break
-                i += width
-            elif kind in self._ESCAPES:
-                out.append(self._ESCAPES[kind])
-                i += 2
-            else:
-                self._state = "other"
-                break
-        self._pos = i
-        return "".join(out)
-
-
-def _hex(text: str) -> int:
-    try:
-        return int(text, 16)
-    except ValueError:
-        return -1
 
 
 # --- errors ------------------------------------------------------------------------------------
