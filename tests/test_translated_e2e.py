@@ -58,7 +58,7 @@ def provider(fake: FakeUpstream, api: str, name: str | None = None, **fields: An
 
 
 def translated(fake: FakeUpstream, *providers: ProviderConfig, **overrides: Any) -> Config:
-    return gateway_config(fake, providers=providers, keys=(KEY,), **overrides)
+    return gateway_config(fake, providers=providers, **{"keys": (KEY,), **overrides})
 
 
 @pytest_twisted.async_yield_fixture
@@ -94,13 +94,13 @@ def final_text(events: list[dict[str, Any]]) -> str:
     )
 
 
-async def post(running: RunningGateway, body: dict[str, Any]) -> tuple[int, str, bytes]:
+async def post(running: RunningGateway, body: dict[str, Any], key: ClientKey = KEY) -> tuple[int, str, bytes]:
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
         response = await treq.post(
             running.http_url + "/v1/responses",
             json.dumps(body).encode(),
-            headers={"authorization": f"Bearer {KEY.key}", "content-type": "application/json"},
+            headers={"authorization": f"Bearer {key.key}", "content-type": "application/json"},
             pool=pool,
         )
         kind = (response.headers.getRawHeaders("content-type") or [""])[0]
@@ -261,3 +261,27 @@ async def test_a_providers_output_cap_fills_in_when_the_request_sets_none(
     await turn(client, create())  # Codex sends no max_output_tokens
     await turn(client, create(max_output_tokens=1000))
     assert [r.body["max_tokens"] for r in fake.requests] == [8192, 1000]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http_client_continues_a_stored_translated_response_of_its_own_key(
+    fake: FakeUpstream, gateways: list[RunningGateway]
+) -> None:
+    other = ClientKey(name="bob", key="sk-cch-bob-0123456789abcdef00")
+    running = await start(gateways, translated(fake, provider(fake, "chat"), keys=(KEY, other)))
+    status, _, raw = await post(running, {"model": MODEL, "input": "first question"})
+    assert status == 200
+    rid = json.loads(raw)["id"]
+    status, _, raw = await post(running, {"model": MODEL, "input": "second", "previous_response_id": rid})
+    assert status == 200 and json.loads(raw)["output"][0]["content"][0]["text"] == "echo: second"
+    texts = json.dumps(fake.requests[1].body["messages"])
+    assert "first question" in texts and "echo: first question" in texts
+    # store=false keeps nothing, and another key's id is not found.
+    status, _, raw = await post(running, {"model": MODEL, "input": "x", "store": False})
+    unstored = json.loads(raw)["id"]
+    status, _, raw = await post(running, {"model": MODEL, "input": "y", "previous_response_id": unstored})
+    assert status == 400 and json.loads(raw)["error"]["code"] == "previous_response_not_found"
+    seen = len(fake.requests)
+    status, _, raw = await post(running, {"model": MODEL, "input": "z", "previous_response_id": rid}, key=other)
+    assert status == 400 and json.loads(raw)["error"]["code"] == "previous_response_not_found"
+    assert len(fake.requests) == seen

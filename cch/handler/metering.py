@@ -101,6 +101,8 @@ class TurnMeter:
                 self.status = said if said in ("failed", "incomplete") else "completed"
                 if isinstance(parsed, dict):
                     self._response(parsed)
+                    if self.recorder is not None and said != "failed":
+                        self.recorder.record(parsed)
         if headers is None:
             self.sink.json_body(status, body, content_type)
         else:

@@ -82,6 +82,10 @@ class Refusal:
 
 RETRY_REASONS = {ConnectionLimit: "connection_limit", PreviousLost: "previous_lost"}
 
+# The transcript of a key's translated turns over HTTP (``store`` not false): a session id no
+# WebSocket connection can have (those are UUIDs).
+HTTP_TRANSCRIPT = "http-turns:"
+
 WS_TARGETS_KEPT = 4096  # WebSocket targets remembered (about one per live client connection)
 
 
@@ -332,6 +336,10 @@ class ResponsesHandler:
     ) -> tuple[int, bytes, str] | None:
         """An attempt at a provider of another API (cch.handler.translated). It stores nothing:
         a warm-up is answered here, and a continuation the transcript holds is replayed whole."""
+        if transcript is None and self.transcripts is not None and not ctx.via_websocket:
+            # An HTTP client has no connection to keep a transcript on: its key's translated
+            # turns are kept instead, in place of the responses the provider does not store.
+            transcript = self.transcripts.get(HTTP_TRANSCRIPT + (ctx.key_name or ""))
         if body.get("generate") is False:
             self._local_warmup(body, meter, transcript, provider)
             return None
@@ -344,7 +352,7 @@ class ResponsesHandler:
                 return None
             meter.replayed = True
         assert send is not None
-        if transcript is not None:
+        if transcript is not None and (ctx.via_websocket or _stored(body)):
             meter.recorder = TranscriptRecorder(transcript, body, Origin(provider.name, "http", None, False))
         meter.upstream_transport = "http"
         self.http_attempts += 1
