@@ -22,7 +22,7 @@ from cch.config import ClientKey, Config, ProviderConfig
 from cch.testing import FakeUpstream, Recorded, Script
 from cch.testing.anthropic_scripts import anthropic_error, anthropic_like
 from cch.testing.chat_scripts import ToolCall, chat_events, chat_like, chat_sse, chat_usage
-from cch.testing.scripts import codex_like, error_json
+from cch.testing.scripts import codex_like, drop_after, error_json, hold
 
 KEY = ClientKey(name="alice", key="sk-cch-alice-0123456789abcdef")
 PROVIDER_KEY = "sk-upstream-provider-key"
@@ -285,3 +285,34 @@ async def test_an_http_client_continues_a_stored_translated_response_of_its_own_
     status, _, raw = await post(running, {"model": MODEL, "input": "z", "previous_response_id": rid}, key=other)
     assert status == 400 and json.loads(raw)["error"]["code"] == "previous_response_not_found"
     assert len(fake.requests) == seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_mid_stream_cancels_the_translated_upstream_request(
+    fake: FakeUpstream, gateways: list[RunningGateway]
+) -> None:
+    running = await start(gateways, translated(fake, provider(fake, "chat")))
+    fake.enqueue(hold(chat_events(text="partial answer", done=False)[:3]))
+    client = await running.connect(headers={"Authorization": f"Bearer {KEY.key}"})
+    client.send_json(create())
+    seen = [await within(client.recv(), "an event") for _ in range(3)]
+    assert event_types(seen) == ["response.created", "response.in_progress", "response.output_item.added"]
+    await client.close()
+    cancelled = await within(fake.wait_for_cancelled(0), "the upstream request to be cancelled")
+    assert cancelled.path == "/v1/chat/completions"
+    await within(running.service.handler.wait_idle(), "the turn to end")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_cut_mid_answer_ends_the_turn_with_an_error_event(
+    fake: FakeUpstream, gateways: list[RunningGateway]
+) -> None:
+    running = await start(gateways, translated(fake, provider(fake, "chat")))
+    fake.enqueue(drop_after(chat_events(text="a long answer that never ends"), 4))
+    client = await running.connect(headers={"Authorization": f"Bearer {KEY.key}"})
+    events = await turn(client, create())
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["code"] == "upstream_stream_error"
+    assert client.close_info is None  # the connection carries on
+    fake.default = by_path
+    assert final_text(await turn(client, create(input="again"))) == "echo: again"
