@@ -585,6 +585,16 @@ def shared_limits_rows(settings: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def deflate_section() -> str:
+    """permessage-deflate as last measured by ``python -m benchmarks.deflate`` (a run of its
+    own: a default run does not include it), rendered from the JSON it keeps in
+    benchmarks/deflate_results.json, so regenerating this document keeps it."""
+    from benchmarks.deflate import recorded_section
+
+    text = recorded_section()
+    return f"{text}\n" if text else ""
+
+
 def shared_limits_section(results: dict[str, Any], summary: dict[str, Any]) -> str:
     """The Redis cost measured in this run, or, when this run did not measure it, the one
     recorded in SHARED_LIMITS_RECORDED (with why, if the cluster target was skipped)."""
@@ -1017,7 +1027,7 @@ CPU used by each process during the throughput phases (median; 100% = one core):
 ## Shared limits through Redis
 
 {shared_limits_section(results, summary)}
-## Profile: the per-event path
+{deflate_section()}## Profile: the per-event path
 
 {profile_section(results.get("profile"))}
 ## What made the hot path fast

@@ -7,7 +7,11 @@ Every turn (HTTP SSE or WebSocket) gets the Codex-shaped event sequence of
 ``cch.testing.scripts.codex_events``: response.created, response.in_progress,
 output_item.added, content_part.added, ``events - 8`` output_text.delta events of
 ``delta-bytes`` bytes of text each, output_text.done, content_part.done, output_item.done,
-response.completed, with ``delay`` seconds between events. A request may ask for a pause after
+response.completed, with ``delay`` seconds between events. With ``--text-file`` the deltas are
+instead the words of that file (one word, with its trailing space, per delta, as a model's
+tokens come), a different stretch for every turn; with ``--echo-request`` the response objects
+of response.created, response.in_progress and response.completed carry the request's
+``instructions`` and ``tools`` back, as OpenAI's do (``benchmarks/deflate.py`` uses both). A request may ask for a pause after
 the first event with ``metadata.bench_first_event_gap_ms`` (see ``first_event_gap``). ``previous_response_id`` follows OpenAI's rules (``store:false`` responses
 are known only on the WebSocket connection that produced them), as in the tests.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 from collections.abc import Callable
@@ -54,12 +59,34 @@ def output_text(events: int, delta_bytes: int) -> str:
     return ("x" * (size - 1) + " ") * deltas
 
 
-def script_factory(events: int, delta_bytes: int, delay: float) -> Callable[[Recorded], Script]:
+ECHOED = ("instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning", "text")
+
+
+def script_factory(
+    events: int,
+    delta_bytes: int,
+    delay: float,
+    *,
+    words: list[str] | None = None,
+    echo_request: bool = False,
+) -> Callable[[Recorded], Script]:
     """The default script of the benchmark upstream (see the module docstring)."""
-    text = output_text(events, delta_bytes)
+    fixed = output_text(events, delta_bytes)
+    count = max(1, events - FRAMING_EVENTS)
+    turns = [0]
 
     def script(recorded: Recorded) -> Script:
+        text = fixed
+        if words:
+            start = (turns[0] * count) % len(words)
+            turns[0] += 1
+            text = "".join(words[(start + i) % len(words)] for i in range(count))
         items = codex_events(recorded, text=text)
+        if echo_request:
+            echoed = {key: recorded.body[key] for key in ECHOED if key in recorded.body}
+            for item in items:
+                if isinstance(item.get("response"), dict):
+                    item["response"].update(echoed)
         if recorded.transport == "http" and not recorded.body.get("stream"):
             return json_response(200, items[-1]["response"])
         gap = first_event_gap(recorded.body)
@@ -132,13 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=40, help="events per turn (>= 9)")
     parser.add_argument("--delta-bytes", type=int, default=16, help="bytes of text per delta event")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between events")
+    parser.add_argument("--text-file", help="deltas are this file's words, one per delta")
+    parser.add_argument(
+        "--echo-request",
+        action="store_true",
+        help="response objects carry the request's instructions and tools, as OpenAI's do",
+    )
     args = parser.parse_args(argv)
     raise_nofile_limit()
 
     from twisted.internet import reactor
 
+    words = None
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            words = re.findall(r"\S+\s*", f.read()) or None
     fake = FakeUpstream(reactor, id_prefix="resp_bench")
-    fake.default = script_factory(args.events, args.delta_bytes, args.delay)
+    fake.default = script_factory(
+        args.events, args.delta_bytes, args.delay, words=words, echo_request=args.echo_request
+    )
     return serve(fake, args.port)
 
 

@@ -1,10 +1,14 @@
-"""A minimal, cheap WebSocket client for load generation (RFC 6455, text frames, no extensions).
+"""A minimal, cheap WebSocket client for load generation (RFC 6455, text frames).
 
 Autobahn's client costs several times more CPU per message than a gateway's forwarding work
 would be worth measuring against, and on a 2-core machine the load client shares the CPU with
 the gateway and the upstream. This client does only what the benchmark needs: the upgrade
 handshake, masked text frames out, unmasked frames in (continuations reassembled), ping -> pong,
-and the close handshake. Every wait has a deadline; nothing here retries.
+and the close handshake; with ``deflate=True`` it offers permessage-deflate (RFC 7692) as the
+Python SDK and Codex do (``permessage-deflate; client_max_window_bits``) and, when the server
+accepts, compresses what it sends and inflates what it gets (``benchmarks/deflate.py``). It
+counts the bytes it reads and writes after the upgrade (``wire_in``, ``wire_out``). Every wait
+has a deadline; nothing here retries.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import os
 import random
 import struct
 import time
+import zlib
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
@@ -26,6 +32,8 @@ from twisted.python.failure import Failure
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 LOOPBACK = ("127.0.0.1", "localhost")
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+_TAIL = b"\x00\x00\xff\xff"
 
 
 class HandshakeError(Exception):
@@ -56,10 +64,10 @@ def _mask(payload: bytes, key: bytes) -> bytes:
     )
 
 
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """One final, masked client frame."""
+def encode_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+    """One final, masked client frame (``rsv1``: its payload is compressed)."""
     n = len(payload)
-    head = bytes([0x80 | opcode])
+    head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
     if n < 126:
         head += bytes([0x80 | n])
     elif n < 65536:
@@ -74,8 +82,15 @@ class WSClientProtocol(Protocol):
     """One client connection. Set ``on_message(payload: bytes, now: float)`` to receive text
     messages (``now`` is ``time.perf_counter()`` when the bytes were read)."""
 
-    def __init__(self, host: str, port: int, path: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self, host: str, port: int, path: str, headers: dict[str, str], *, deflate: bool = False
+    ) -> None:
         self.host, self.port, self.path, self.headers = host, port, path, headers
+        self.offer_deflate = deflate
+        self.deflate: Deflate | None = None  # set once the server accepted permessage-deflate
+        self.wire_in = 0  # bytes read after the upgrade
+        self.wire_out = 0  # bytes written after the upgrade
+        self._compressed = False  # the message being received is compressed
         self.opened: Deferred[WSClientProtocol] = Deferred()
         self.closed: Deferred[None] = Deferred()
         self.on_message: Callable[[bytes, float], None] = lambda payload, now: None
@@ -100,6 +115,7 @@ class WSClientProtocol(Protocol):
             f"Sec-WebSocket-Key: {self._key.decode()}",
             "Sec-WebSocket-Version: 13",
             *(f"{k}: {v}" for k, v in self.headers.items()),
+            *([f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}"] if self.offer_deflate else []),
         ]
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
@@ -119,11 +135,14 @@ class WSClientProtocol(Protocol):
             if b" 101 " not in status + b" " or expected not in head:
                 self._fail_handshake(status.decode("latin-1", "replace"))
                 return
+            if self.offer_deflate:
+                self.deflate = Deflate.answered(head)
             self.is_open = True
             self.opened.callback(self)
             data = rest
             if not data:
                 return
+        self.wire_in += len(data)
         buf = self._buf
         buf += data
         pos = 0
@@ -154,6 +173,8 @@ class WSClientProtocol(Protocol):
             if key is not None:
                 payload = _mask(payload, key)
             pos = offset + length
+            if b0 & 0x40 and self.deflate is not None:
+                self._compressed = True  # RSV1: the message (its first frame) is compressed
             self._frame(b0 & 0x80, b0 & 0x0F, payload, now)
             if self.is_closed:
                 return
@@ -170,6 +191,9 @@ class WSClientProtocol(Protocol):
             if self._fragments:
                 payload = b"".join(self._fragments) + payload
                 self._fragments = []
+            if self._compressed:
+                self._compressed = False
+                payload = self.deflate.inflate(payload)  # type: ignore[union-attr]
             self.on_message(payload, now)
         elif opcode == OP_PING:
             self.transport.write(encode_frame(OP_PONG, payload))
@@ -187,7 +211,12 @@ class WSClientProtocol(Protocol):
     # -- API --------------------------------------------------------------------------------
 
     def send_text(self, data: bytes) -> None:
-        self.transport.write(encode_frame(OP_TEXT, data))
+        if self.deflate is None:
+            frame = encode_frame(OP_TEXT, data)
+        else:
+            frame = encode_frame(OP_TEXT, self.deflate.compress(data), rsv1=True)
+        self.wire_out += len(frame)
+        self.transport.write(frame)
 
     def close(self, code: int = 1000) -> Deferred[None]:
         """Send a close frame; the server answers and drops the TCP connection."""
@@ -209,12 +238,61 @@ class WSClientProtocol(Protocol):
             self.closed.callback(None)
 
 
+class Deflate:
+    """The client's half of permessage-deflate as the server's answer set it up: a compressor
+    within ``client_max_window_bits`` and an inflater, each one zlib stream across messages
+    unless the answer asks for no context takeover."""
+
+    def __init__(self, params: dict[str, str | None]) -> None:
+        self.client_bits = int(params.get("client_max_window_bits") or 15)
+        self.server_bits = int(params.get("server_max_window_bits") or 15)
+        self.client_reset = "client_no_context_takeover" in params
+        self.server_reset = "server_no_context_takeover" in params
+        self._compressor = self._new_compressor()
+        self._inflater = zlib.decompressobj(-self.server_bits)
+
+    @classmethod
+    def answered(cls, head: bytes) -> Deflate | None:
+        """From the server's handshake answer, if it accepted permessage-deflate."""
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() != b"sec-websocket-extensions":
+                continue
+            parts = [p.strip() for p in value.decode("latin-1").split(";")]
+            if parts[0] == "permessage-deflate":
+                params = {}
+                for part in parts[1:]:
+                    key, _, val = part.partition("=")
+                    params[key.strip()] = val.strip().strip('"') or None
+                return cls(params)
+        return None
+
+    def _new_compressor(self) -> Any:
+        return zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -self.client_bits)
+
+    def compress(self, payload: bytes) -> bytes:
+        if self.client_reset:
+            self._compressor = self._new_compressor()
+        return (self._compressor.compress(payload) + self._compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+    def inflate(self, payload: bytes) -> bytes:
+        if self.server_reset:
+            self._inflater = zlib.decompressobj(-self.server_bits)
+        return self._inflater.decompress(payload + _TAIL)
+
+
 def connect(
-    reactor: object, url: str, headers: dict[str, str] | None = None, timeout: float = 10.0
+    reactor: object,
+    url: str,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+    *,
+    deflate: bool = False,
 ) -> Deferred[WSClientProtocol]:
-    """Open a connection; fires once the upgrade completed (fails on refusal or timeout)."""
+    """Open a connection; fires once the upgrade completed (fails on refusal or timeout).
+    ``deflate``: offer permessage-deflate."""
     host, port, path = check_loopback(url)
-    proto = WSClientProtocol(host, port, path, headers or {})
+    proto = WSClientProtocol(host, port, path, headers or {}, deflate=deflate)
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     d = endpoint.connect(Factory.forProtocol(lambda: proto))
 

@@ -41,6 +41,7 @@ __all__ = [
     "LimitsConfig",
     "ProviderConfig",
     "ServerConfig",
+    "TracingConfig",
     "TunnelConfig",
     "UpstreamWebSocketConfig",
     "ContinuityConfig",
@@ -158,6 +159,10 @@ class LimitsConfig:
     max_upstream_event_bytes: int = 32 * 1024 * 1024  # one SSE event or upstream WS message
     auth_failure_limit: int = 20  # failed key checks per client address per window
     auth_failure_window: float = 60.0  # seconds; past the limit the address gets 429 until it ends
+    # permessage-deflate (RFC 7692) with clients that offer it; every zlib window of it on our
+    # side (and the one clients are asked to use, when they let us) is 2**bits bytes, 9..15.
+    websocket_compression: bool = True
+    websocket_compression_window_bits: int = 15
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,9 @@ class UpstreamWebSocketConfig:
     # before first_event_timeout (off: the turn ends with upstream_first_event_timeout, since
     # the provider may already be working on, and billing, the first copy).
     fallback_after_send: bool = False
+    # Offer permessage-deflate (RFC 7692) to upstreams; windows of 2**bits bytes, 9..15.
+    compression: bool = False
+    compression_window_bits: int = 15
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,14 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """One OpenTelemetry span per turn, exported over OTLP/HTTP (docs/tracing.md); where to and
+    how are the standard ``OTEL_*`` variables."""
+
+    enabled: bool = False  # needs pip install 'cch[otel]'
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     keys: tuple[ClientKey, ...] = ()
@@ -262,6 +278,7 @@ class Config:
     prices: tuple[PriceConfig, ...] = ()
     key_defaults: KeyLimitsConfig = field(default_factory=KeyLimitsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     source: str = "<defaults>"  # where it came from, for messages
 
     @property
@@ -410,6 +427,7 @@ _SECTIONS: dict[str, type] = {
     "usage": UsageConfig,
     "key_defaults": KeyLimitsConfig,
     "cluster": ClusterConfig,
+    "tracing": TracingConfig,
 }
 _ARRAYS: dict[str, type] = {"keys": ClientKey, "providers": ProviderConfig, "prices": PriceConfig}
 
@@ -567,12 +585,27 @@ def _name_in_keys(value: str) -> str | None:
     return None
 
 
+def _window_bits(value: int) -> str | None:
+    if not 9 <= value <= 15:
+        return f"must be 9..15: a permessage-deflate window of 2**bits bytes, 512 B to 32 KiB (got {value})"
+    return None
+
+
 def _key_prefix(value: str) -> str | None:
     if not value:
         return 'must not be empty: it keeps cch\'s keys apart from others in the database, e.g. "cch:"'
     if "{" in value or "}" in value:
         return f"must not hold '{{' or '}}', which would make a Redis Cluster hash tag (got {value!r})"
     return _name_in_keys(value)
+
+
+def _tracing_installed(enabled: bool) -> str | None:
+    """tracing.enabled needs the ``otel`` extra; asked only when it is on (cch.tracing)."""
+    if not enabled:
+        return None
+    from cch.tracing import missing_packages
+
+    return missing_packages()
 
 
 def _postgresql_scheme(value: str) -> str:
@@ -805,6 +838,8 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ProviderConfig, "api"): _one_of("responses", "chat", "anthropic"),
     (ProviderConfig, "model_map"): _model_map,
     (ProviderConfig, "tls_ca"): _pem_file,
+    (LimitsConfig, "websocket_compression_window_bits"): _window_bits,
+    (UpstreamWebSocketConfig, "compression_window_bits"): _window_bits,
     (TunnelConfig, "mode"): _one_of("in-process", "http"),
     (TunnelConfig, "url"): _tunnel_url,
     (TunnelConfig, "secret"): _tunnel_secret,
@@ -818,6 +853,7 @@ _RULES: dict[tuple[type, str], Callable[[Any], str | None]] = {
     (ClusterConfig, "lease_ttl"): _lease_ttl,
     (ClusterConfig, "on_redis_down"): _one_of("local", "refuse"),
     (ClusterConfig, "key_prefix"): _key_prefix,
+    (TracingConfig, "enabled"): _tracing_installed,
 }
 # Values stored in the one form their users compare against (after the rule accepted them).
 _NORMAL_FORMS: dict[tuple[type, str], Callable[[Any], Any]] = {
@@ -1145,6 +1181,7 @@ def _build(
         prices=prices,
         key_defaults=key_defaults,
         cluster=_make(ClusterConfig, values["cluster"]),
+        tracing=_make(TracingConfig, values["tracing"]),
         source=source,
     )
 

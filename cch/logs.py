@@ -31,6 +31,8 @@ __all__ = [
     "mask_query",
     "mask_url",
     "text_line",
+    "twistd_observer",
+    "twistd_text_observer",
 ]
 
 _MASK = "***"
@@ -362,8 +364,20 @@ _URGENT = frozenset((LogLevel.error, LogLevel.critical))  # written at once, wit
 
 
 def twistd_observer() -> ILogObserver:
-    """Observer factory for ``twistd --logger cch.logs.twistd_observer``: JSON lines (or text
-    on a terminal) on stdout; ``CCH_LOG_FORMAT`` (json|text|auto) and ``CCH_LOG_LEVEL`` pick."""
+    """Observer factory for ``twistd --logger cch.logs.twistd_observer`` (what ``cch`` runs):
+    JSON lines (or text on a terminal) on stdout; ``CCH_LOG_FORMAT`` (json|text|auto) and
+    ``CCH_LOG_LEVEL`` pick."""
+    return _stdout_observer("auto")
+
+
+def twistd_text_observer() -> ILogObserver:
+    """What plain ``twistd -n cch`` logs with when its command line says nothing of logs
+    (cch.plugin sets it): twistd's own observer prints our events' names without their fields.
+    Text, as twistd's would be, unless ``CCH_LOG_FORMAT`` says otherwise."""
+    return _stdout_observer("text")
+
+
+def _stdout_observer(default_format: str) -> ILogObserver:
     import os
     import sys
 
@@ -371,7 +385,7 @@ def twistd_observer() -> ILogObserver:
 
     observer = make_observer(
         sys.stdout,
-        os.environ.get("CCH_LOG_FORMAT", "auto"),
+        os.environ.get("CCH_LOG_FORMAT", default_format),
         os.environ.get("CCH_LOG_LEVEL", "info"),
         batch=reactor,
     )

@@ -30,6 +30,7 @@ class Options(usage.Options):
     optFlags = [["demo", None, "Serve a built-in fake upstream as the only provider."]]
 
     def postOptions(self) -> None:
+        logs_with_fields(self.parent)
         if self["demo"] and self["config"]:
             raise usage.UsageError("use either --config or --demo, not both")
         if not self["demo"]:
@@ -38,6 +39,22 @@ class Options(usage.Options):
                 self.config = load_config(self["config"], os.environ, listen=self["listen"])
             except ConfigError as exc:
                 raise usage.UsageError(str(exc)) from None
+
+
+TEXT_LOGGER = "cch.logs.twistd_text_observer"
+
+
+def logs_with_fields(twistd: Any) -> None:
+    """Plain ``twistd -n cch`` logs with twistd's own observer, which prints our events' names
+    (``server_listening``) without their fields. Unless twistd's command line chose where logs
+    go (``--logger``, ``--logfile``, ``--syslog``, or a daemon's ``twistd.log``), log as ``cch``
+    does: our text lines on stdout, fields shown (``CCH_LOG_FORMAT=json`` for JSON lines).
+    ``twistd`` is twistd's own options, parsed before any logging starts."""
+    if twistd is None or not twistd.get("nodaemon"):
+        return
+    if twistd.get("logger") or twistd.get("syslog") or twistd.get("logfile") not in (None, "", "-"):
+        return
+    twistd["logger"] = TEXT_LOGGER  # twistd imports it after parsing (ServerOptions.postOptions)
 
 
 class DemoService(MultiService):

@@ -31,6 +31,7 @@ from cch.httpchannel import ConnectionSlots, GuardedSite
 from cch.keylimits import KeyLimiter, utc_month
 from cch.logs import access_log_formatter, mask_url
 from cch.metrics import Metrics
+from cch.tracing import TracingService
 from cch.transcript import TranscriptStore
 from cch.tunnel import HttpTunnel, InProcessTunnel
 from cch.upstream.http import HttpUpstream
@@ -104,14 +105,23 @@ class GatewayService(MultiService):
     """The whole gateway: web site + edge + pipeline on one listening port.
 
     Its children, started in this order and stopped together once the drain is over: the
+    tracer provider (when tracing is on), the usage ledger, the cluster (when configured), the
     upstream WebSocket pool, the HTTP upstream, the HTTP tunnel (in that mode), the listener
     and the metrics listener (when configured). Each closes what it holds when stopped.
     """
 
-    def __init__(self, config: Config, reactor: Any, clock: Any = None, run_dir: str | None = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, clock: Any = None, run_dir: str | None = None, span_processor: Any = None
+    ) -> None:
         super().__init__()
         clock = reactor if clock is None else clock
         self.config, self.reactor, self.clock = config, reactor, clock
+        # One span per turn when [tracing] is on (docs/tracing.md); off, OpenTelemetry is not loaded.
+        self.tracing = (
+            TracingService(reactor, clock, replica=config.server.replica, processor=span_processor)
+            if config.tracing.enabled
+            else None
+        )
         self.drain = Drain()
         self.metrics = Metrics()
         self.keys = KeyRing(config.keys)
@@ -145,6 +155,7 @@ class GatewayService(MultiService):
             limiter=self.limiter,
             drain=self.drain,
             replica=config.server.replica,
+            tracer=None if self.tracing is None else self.tracing.tracer,
         )
         self.tunnel = build_tunnel(config.tunnel, reactor, clock, self.handler, self._internal_url)
         # Every client connection counts against server.max_connections, WebSockets included.
@@ -176,7 +187,10 @@ class GatewayService(MultiService):
         doors = doors_maker(config, self.keys, clock)
         self.site = self._site(self._root(), doors(config.server.admin_token), self.connections)
         # Children, in start order; they stop once the drain is over (_stop): the ledger writes
-        # the last turns' rows as it stops.
+        # the last turns' rows as it stops. Tracing is asked to stop last (children stop in
+        # reverse order), after the others have cut what was still open.
+        if self.tracing is not None:
+            self._adopt("tracing", self.tracing)
         self._adopt("usage-ledger", self.ledger)
         if self.cluster is not None:
             # Leases are renewed while the drain lets turns finish; they are given back at stop.
@@ -439,12 +453,16 @@ def _connect_host(host: str | None) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def makeService(config: Config, reactor: Any = None, clock: Any = None, run_dir: str | None = None) -> GatewayService:
+def makeService(
+    config: Config, reactor: Any = None, clock: Any = None, run_dir: str | None = None, span_processor: Any = None
+) -> GatewayService:
     """Build the gateway service from a loaded config (see :func:`cch.config.load_config`).
 
     ``clock`` (an ``IReactorTime``, default the reactor) drives every gateway timer: breakers,
     timeouts, send deadlines; tests pass a ``task.Clock``. ``run_dir`` (default: the current
-    directory) is where a relative SQLite ledger and its spill file live. Raises
+    directory) is where a relative SQLite ledger and its spill file live. ``span_processor``
+    (an OpenTelemetry SDK ``SpanProcessor``) is where the turns' spans go when ``[tracing]`` is
+    on, instead of batched OTLP/HTTP exports (docs/tracing.md). Raises
     :class:`cch.usage.store.StoreError` when the ledger's database cannot be used (its driver
     is missing, or its URL is wrong).
     """
@@ -452,4 +470,4 @@ def makeService(config: Config, reactor: Any = None, clock: Any = None, run_dir:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return GatewayService(config, reactor, clock, run_dir)
+    return GatewayService(config, reactor, clock, run_dir, span_processor)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.interfaces import IPushProducer
 
@@ -43,6 +43,17 @@ class ResponseSink(Protocol):
         """The producer registered above is done."""
 
 
+@runtime_checkable
+class UpstreamControl(Protocol):
+    """What a producer registered with a sink may also offer: a way to send a client's control
+    frame (``response.steer``, ``response.inject``) on the upstream socket carrying the turn.
+    Only an upstream Responses WebSocket offers it (cch/upstream/exchange.py); a turn served
+    over HTTP, a translated provider or the HTTP tunnel does not (docs/protocol.md)."""
+
+    def send_control(self, frame: bytes) -> bool:
+        """Send ``frame`` upstream now; False when the socket can no longer take it."""
+
+
 @dataclass
 class RequestContext:
     """What the handler knows about who is asking.
@@ -63,7 +74,11 @@ class RequestContext:
 
 @dataclass(frozen=True)
 class TurnRequest:
-    """One turn as the edge hands it to the tunnel."""
+    """One turn as the edge hands it to the tunnel.
+
+    ``session_id`` names what keeps the turn's upstream socket and transcript: the client
+    connection's session id, or for a turn of a named lane (``stream_id``) that lane's own,
+    ``<connection session id>.<n>`` (docs/protocol.md#lanes)."""
 
     session_id: str
     headers: dict[str, str]

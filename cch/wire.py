@@ -9,6 +9,7 @@ the first change.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from cch.jsoncodec import dumps, dumps_bytes, loads
@@ -152,8 +153,9 @@ def previous_not_found(response_id: str) -> str:
 # (docs/reference-behaviour.md, "Inbound frames and the queue"). Key order is kept, so the bytes an
 # upstream receives are the client's, less those fields.
 
-FRAME_ONLY = ("type", "background")
-"""Fields of a client frame that describe the frame or the transport, not the request."""
+FRAME_ONLY = ("type", "background", "stream_id")
+"""Fields of a client frame that describe the frame or the transport, not the request
+(``stream_id`` names the client connection's lane: it never reaches an upstream)."""
 
 
 def turn_body(fields: dict[str, Any], model: str | None = None) -> dict[str, Any]:
@@ -181,3 +183,116 @@ def upstream_ws_frame(body: dict[str, Any]) -> bytes:
 
 
 _NOT_IN_UPSTREAM_FRAME = tuple(name for name in ("stream", *FRAME_ONLY) if name != "type")
+
+
+# -- the WebSocket mode's lanes and control frames (docs/protocol.md) ------------------------------
+
+CANCEL = "response.cancel"
+STEER = "response.steer"
+INJECT = "response.inject"
+CONTROL_EVENT_TYPES = frozenset({CANCEL, STEER, INJECT})
+"""Client frames acted on as they arrive, not queued behind the turn in flight."""
+
+STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
+"""A lane's ``stream_id``: 1 to 256 ASCII letters, digits, ``_``, ``.`` or ``-``."""
+
+MAX_STREAM_IDS = 32
+"""Distinct named lanes one connection may use (the default lane does not count)."""
+
+MAX_ACTIVE_RESPONSES = 16
+"""Responses in flight at once on one connection; further creates wait for a slot."""
+
+INVALID_STREAM_ID = "invalid_stream_id"
+STREAM_LIMIT = "websocket_stream_limit_reached"
+CANCEL_NOT_ACTIVE = "response_cancel_not_active"
+MESSAGE_TOO_BIG = "upstream_message_too_big"
+"""The error that ends a turn whose frame the upstream refused with close 1009; the client
+connection is then closed 1009 too, so the client learns its message was too big."""
+
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+
+def valid_stream_id(value: Any) -> bool:
+    return isinstance(value, str) and STREAM_ID_PATTERN.fullmatch(value) is not None
+
+
+def with_stream_id(text: str, stream_id: str) -> str:
+    """A JSON object's text with ``"stream_id"`` added as its last member (so it wins over one
+    the object may already carry); anything else unchanged. The id needs no escaping
+    (:data:`STREAM_ID_PATTERN`), so the rest of the text stays byte for byte."""
+    stripped = text.rstrip()
+    if not stripped.endswith("}") or not stripped.lstrip().startswith("{"):
+        return text
+    body = stripped[:-1]
+    if body.strip() == "{":
+        return f'{{"stream_id":"{stream_id}"}}'
+    return f'{body},"stream_id":"{stream_id}"}}'
+
+
+def invalid_stream_id() -> str:
+    """The error for a frame whose ``stream_id`` is not a string of :data:`STREAM_ID_PATTERN`."""
+    return error_event(
+        INVALID_STREAM_ID,
+        "Invalid 'stream_id': expected 1 to 256 ASCII letters, digits, underscores, hyphens or periods.",
+        status=400,
+        kind="invalid_request_error",
+        param="stream_id",
+    )
+
+
+def stream_limit(stream_id: str) -> str:
+    """The error for a connection's 33rd distinct ``stream_id`` (it echoes the id)."""
+    return with_stream_id(
+        error_event(
+            STREAM_LIMIT,
+            f"This WebSocket connection already uses {MAX_STREAM_IDS} stream_id values; open another"
+            " connection for more lanes.",
+            status=400,
+            kind="invalid_request_error",
+            param="stream_id",
+        ),
+        stream_id,
+    )
+
+
+def cancel_not_active() -> str:
+    """The answer to a ``response.cancel`` with no response in progress to stop."""
+    return error_event(
+        CANCEL_NOT_ACTIVE,
+        "Cancellation failed: no active response found.",
+        status=400,
+        kind="invalid_request_error",
+    )
+
+
+def cancelled(response: dict[str, Any] | None) -> str:
+    """The terminal of a cancelled response: ``response.failed`` whose response has status
+    ``cancelled`` (the response of its ``response.created`` when one arrived)."""
+    body = dict(response) if response is not None else {"id": None, "object": "response", "output": []}
+    body["status"] = "cancelled"
+    return _text({"type": "response.failed", "response": body})
+
+
+def steer_failed(code: str, message: str, steer: dict[str, Any]) -> str:
+    """``response.steer.failed`` (code one of the API's, e.g. ``steering_not_supported``),
+    giving the uncommitted input back; ``sequence_number`` 0: it belongs to no response stream."""
+    return _text(
+        {
+            "type": "response.steer.failed",
+            "sequence_number": 0,
+            "error": {"type": "invalid_request_error", "code": code, "message": message},
+            "steer": steer,
+        }
+    )
+
+
+def message_too_big(reason: str | None) -> tuple[str, str]:
+    """Code and message of a turn whose upstream closed its WebSocket 1009."""
+    message = "the upstream closed its WebSocket 1009 (message too big)"
+    return MESSAGE_TOO_BIG, f"{message}: {reason}" if reason else message
+
+
+def _text(obj: Any) -> str:
+    """Compact JSON text that is sure to encode as UTF-8: a lone surrogate (``"\\ud800"`` in
+    what a client or an upstream wrote) stays escaped instead of breaking the frame."""
+    return dumps_bytes(obj).decode("utf-8")

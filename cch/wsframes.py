@@ -11,17 +11,34 @@ frames and invalid UTF-8 (which it fails with the right close code).
 The protocol state read and written here (``data``, Autobahn's read buffer, the payload limits,
 ``state``) is Autobahn's undocumented internals, read inline because a helper would cost a call
 per frame; cch/adapters.py lists it and tests/test_adapters.py checks it is still there.
+
+permessage-deflate (RFC 7692, docs/configuration.md): Autobahn negotiates it and inflates every
+compressed frame. A compressed frame has RSV1 set, so its first byte is never the plain final
+text frame's ``0x81`` and :func:`take_text_frames` always leaves it to Autobahn, whose inflater
+counts the *inflated* size against ``maxMessagePayloadSize`` (a zip bomb is refused with 1009
+before it is inflated past the limit). The frames cch writes itself are compressed, when the
+extension was negotiated, with the connection's own Autobahn compressor
+(:class:`MessageDeflater`), so the zlib stream and its window are the one Autobahn would use.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from autobahn.websocket.compress import (
+    PerMessageDeflate,
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
 from autobahn.websocket.xormasker import create_xor_masker
 
 _FIN_TEXT = 0x81
+_FIN_TEXT_COMPRESSED = 0xC1  # RSV1: the payload is compressed (RFC 7692 section 6)
 
 
 def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], bool | None]) -> None:
@@ -76,25 +93,129 @@ def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], boo
             proto.data = data[pos:]
 
 
-def text_frame_header(size: int) -> bytes:
-    """The header of one final, unmasked text frame (what a server sends)."""
+def text_frame_header(size: int, compressed: bool = False) -> bytes:
+    """The header of one final, unmasked text frame (what a server sends); ``compressed`` sets
+    RSV1 (the payload is a permessage-deflate message)."""
+    first = _FIN_TEXT_COMPRESSED if compressed else _FIN_TEXT
     if size < 126:
-        return bytes((_FIN_TEXT, size))
+        return bytes((first, size))
     if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big")
-    return b"\x81\x7f" + size.to_bytes(8, "big")
+        return bytes((first, 126)) + size.to_bytes(2, "big")
+    return bytes((first, 127)) + size.to_bytes(8, "big")
 
 
-def masked_text_frame(payload: bytes) -> bytes:
-    """One final text frame as a client sends it: masked with a fresh random key."""
+def masked_text_frame(payload: bytes, compressed: bool = False) -> bytes:
+    """One final text frame as a client sends it: masked with a fresh random key;
+    ``compressed`` sets RSV1 (the payload is a permessage-deflate message)."""
+    first = _FIN_TEXT_COMPRESSED if compressed else _FIN_TEXT
     size = len(payload)
     if size < 126:
-        header = bytes((_FIN_TEXT, 0x80 | size))
+        header = bytes((first, 0x80 | size))
     elif size < 65536:
-        header = b"\x81\xfe" + size.to_bytes(2, "big")
+        header = bytes((first, 0xFE)) + size.to_bytes(2, "big")
     else:
-        header = b"\x81\xff" + size.to_bytes(8, "big")
+        header = bytes((first, 0xFF)) + size.to_bytes(8, "big")
     key = os.urandom(4)
     if size:
         payload = create_xor_masker(key, size).process(payload)
     return header + key + payload
+
+
+# -- permessage-deflate (RFC 7692) ----------------------------------------------------------
+
+def memory_level(window_bits: int) -> int:
+    """zlib's ``memLevel`` for a compressor of ``window_bits``: 4 (zlib's default is 8), less for
+    windows under 4 KiB. A compressor holds ``2**(window_bits + 2) + 2**(memLevel + 9)`` bytes:
+    with 32 KiB windows about 144 KiB instead of 256 KiB, for about 1% less compression and 15%
+    more time per message on a turn's events (docs/benchmarks.md, "permessage-deflate")."""
+    return max(1, min(4, window_bits - 8))
+
+
+def refuse_compression(offers: list[Any]) -> None:
+    """A server factory's ``perMessageCompressionAccept`` that accepts nothing."""
+    return None
+
+
+@dataclass(frozen=True)
+class DeflateAccept:
+    """A server factory's ``perMessageCompressionAccept``: the client's first
+    permessage-deflate offer, accepted within ``window_bits``.
+
+    Our compressor (server to client) uses at most ``window_bits`` (less if the client asks);
+    the client is asked to compress with at most ``window_bits`` too when its offer allows it
+    (``client_max_window_bits``), which bounds our inflater; a client that does not allow it
+    may use 32 KiB windows, as RFC 7692 lets it. Context takeover stays on unless the client
+    asks otherwise: Codex repeats its instructions and tools in every frame and a Responses
+    upstream echoes them in three events of every turn, and with the previous copy in the
+    window a repeat costs a few bytes (docs/benchmarks.md, "permessage-deflate").
+    ``max_message_bytes`` (0: none) caps the inflated size of one message, as Autobahn's
+    ``maxMessagePayloadSize`` does."""
+
+    window_bits: int
+    max_message_bytes: int = 0
+
+    def __call__(self, offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                bits = self.window_bits
+                asked = offer.request_max_window_bits
+                return PerMessageDeflateOfferAccept(
+                    offer,
+                    request_max_window_bits=bits if offer.accept_max_window_bits else 0,
+                    window_bits=min(bits, asked) if asked else bits,
+                    mem_level=memory_level(bits),
+                    max_message_size=self.max_message_bytes or None,
+                )
+        return None
+
+
+@dataclass(frozen=True)
+class DeflateResponseAccept:
+    """A client factory's ``perMessageCompressionAccept``: whatever the server answered to
+    :func:`deflate_offers`, with our compressor (client to server) within ``window_bits`` and
+    the inflated size of one message capped at ``max_message_bytes`` (0: none)."""
+
+    window_bits: int
+    max_message_bytes: int = 0
+
+    def __call__(self, response: Any) -> PerMessageDeflateResponseAccept | None:
+        if not isinstance(response, PerMessageDeflateResponse):
+            return None
+        bits = self.window_bits
+        allowed = response.client_max_window_bits
+        return PerMessageDeflateResponseAccept(
+            response,
+            window_bits=min(bits, allowed) if allowed else bits,
+            mem_level=memory_level(bits),
+            max_message_size=self.max_message_bytes or None,
+        )
+
+
+def deflate_offers(window_bits: int) -> list[PerMessageDeflateOffer]:
+    """A client factory's ``perMessageCompressionOffers``: permessage-deflate, the server asked
+    to compress with at most ``window_bits`` (which bounds our inflater)."""
+    return [PerMessageDeflateOffer(request_max_window_bits=window_bits)]
+
+
+def negotiated_deflate(proto: Any) -> MessageDeflater | None:
+    """The compressor of an open connection that negotiated permessage-deflate, else None."""
+    for extension in getattr(proto, "websocket_extensions_in_use", None) or ():
+        if isinstance(extension, PerMessageDeflate):
+            return MessageDeflater(extension)
+    return None
+
+
+class MessageDeflater:
+    """Compresses one whole message with a connection's negotiated permessage-deflate context
+    (Autobahn's own, so frames Autobahn sends and frames cch writes share one zlib stream,
+    in the order they are written)."""
+
+    __slots__ = ("_pmce",)
+
+    def __init__(self, pmce: PerMessageDeflate) -> None:
+        self._pmce = pmce
+
+    def __call__(self, payload: bytes) -> bytes:
+        pmce = self._pmce
+        pmce.start_compress_message()
+        return pmce.compress_message_data(payload) + pmce.end_compress_message()

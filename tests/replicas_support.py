@@ -228,7 +228,7 @@ class Replica:
 
     async def logged(self, name: str) -> None:
         """Until the replica logs the event ``name`` (fails if it ends first)."""
-        await self.child.wait_for(rf"#\w+\] {re.escape(name)}$")
+        await self.child.wait_for(rf" {re.escape(name)}(?: |$)")
 
     def signal(self, name: str) -> None:
         if self.child.running and self.child.transport is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cch.config import (
     PriceConfig,
     ProviderConfig,
     ServerConfig,
+    TracingConfig,
     TunnelConfig,
     UpstreamWebSocketConfig,
     UsageConfig,
@@ -320,8 +322,8 @@ def test_non_utf8_file_is_refused() -> None:
 def test_unknown_table_names_file_and_table_and_lists_allowed() -> None:
     assert error("[sever]\nlisten = 'tcp:1'\n") == (
         "cch.toml: sever: unknown table; did you mean server? (allowed tables: breaker, "
-        "cluster, continuity, key_defaults, keys, limits, prices, providers, server, tunnel, "
-        "upstream_websocket, usage)"
+        "cluster, continuity, key_defaults, keys, limits, prices, providers, server, tracing, "
+        "tunnel, upstream_websocket, usage)"
     )
 
 
@@ -338,7 +340,7 @@ def test_unknown_key_names_file_and_key() -> None:
         "(allowed: auth_failure_limit, "
         "auth_failure_window, auto_ping_interval, auto_ping_timeout, handshake_timeout, "
         "max_json_response_bytes, max_message_bytes, max_pending_bytes, max_pending_frames, "
-        "max_request_body_bytes, max_upstream_event_bytes, outbound_send_timeout)"
+        "max_request_body_bytes, max_upstream_event_bytes, outbound_send_timeout, websocket_compression, websocket_compression_window_bits)"
     )
 
 
@@ -1770,11 +1772,9 @@ def test_every_schema_env_var_is_honoured() -> None:
         if name is None or kind not in values:
             continue
         section, key = dotted.split(".")
-        config = load(PRICE, {name: values[kind]})  # a price, for key_defaults.budget_per_month
-        assert (
-            getattr(getattr(config, section), key)
-            == {"false": False, "3": 3, "3.5": 3.5}[values[kind]]
-        ), name
+        value = "12" if key.endswith("window_bits") else values[kind]  # windows are 9..15 bits
+        config = load(PRICE, {name: value})  # a price, for key_defaults.budget_per_month
+        assert getattr(getattr(config, section), key) == {"false": False, "3": 3, "12": 12, "3.5": 3.5}[value], name
 
 
 # --- demo_config ------------------------------------------------------------------------------
@@ -1823,6 +1823,7 @@ SECTION_CLASSES = {
     "usage": UsageConfig,
     "key_defaults": KeyLimitsConfig,
     "cluster": ClusterConfig,
+    "tracing": TracingConfig,
     "keys[]": ClientKey,
     "providers[]": ProviderConfig,
     "prices[]": PriceConfig,
@@ -2012,3 +2013,71 @@ def test_config_schema_lists_the_cluster_keys_and_their_variables() -> None:
 def test_the_cluster_config_never_shows_the_redis_password_in_its_repr() -> None:
     config = load('[cluster]\nredis = "redis://:s3cret@h:6379/0"\n')
     assert "s3cret" not in repr(config.cluster) and "s3cret" not in repr(config)
+
+
+# --- [tracing] --------------------------------------------------------------------------------
+
+
+def test_tracing_is_off_by_default() -> None:
+    assert load("").tracing == TracingConfig(enabled=False)
+
+
+def test_tracing_is_turned_on_by_the_file_or_the_environment() -> None:
+    assert load("[tracing]\nenabled = true\n").tracing.enabled
+    assert load("", {"CCH_TRACING_ENABLED": "true"}).tracing.enabled
+    assert not load("[tracing]\nenabled = true\n", {"CCH_TRACING_ENABLED": "0"}).tracing.enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "where"),
+    [
+        ("[tracing]\nenabled = true\n", {}, "cch.toml: tracing.enabled"),
+        ("", {"CCH_TRACING_ENABLED": "1"}, "environment: CCH_TRACING_ENABLED"),
+    ],
+)
+def test_tracing_without_the_otel_extra_is_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, text: str, env: dict[str, str], where: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if not installed
+    message = error(text, env)
+    assert message.startswith(f"{where}: needs OpenTelemetry, which is not installed ")
+    assert "pip install 'cch[otel]'" in message
+    # Off, nothing is asked of the packages.
+    assert not load("[tracing]\nenabled = false\n").tracing.enabled
+
+
+# --- permessage-deflate ([limits] websocket_compression*, [upstream_websocket] compression*) ---
+
+
+def test_compression_is_on_at_the_edge_and_off_upstream_with_32_kib_windows_by_default() -> None:
+    config = load("")
+    assert (config.limits.websocket_compression, config.limits.websocket_compression_window_bits) == (True, 15)
+    assert (config.upstream_websocket.compression, config.upstream_websocket.compression_window_bits) == (False, 15)
+
+
+def test_compression_is_set_by_the_file_or_the_environment() -> None:
+    config = load(
+        "[limits]\nwebsocket_compression = false\nwebsocket_compression_window_bits = 9\n"
+        "[upstream_websocket]\ncompression = false\ncompression_window_bits = 12\n"
+    )
+    assert (config.limits.websocket_compression, config.limits.websocket_compression_window_bits) == (False, 9)
+    assert (config.upstream_websocket.compression, config.upstream_websocket.compression_window_bits) == (False, 12)
+    env = {"CCH_LIMITS_WEBSOCKET_COMPRESSION_WINDOW_BITS": "10", "CCH_UPSTREAM_WEBSOCKET_COMPRESSION": "1"}
+    config = load("", env)
+    assert config.limits.websocket_compression_window_bits == 10 and config.upstream_websocket.compression
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "where", "got"),
+    [
+        ("[limits]\nwebsocket_compression_window_bits = 8\n", {}, "cch.toml: limits.websocket_compression_window_bits", 8),
+        ("[upstream_websocket]\ncompression_window_bits = 16\n", {}, "cch.toml: upstream_websocket.compression_window_bits", 16),
+        ("", {"CCH_LIMITS_WEBSOCKET_COMPRESSION_WINDOW_BITS": "3"}, "environment: CCH_LIMITS_WEBSOCKET_COMPRESSION_WINDOW_BITS", 3),
+    ],
+)
+def test_a_compression_window_outside_9_to_15_bits_is_refused_saying_what_it_means(
+    text: str, env: dict[str, str], where: str, got: int
+) -> None:
+    assert error(text, env) == (
+        f"{where}: must be 9..15: a permessage-deflate window of 2**bits bytes, 512 B to 32 KiB (got {got})"
+    )

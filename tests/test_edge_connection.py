@@ -476,3 +476,39 @@ def test_a_send_on_a_closed_socket_closes_1011_outbound_socket_closed(parts: Any
     tunnel.turns[0].events(COMPLETED)
     assert channel.closes == [(1011, "outbound_socket_closed")]
     assert tunnel.turns[0].cancelled
+
+
+# -- beside lanes and control frames (docs/protocol.md): the default lane is unchanged ---------
+
+
+def test_a_cancel_acts_at_once_and_leaves_the_queue_and_its_order_alone(parts: Any) -> None:
+    conn, channel, tunnel, _, _ = parts
+    send(conn, create())
+    send(conn, "{nope")
+    send(conn, create("second"))
+    send(conn, json.dumps({"type": "response.cancel"}))  # not queued behind the turn it stops
+    assert tunnel.turns[0].cancelled
+    assert [f.get("type") for f in channel.frames] == ["response.failed", "error"]
+    assert channel.frames[1]["error"]["code"] == "invalid_json"  # then the queue, in order
+    assert [t.request.body["model"] for t in tunnel.turns] == ["gpt-5.5", "second"]
+    assert len(conn.pending) == 0 and conn.pending_frames == 0
+
+
+def test_a_queued_frame_keeps_only_its_text_and_is_read_again_when_its_turn_comes(parts: Any) -> None:
+    conn, _, tunnel, _, _ = parts
+    send(conn, create())
+    send(conn, create("queued"))
+    (waiting,) = conn.pending
+    assert waiting.frame is None and not waiting.parsed and waiting.text == create("queued")
+    tunnel.turns[0].events(COMPLETED)
+    tunnel.turns[0].finish()
+    assert tunnel.turns[1].request.body == {"model": "queued", "input": [], "stream": True}
+
+
+def test_the_default_lanes_session_is_the_connections(parts: Any) -> None:
+    conn, _, tunnel, _, released = parts
+    send(conn, create())
+    assert tunnel.turns[0].request.session_id == conn.session_id
+    assert conn.session_ids == [conn.session_id]
+    conn.connection_lost()
+    assert released == [conn.session_id]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
 import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -505,3 +513,104 @@ def test_batched_observer_writes_at_once_when_the_reactor_is_not_running() -> No
     observer({"log_format": "Server Shut Down.", "log_level": LogLevel.info, "log_time": 0.0, "log_namespace": "t"})
     assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()] == ["batched", "Server Shut Down."]
     assert clock.getDelayedCalls() == []
+
+
+# --- twistd -n cch: which observer, and fields shown ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "logger"),
+    [
+        (["-n", "cch", "--demo"], "twistd_text_observer"),
+        (["-n", "--logfile", "-", "cch", "--demo"], "twistd_text_observer"),
+        (["-n", "--logger", "cch.logs.twistd_observer", "cch", "--demo"], "twistd_observer"),
+        (["-n", "--logfile", "cch.log", "cch", "--demo"], None),  # twistd's own file observer
+        (["-n", "--syslog", "cch", "--demo"], None),
+        (["cch", "--demo"], None),  # a daemon logs to twistd.log, as twistd does
+    ],
+)
+def test_plain_twistd_logs_with_our_observer_unless_told_where_logs_go(
+    argv: list[str], logger: str | None
+) -> None:
+    from twisted.scripts.twistd import ServerOptions
+
+    import cch.logs
+
+    options = ServerOptions()
+    options.parseOptions(argv)
+    expected = None if logger is None else getattr(cch.logs, logger)
+    assert options["logger"] is expected
+
+
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+CCH = "from cch.cli import main; main()"
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+def output_until(code: str, args: list[str], pattern: str, env: dict[str, str], cwd: Path, *, tty: bool) -> str:
+    """Run ``python -c code args`` (its output on a pseudo-terminal, or a pipe) until a line
+    matches ``pattern`` (30 s at most), then SIGTERM it; its output so far."""
+    argv = [sys.executable, "-c", code, *args]
+    environment = {"PATH": os.environ.get("PATH", os.defpath), **env}
+    if tty:
+        reading, writing = pty.openpty()
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=writing, stderr=writing, env=environment, cwd=cwd)
+        os.close(writing)
+    else:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, cwd=cwd)
+        assert child.stdout is not None
+        reading = child.stdout.fileno()
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while re.search(pattern, seen.decode("utf-8", "replace").replace("\r\n", "\n"), re.M) is None:
+            ready, _, _ = select.select([reading], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no line matching {pattern!r} within 30 s:\n{seen.decode(errors='replace')}"
+            try:
+                chunk = os.read(reading, 65536)
+            except OSError:  # a pseudo-terminal whose child has gone
+                chunk = b""
+            assert chunk, f"ended without a line matching {pattern!r}:\n{seen.decode(errors='replace')}"
+            seen += chunk
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        if tty:
+            os.close(reading)
+        elif child.stdout is not None:
+            child.stdout.close()
+    return seen.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+LISTENING_TEXT = r"^\d\d:\d\d:\d\d\.\d{3} INFO server_listening hostname=127\.0\.0\.1 port=\d+ tunnel=in-process"
+DEMO_READY_TEXT = r"^\S+ INFO demo_ready url=ws://127\.0\.0\.1:\d+/v1/responses$"  # logged after it
+
+
+def test_twistd_n_cch_shows_each_events_fields(tmp_path: Path) -> None:
+    output = output_until(TWISTD, ["-n", "--pidfile=", "cch", "--demo", "--listen", LOOPBACK], DEMO_READY_TEXT, {}, tmp_path, tty=False)
+    assert re.search(LISTENING_TEXT, output, re.M), output
+    assert "] server_listening\n" not in output  # not twistd's own format, which drops the fields
+
+
+def test_cch_on_a_terminal_shows_each_events_fields(tmp_path: Path) -> None:
+    output = output_until(CCH, ["--demo", "--listen", LOOPBACK], DEMO_READY_TEXT, {}, tmp_path, tty=True)
+    assert re.search(LISTENING_TEXT, output, re.M), output
+
+
+def test_twistd_n_cch_with_json_logs_writes_json_lines_as_before(tmp_path: Path) -> None:
+    output = output_until(
+        TWISTD,
+        ["-n", "--pidfile=", "cch", "--demo", "--listen", LOOPBACK],
+        r'^\{.*"msg":"server_listening"',
+        {"CCH_LOG_FORMAT": "json"},
+        tmp_path,
+        tty=True,
+    )
+    (line,) = [line for line in output.splitlines() if '"msg":"server_listening"' in line]
+    record = json.loads(line)
+    assert (record["level"], record["ns"], record["hostname"], record["tunnel"]) == ("info", "cch.service", "127.0.0.1", "in-process")
+    assert isinstance(record["port"], int)

@@ -16,12 +16,15 @@ timer is moved by ``Clock.advance`` and every wait is on an I/O event.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 import pytest_twisted
 import upstream_ws_support as support
 from conftest import event_types as types
+from conftest import eventually, within
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from upstream_ws_support import (
     COMPLETED,
@@ -40,8 +43,11 @@ from upstream_ws_support import (
     turn_failure_of,
 )
 
+from cch.config import UpstreamWebSocketConfig
 from cch.testing import FakeUpstream
 from cch.testing.scripts import Close, Delay, Event, Script, hold
+from cch.upstream.pool import Target, UpstreamWSPool
+from cch.upstream.ws import UpstreamConnection
 
 # The shared fixtures, bound (not imported) so that ruff does not take the test parameters
 # for redefinitions of unused imports.
@@ -309,3 +315,87 @@ async def test_close_all_closes_every_socket_1000_retained_active_and_connecting
     assert failure.reason == "ws_error_pre_first_event" and not failure.cacheable
     await silent.lost(0)
     assert silent.connections[0].data.endswith(b"\r\n\r\n")  # nothing after the upgrade request
+
+
+# --- permessage-deflate towards the upstream (upstream_websocket.compression) ------------------
+#
+# The fake upstream accepts permessage-deflate when it is offered. Most of these tests open
+# sockets through the pool's ``open_socket``; the last one through the pool's own.
+
+INSTRUCTIONS = "You are Codex, a coding agent. Follow the repository's conventions. " * 160  # ~11 KB
+OFFER = "permessage-deflate; client_no_context_takeover; client_max_window_bits; server_max_window_bits=12"
+
+
+@pytest_twisted.async_yield_fixture
+async def deflating_pool(clock: Clock) -> Any:
+    """A pool on ``clock`` whose sockets offer permessage-deflate with 4 KiB windows."""
+
+    def open_socket(target: Target) -> UpstreamConnection:
+        return UpstreamConnection(
+            reactor,
+            clock,
+            target.url,
+            dict(target.headers),
+            handshake_timeout=10.0,
+            max_message_bytes=target.max_event_bytes,
+            deflate_window_bits=12,
+        )
+
+    pool = UpstreamWSPool(reactor, clock, UpstreamWebSocketConfig(compression=True), open_socket=open_socket)
+    yield pool
+    await pool.close_all()
+    assert pool.sockets == set() and pool.entries == {}
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_offering_deflate_to_an_upstream_that_accepts_it_compresses_both_ways(
+    fake: FakeUpstream, deflating_pool: UpstreamWSPool
+) -> None:
+    first, first_sink = await turn(deflating_pool, fake.ws_url, instructions=INSTRUCTIONS)
+    # The retained socket's zlib streams carry over to the next turn (context takeover).
+    second, sink = await turn(deflating_pool, fake.ws_url, instructions=INSTRUCTIONS)
+    assert (first.reused, second.reused) == (False, True)
+    assert types(first_sink.events)[-1] == types(sink.events)[-1] == "response.completed"
+    assert fake.ws_connections[0].headers["sec-websocket-extensions"] == OFFER
+    assert deflating_pool.entries["sess-1"].conn.compressed
+    # What the socket compressed reached the upstream whole.
+    assert [r.body["instructions"] for r in fake.requests] == [INSTRUCTIONS, INSTRUCTIONS]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_event_inflating_past_max_event_bytes_ends_the_turn_and_drops_the_socket(
+    fake: FakeUpstream, deflating_pool: UpstreamWSPool
+) -> None:
+    cap = 64 * 1024
+    # 8 MiB of delta: about 8 KiB once the fake compresses it, far under the cap on the wire.
+    fake.enqueue(Script((Event(CREATED), Event({"type": "response.output_text.delta", "delta": "x" * (8 << 20)}), Event(COMPLETED))))
+    target = Target.of("primary", fake.ws_url, HEADERS, "sess-1", max_event_bytes=cap)
+    outcome = await within(deflating_pool.exchange(target, json.dumps({"type": "response.create"})), "the first event")
+    sink = RecordingSink()
+    await within(outcome.exchange.deliver(sink), "the turn's end")
+    assert types(sink.events) == ["response.created", "error"]
+    assert sink.events[-1]["error"]["code"] == "upstream_event_too_large"
+    assert (await within(fake.wait_for_ws_close(0), "the upstream socket to go")).closed
+    await eventually(lambda: not deflating_pool.sockets, "the pool to forget the socket")
+    assert deflating_pool.entries == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_pool_offers_deflate_when_upstream_websocket_compression_is_on(
+    fake: FakeUpstream, make_pool: Any
+) -> None:
+    pool = make_pool(compression=True, compression_window_bits=12)
+    await turn(pool, fake.ws_url)
+    assert fake.ws_connections[0].headers.get("sec-websocket-extensions") == OFFER
+    assert pool.entries["sess-1"].conn.compressed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_pool_offers_no_deflate_when_upstream_websocket_compression_is_off(
+    fake: FakeUpstream, make_pool: Any
+) -> None:
+    pool = make_pool(compression=False)
+    await turn(pool, fake.ws_url)
+    assert "sec-websocket-extensions" not in fake.ws_connections[0].headers
+    assert not pool.entries["sess-1"].conn.compressed

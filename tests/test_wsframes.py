@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import struct
+import tracemalloc
+import zlib
 from typing import Any
 
 import pytest
@@ -26,8 +28,10 @@ from twisted.python.failure import Failure
 from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, split
 
 from cch.config import LimitsConfig
+from cch.edge.factory import EdgeFactory
 from cch.edge.protocol import EdgeProtocol
 from cch.upstream.ws import CLOSED, OPEN, SocketClosed, UpstreamConnection
+from cch.writes import write_batch
 from cch.wsframes import masked_text_frame, text_frame_header
 
 
@@ -53,7 +57,11 @@ class Consumer:
 class Upstream:
     """An upstream connection whose socket is a StringTransport, handshake done."""
 
-    def __init__(self, max_message_bytes: int = 0) -> None:
+    def __init__(
+        self, max_message_bytes: int = 0, deflate_window_bits: int | None = None, extension: bytes | None = None
+    ) -> None:
+        """``deflate_window_bits``: the socket offers permessage-deflate; ``extension``: the
+        server's ``Sec-WebSocket-Extensions`` answer (none: the offer is declined)."""
         self.clock = Clock()
         self.conn = UpstreamConnection(
             self.clock,
@@ -62,6 +70,7 @@ class Upstream:
             {"authorization": "Bearer k"},
             handshake_timeout=10,
             max_message_bytes=max_message_bytes,
+            deflate_window_bits=deflate_window_bits,
         )
         self.consumer = Consumer()
         self.conn.consumer = self.consumer
@@ -75,10 +84,15 @@ class Upstream:
             for line in request.split(b"\r\n")
             if line.lower().startswith(b"sec-websocket-key:")
         )
+        self.offered = next(
+            (line.split(b":", 1)[1].strip() for line in request.split(b"\r\n") if line.lower().startswith(b"sec-websocket-extensions:")),
+            None,
+        )
         accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        answer = b"Sec-WebSocket-Extensions: " + extension + b"\r\n" if extension else b""
         self.proto.dataReceived(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n" + answer + b"\r\n"
         )
         assert self.conn.state == OPEN and self.consumer.opened == 1
 
@@ -330,6 +344,7 @@ def test_a_client_frame_over_the_limit_closes_1009_and_one_at_the_limit_passes()
     e.feed(client_frame(b"a" * 200) + client_frame(b"b" * 201) + client_frame(b"never"))
     assert e.texts == ["a" * 200]
     assert e.close_code() == 1009
+    assert e.transport.disconnecting  # after the close frame: the rest is never read
 
 
 def test_fragmented_binary_and_ping_frames_from_a_client_still_work() -> None:
@@ -529,3 +544,316 @@ def _upstream_outcome(autobahn_only: bool, limit: int, chunks: list[bytes]) -> t
 def test_the_upstream_fast_path_behaves_exactly_like_autobahn(data: bytes, limit: int, cuts: list[int]) -> None:
     chunks = split(data, cuts)
     assert _upstream_outcome(False, limit, chunks) == _upstream_outcome(True, limit, chunks)
+
+
+# --- permessage-deflate: compressed frames (RSV1) never take the fast path ----------------------
+#
+# With permessage-deflate negotiated, a peer may send any message compressed (RSV1 set, the first
+# byte 0xC1) or plain (0x81). The fast path takes only plain final text frames; compressed ones
+# are inflated by Autobahn, whose zlib stream is the one both ends keep across messages (context
+# takeover), so a compressed frame taken for a plain one would hand the raw deflate bytes on and
+# leave the stream one message behind.
+
+DEFLATE_OFFER = b"permessage-deflate; client_max_window_bits"
+
+
+class Deflater:
+    """A peer's permessage-deflate compressor: one zlib stream across messages."""
+
+    def __init__(self, window_bits: int = 15) -> None:
+        self.z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits)
+
+    def __call__(self, payload: bytes) -> bytes:
+        data = self.z.compress(payload) + self.z.flush(zlib.Z_SYNC_FLUSH)
+        assert data.endswith(b"\x00\x00\xff\xff")
+        return data[:-4]
+
+
+class Inflater:
+    """A peer's permessage-deflate decompressor."""
+
+    def __init__(self) -> None:
+        self.z = zlib.decompressobj(-15)
+
+    def __call__(self, payload: bytes) -> bytes:
+        return self.z.decompress(payload + b"\x00\x00\xff\xff")
+
+
+def raw_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(first byte, unmasked payload) of each frame: the first byte shows FIN, RSV1 and opcode."""
+    firsts, pos = [], 0
+    while pos < len(data):
+        firsts.append(data[pos])
+        length = data[pos + 1] & 0x7F
+        skip = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if data[pos + 1] & 0x80 else 0)
+        pos += skip + read_frame_length(data, pos)
+    return list(zip(firsts, [payload for _, payload in read_frames(data)], strict=True))
+
+
+def read_frame_length(data: bytes, pos: int) -> int:
+    length = data[pos + 1] & 0x7F
+    if length == 126:
+        return int(struct.unpack("!H", data[pos + 2 : pos + 4])[0])
+    if length == 127:
+        return int(struct.unpack("!Q", data[pos + 2 : pos + 10])[0])
+    return length
+
+
+def open_deflate_edge(
+    limits: LimitsConfig | None = None, protocol: type[EdgeProtocol] | None = None, offer: bytes = DEFLATE_OFFER
+) -> tuple[EdgeProtocol, Any, bytes]:
+    """A production edge protocol (or ``protocol``) upgraded by a client offering ``offer``;
+    the handshake answer's ``Sec-WebSocket-Extensions`` (empty when declined)."""
+    clock = Clock()
+    factory = EdgeFactory(tunnel=None, limits=limits or LimitsConfig(), clock=clock, reactor=clock)  # type: ignore[arg-type]
+    if protocol is not None:
+        factory.protocol = protocol
+    proto = factory.buildProtocol(None)
+    transport = Transport()
+    proto.makeConnection(transport)
+    proto.dataReceived(
+        b"GET /v1/responses HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Extensions: " + offer + b"\r\n\r\n"
+    )
+    assert proto.state == proto.STATE_OPEN
+    head = transport.value().split(b"\r\n\r\n")[0]
+    answer = next(
+        (line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-extensions:")),
+        b"",
+    )
+    transport.clear()
+    transport.writes = 0
+    return proto, transport, answer
+
+
+class DeflateEdge(Edge):
+    """:class:`Edge` whose client negotiated permessage-deflate."""
+
+    def __init__(self, max_message_bytes: int | None = None, offer: bytes = DEFLATE_OFFER) -> None:
+        limits = LimitsConfig() if max_message_bytes is None else LimitsConfig(max_message_bytes=max_message_bytes)
+        self.proto, self.transport, self.answer = open_deflate_edge(limits, offer=offer)
+        self.texts, self.sizes, self.binary = [], [], 0
+        edge = self.proto.edge
+        assert edge is not None
+        edge.text_received = self._text  # type: ignore[method-assign]
+        edge.binary_received = self._binary  # type: ignore[method-assign]
+        self.deflate = Deflater(12)  # the window the edge asked the client for
+
+    def compressed(self, payload: bytes, **options: Any) -> bytes:
+        return client_frame(self.deflate(payload), rsv=4, **options)
+
+
+def test_the_edge_accepts_deflate_within_its_window_limit() -> None:
+    assert DeflateEdge().answer == b"permessage-deflate; client_max_window_bits=15"  # the default
+
+    def answer(offer: bytes, bits: int = 12) -> bytes:
+        return open_deflate_edge(LimitsConfig(websocket_compression_window_bits=bits), offer=offer)[2]
+
+    # The client is asked to keep its window within the limit when its offer lets us ask.
+    assert answer(DEFLATE_OFFER) == b"permessage-deflate; client_max_window_bits=12"
+    # A client asking for a smaller server window gets it; one that does not let the server
+    # choose its window is still accepted (its own window may be up to 32 KiB).
+    assert answer(b"permessage-deflate; server_max_window_bits=10") == b"permessage-deflate; server_max_window_bits=10"
+    assert answer(b"permessage-deflate; server_no_context_takeover") == (
+        b"permessage-deflate; server_no_context_takeover"
+    )
+    assert answer(b"permessage-deflate") == b"permessage-deflate"
+    _, _, refused = open_deflate_edge(LimitsConfig(websocket_compression=False))
+    assert refused == b""
+
+
+def test_the_edges_compressor_stays_within_the_window_limit() -> None:
+    proto, _, _ = open_deflate_edge(LimitsConfig(websocket_compression_window_bits=10))
+    [pmce] = proto.websocket_extensions_in_use
+    assert (pmce.server_max_window_bits, pmce.client_max_window_bits, pmce.mem_level) == (10, 10, 2)
+    proto, _, _ = open_deflate_edge(LimitsConfig(), offer=b"permessage-deflate; server_max_window_bits=11")
+    [pmce] = proto.websocket_extensions_in_use
+    assert (pmce.server_max_window_bits, pmce.client_max_window_bits, pmce.mem_level) == (11, 15, 4)
+
+
+def test_compressed_client_frames_are_inflated_by_autobahn_between_plain_ones() -> None:
+    e = DeflateEdge()
+    texts = [json.dumps({"type": "response.create", "n": i, "instructions": "You are Codex. " * (i * 40)}) for i in range(12)]
+    wire = b"".join(e.compressed(t.encode()) if i % 3 else client_frame(t.encode()) for i, t in enumerate(texts))
+    e.feed(wire)
+    assert e.texts == texts
+    assert e.sizes == [len(t.encode()) for t in texts]  # the inflated size, as limits count it
+    assert e.close_code() is None
+
+
+def test_a_compressed_client_frame_split_byte_by_byte_arrives_once() -> None:
+    e = DeflateEdge()
+    data = e.compressed(b"x" * 3000) + client_frame(b"plain") + e.compressed(b"y" * 300)
+    e.feed(*(data[i : i + 1] for i in range(len(data))))
+    assert e.texts == ["x" * 3000, "plain", "y" * 300]
+
+
+@pytest.mark.parametrize(
+    "bad, code",
+    [
+        (b"compressed-ping", 1002),
+        (b"compressed-continuation", 1002),
+        (b"rsv2", 1002),
+        (b"not-deflate", 1007),
+        (b"invalid-utf8", 1007),
+    ],
+)
+def test_bad_compressed_client_frames_close_the_connection_like_autobahn(bad: bytes, code: int) -> None:
+    e = DeflateEdge()
+    frames = {
+        b"compressed-ping": client_frame(b"", opcode=9, rsv=4),
+        b"compressed-continuation": client_frame(b"ab", fin=False) + client_frame(e.deflate(b"c"), opcode=0, rsv=4),
+        b"rsv2": client_frame(e.deflate(b"x"), rsv=6),
+        b"not-deflate": client_frame(b"\xff\xff\xff\xff", rsv=4),
+        b"invalid-utf8": e.compressed(b"\xff\xfe"),
+    }
+    e.feed(e.compressed(b"ok") + frames[bad] + client_frame(b"never"))
+    assert e.texts == ["ok"]
+    assert e.close_code() == code
+
+
+@pytest.mark.parametrize("fragments", [1, 4])
+def test_a_compressed_message_inflating_past_the_limit_closes_1009_before_it_is_inflated(fragments: int) -> None:
+    limit = 64 * 1024
+    e = DeflateEdge(max_message_bytes=limit)
+    bomb = e.deflate(b" " * (64 * 1024 * 1024))  # 64 MiB of spaces: about 64 KiB on the wire
+    assert len(bomb) < limit
+    cut = len(bomb) // fragments + 1
+    parts = [bomb[i : i + cut] for i in range(0, len(bomb), cut)]
+    wire = b"".join(
+        client_frame(part, opcode=0 if i else 1, fin=i == len(parts) - 1, rsv=0 if i else 4)
+        for i, part in enumerate(parts)
+    )
+    tracemalloc.start()
+    try:
+        e.feed(e.compressed(b"a" * limit) + wire + client_frame(b"never"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert e.texts == ["a" * limit]  # at the limit, inflated: still fine
+    assert e.close_code() == 1009
+    assert e.transport.disconnecting  # the 1009, then the TCP connection closed: nothing more is read
+    assert e.proto.edge is not None and e.proto.edge.closed
+    assert peak < 8 * limit  # never inflated much past the limit (64 MiB if it had been)
+
+
+def test_the_edge_writes_compressed_frames_with_rsv1_once_deflate_was_negotiated() -> None:
+    e = DeflateEdge()
+    texts = [json.dumps({"type": "response.output_text.delta", "sequence_number": i, "delta": "é" * i}) for i in range(50)]
+    sizes = [e.proto.send_text(t) for t in texts]
+    assert sizes == [len(t.encode()) for t in texts]  # what the edge counts: the message's size
+    frames = raw_frames(e.transport.value())
+    assert {first for first, _ in frames} == {0xC1}  # final, RSV1, text
+    inflate = Inflater()
+    assert [inflate(payload).decode() for _, payload in frames] == texts
+    assert sum(len(p) for _, p in frames) < sum(sizes) / 3  # context takeover between events
+
+
+def test_the_edge_writes_plain_frames_to_a_client_that_did_not_offer_deflate() -> None:
+    e = Edge()
+    e.proto.send_text('{"type":"response.created"}')
+    assert raw_frames(e.transport.value()) == [(0x81, b'{"type":"response.created"}')]
+
+
+def test_frames_the_edge_writes_and_those_autobahn_writes_share_one_stream_in_order() -> None:
+    proto, transport, _ = open_deflate_edge()
+    inflate = Inflater()
+    with write_batch:
+        proto.send_text("one")
+        proto.sendMessage(b"two", isBinary=True)  # Autobahn's compressor: the same one
+        proto.send_text("three")
+    frames = raw_frames(transport.value())
+    assert [first for first, _ in frames] == [0xC1, 0xC2, 0xC1]
+    assert [inflate(payload) for _, payload in frames] == [b"one", b"two", b"three"]
+
+
+def test_upstream_frames_compressed_or_plain_arrive_in_order_and_inflated() -> None:
+    h = Upstream(deflate_window_bits=12, extension=b"permessage-deflate; server_max_window_bits=12")
+    assert h.offered == b"permessage-deflate; client_no_context_takeover; client_max_window_bits; server_max_window_bits=12"
+    deflate = Deflater(12)
+    events = [f'{{"type":"response.output_text.delta","n":{i},"delta":"{"x" * (i * 7)}"}}' for i in range(40)]
+    wire = b"".join(frame(deflate(ev.encode()), rsv=4) if i % 2 else frame(ev.encode()) for i, ev in enumerate(events))
+    h.feed(*split(wire, [17, 230, 231, 999]))
+    assert h.texts() == events
+    assert [size for _, size in h.consumer.messages] == [len(ev.encode()) for ev in events]
+
+
+def test_the_upstream_socket_compresses_what_it_sends_once_deflate_was_negotiated() -> None:
+    h = Upstream(deflate_window_bits=12, extension=b"permessage-deflate; server_max_window_bits=12")
+    frames = [json.dumps({"type": "response.create", "instructions": "You are Codex. " * 700, "n": n}) for n in range(3)]
+    for text in frames:
+        h.conn.send(text)
+    sent = raw_frames(h.transport.value())
+    assert [first for first, _ in sent] == [0xC1] * 3
+    inflate = Inflater()
+    assert [inflate(payload).decode() for _, payload in sent] == frames
+    assert sum(len(p) for _, p in sent) < sum(len(f) for f in frames) / 20
+
+
+def test_an_upstream_that_declines_deflate_gets_plain_frames() -> None:
+    h = Upstream(deflate_window_bits=12)
+    h.conn.send("plain")
+    assert raw_frames(h.transport.value()) == [(0x81, b"plain")]
+    h.feed(frame(b"x", rsv=4))  # compressed, though not negotiated: a protocol error
+    assert h.texts() == [] and h.transport.disconnecting
+
+
+def test_a_compressed_upstream_message_inflating_past_the_limit_drops_the_socket() -> None:
+    h = Upstream(max_message_bytes=1000, deflate_window_bits=12, extension=b"permessage-deflate; server_max_window_bits=12")
+    deflate = Deflater(12)
+    h.feed(frame(deflate(b"a" * 1000), rsv=4) + frame(deflate(b"b" * 10_000_000), rsv=4) + frame(b"after"))
+    assert h.texts() == ["a" * 1000]
+    h.lose()
+    [(code, _, failure, _)] = h.consumer.closed
+    assert code == 1006 and "exceeds payload limit of 1000 octets" in failure
+
+
+# The differential test again, with permessage-deflate negotiated: random frames, compressed
+# (from one zlib stream, in order) or plain, good or bad, in any split, to the production edge and
+# to Autobahn alone. Outcomes must match, the edge's own compressed replies ("send") included.
+
+
+@st.composite
+def _deflate_frames(draw: Any) -> bytes:
+    deflate = Deflater(12)
+    out = b""
+    for _ in range(draw(st.integers(min_value=1, max_value=6))):
+        payload = draw(_payload())
+        kind = draw(st.sampled_from(["compressed"] * 5 + ["plain"] * 3 + ["fragmented", "control", "rsv2", "garbage"]))
+        mask = os.urandom(4)
+        if kind == "compressed":
+            out += frame(deflate(payload), rsv=4, mask=mask)
+        elif kind == "plain":
+            out += frame(payload, mask=mask)
+        elif kind == "fragmented":
+            data = deflate(payload)
+            half = len(data) // 2
+            out += frame(data[:half], rsv=4, fin=False, mask=mask) + frame(data[half:], opcode=0, mask=mask)
+        elif kind == "control":
+            out += frame(payload[:10], opcode=draw(st.sampled_from([9, 10])), rsv=draw(st.sampled_from([0, 4])), mask=mask)
+        elif kind == "rsv2":
+            out += frame(payload, rsv=2, mask=mask)
+        else:
+            out += frame(b"\xff" + payload[:20], rsv=4, mask=mask)  # not a deflate stream
+    return out
+
+
+def _deflate_edge_outcome(cls: type[_RecordingEdge], limit: int, chunks: list[bytes]) -> tuple[Any, ...]:
+    proto, transport, _ = open_deflate_edge(LimitsConfig(max_message_bytes=limit), cls)
+    assert isinstance(proto, _RecordingEdge)
+    for chunk in chunks:
+        proto.dataReceived(chunk)
+    left = proto.data if proto.state != proto.STATE_CLOSED else None
+    return proto.messages, transport.value(), proto.state, transport.disconnecting, left
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=_deflate_frames(),
+    limit=st.sampled_from([0, 100, 130, 300]),
+    cuts=st.lists(st.integers(min_value=0), max_size=4),
+)
+def test_with_deflate_the_edge_fast_path_behaves_exactly_like_autobahn(data: bytes, limit: int, cuts: list[int]) -> None:
+    chunks = split(data, cuts)
+    assert _deflate_edge_outcome(_RecordingEdge, limit, chunks) == _deflate_edge_outcome(_AutobahnEdge, limit, chunks)

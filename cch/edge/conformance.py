@@ -2,13 +2,15 @@
 
 The Autobahn|Testsuite fuzzing client checks a server by having it echo what it is sent.
 The real edge answers frames with turns, so this module swaps exactly one thing: the
-protocol's ``onMessage`` echoes text and binary messages back. Everything else is
+protocol's ``onMessage`` echoes text and binary messages back. Text goes back through the
+production frame writer (``EdgeProtocol.send_text``, which compresses with permessage-deflate
+when it was negotiated), binary through Autobahn's ``sendMessage``. Everything else is
 production's:
 
 * :class:`EchoEdgeFactory` *is* an :class:`~cch.edge.factory.EdgeFactory`, built by
   ``EdgeFactory.__init__`` from the same :class:`~cch.config.LimitsConfig`, so its protocol
   options (payload limits, ``failByDrop``, ``echoCloseCodeReason``, auto-ping, close and
-  open handshake timeouts, the refused permessage-deflate offers) cannot drift.
+  open handshake timeouts, how permessage-deflate offers are answered) cannot drift.
 * :class:`EchoEdgeProtocol` is an :class:`~cch.edge.protocol.EdgeProtocol`: the same
   subprotocol choice, close-frame and connection-failure hooks, the same 1011 path when the
   handler raises.
@@ -63,8 +65,12 @@ class EchoEdgeProtocol(EdgeProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
-            # Autobahn has already checked UTF-8 (utf8validateIncoming) and the size limits.
-            self.sendMessage(payload, isBinary=isBinary)
+            # Autobahn (or cch.wsframes) has already checked UTF-8 and the size limits, of the
+            # inflated message when it was compressed.
+            if isBinary:
+                self.sendMessage(payload, isBinary=True)
+            else:
+                self.send_text(payload.decode("utf-8"))  # the frames the real edge writes
         except Exception as exc:
             self._handler_crashed(exc)
 

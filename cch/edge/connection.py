@@ -1,8 +1,9 @@
-"""One client WebSocket connection's rules: the inbound queue, one turn at a time, closes.
+"""One client WebSocket connection's rules: the inbound queue, lanes, turns, control frames, closes.
 
 The Autobahn protocol only turns bytes into calls on :class:`EdgeConnection`; every rule of
 docs/reference-behaviour.md for a connection (from "The client connection" to "Error frames")
-lives here, testable without a transport.
+and of docs/protocol.md (lanes, control frames, close codes) lives here, testable without a
+transport.
 """
 
 from __future__ import annotations
@@ -23,14 +24,37 @@ from cch.config import LimitsConfig
 from cch.edge.frames import (
     DONE_FRAME,
     FrameRejected,
+    create_body,
+    frame_type,
+    load_client_frame,
     parse_client_frame,
     translate_json_response,
     translate_sse_data,
 )
 from cch.handler import errors
+from cch.jsoncodec import dumps_bytes
 from cch.metrics import EdgeStats
-from cch.turn import Tunnel, TurnRequest, TurnTransportError
-from cch.wire import TERMINAL_EVENT_TYPES, error_event
+from cch.turn import Tunnel, TurnRequest, TurnTransportError, UpstreamControl
+from cch.wire import (
+    CANCEL,
+    CLOSE_MESSAGE_TOO_BIG,
+    CONTROL_EVENT_TYPES,
+    MAX_ACTIVE_RESPONSES,
+    MAX_STREAM_IDS,
+    MESSAGE_TOO_BIG,
+    STEER,
+    TERMINAL_EVENT_TYPES,
+    cancel_not_active,
+    cancelled,
+    error_code,
+    error_event,
+    invalid_stream_id,
+    response_of,
+    steer_failed,
+    stream_limit,
+    valid_stream_id,
+    with_stream_id,
+)
 
 log = Logger()
 
@@ -55,11 +79,44 @@ class EdgeChannel(Protocol):
     def resume_reading(self) -> None: ...
 
 
+class _Waiting:
+    """A text frame waiting in its lane: its text and size, the parsed frame when it was kept
+    (a frame about to start is parsed once; one that must wait is parsed again when its turn
+    comes, so the queue holds no more than the text), or the answer already decided for it."""
+
+    __slots__ = ("frame", "parsed", "reply", "size", "text")
+
+    def __init__(self, text: str, size: int, frame: Any = None, *, parsed: bool = False, reply: str | None = None):
+        self.text = text
+        self.size = size
+        self.frame = frame
+        self.parsed = parsed
+        self.reply = reply
+
+
+class Lane:
+    """One lane of a connection (docs/protocol.md#lanes): the default one (``stream_id``
+    None) or a named one. Frames run in order within a lane; lanes run side by side. Each has
+    its own session id, so its own upstream socket and transcript, released when the
+    connection closes."""
+
+    __slots__ = ("in_flight", "pending", "ready", "session_id", "stream_id")
+
+    def __init__(self, stream_id: str | None, session_id: str) -> None:
+        self.stream_id = stream_id
+        self.session_id = session_id
+        self.pending: deque[_Waiting] = deque()
+        self.in_flight: _Turn | None = None
+        self.ready = False  # waiting in the connection's run queue for a slot
+
+
 class _Turn:
     """One in-flight ``response.create``: the sink its response is reported to."""
 
-    def __init__(self, conn: EdgeConnection, turn_id: int) -> None:
+    def __init__(self, conn: EdgeConnection, lane: Lane, turn_id: int) -> None:
         self.conn = conn
+        self.lane = lane
+        self.stream_id = lane.stream_id  # added to every frame of a named lane's turn
         self.turn_id = turn_id
         self.deferred: Deferred[Any] | None = None
         self.terminal_seen = False
@@ -68,6 +125,8 @@ class _Turn:
         self.dead = False
         self.sent = False  # has any frame of this turn reached the client?
         self.reported = False
+        self.created: str | None = None  # the latest response.created, unparsed until asked
+        self.close_code: int | None = None  # the connection closes so once the turn is over
         self.request_id = os.urandom(16).hex()  # in every log line of this turn
         self.started_at = conn.clock.seconds()
         self.first_event_at: float | None = None
@@ -84,6 +143,8 @@ class _Turn:
         if kind is not None:
             # The per-event hot path: a JSON object event, already parsed upstream of here,
             # goes out byte for byte.
+            if kind == "response.created":
+                self.created = data
             self._send(data, kind if kind in TERMINAL_EVENT_TYPES else None, "sse")
             return
         if data == "[DONE]":
@@ -92,6 +153,8 @@ class _Turn:
             self._send(DONE_FRAME.text, DONE_FRAME.terminal, "sse", synthesized=True)
             return
         frame = translate_sse_data(data)
+        if frame.kind == "response.created":
+            self.created = frame.text
         self._send(frame.text, frame.terminal, "sse")
 
     def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
@@ -111,6 +174,8 @@ class _Turn:
     def _send(
         self, text: str, terminal: str | None, source: str, *, status: int | None = None, synthesized: bool = False
     ) -> None:
+        if self.stream_id is not None:
+            text = with_stream_id(text, self.stream_id)
         written = self.conn.channel.send_text(text)
         if written == 0:
             log.warn("ws_send_failed", reason="outbound_socket_closed")
@@ -124,10 +189,26 @@ class _Turn:
         if terminal is not None and not self.terminal_seen:
             self.terminal_seen = True
             self.terminal_type = None if synthesized else terminal
+            if terminal == "error" and MESSAGE_TOO_BIG in text and error_code(text) == MESSAGE_TOO_BIG:
+                # The upstream refused the frame with 1009: the client hears it the same way.
+                self.close_code = CLOSE_MESSAGE_TOO_BIG
             if status is not None and terminal == "error":
                 log.info("ws_terminal_event_sent", type=terminal, source=source, status=status, request_id=self.request_id)
             else:
                 log.info("ws_terminal_event_sent", type=terminal, source=source, request_id=self.request_id)
+
+    # What control frames need to know
+
+    @property
+    def response(self) -> dict[str, Any] | None:
+        """The response object of this turn's ``response.created``, once it arrived."""
+        return response_of(self.created) if self.created is not None else None
+
+    @property
+    def response_id(self) -> str | None:
+        response = self.response
+        found = response.get("id") if response is not None else None
+        return found if isinstance(found, str) else None
 
     def cancel(self) -> None:
         """Stop the turn: nothing more is sent, and the upstream request is aborted."""
@@ -144,12 +225,17 @@ class EdgeConnection:
     """The state of one client connection (docs/reference-behaviour.md#the-client-connection).
 
     It is also the push producer registered on the client transport: when the client stops
-    reading, the transport pauses it and it pauses the producer of the turn in flight, so TCP
-    backpressure reaches the upstream instead of piling frames up in memory. It also stops
-    reading from the client until the buffer drains: what a client sends may make the gateway
-    write (a ping is answered with a pong), so a client that sends and never reads would
-    otherwise grow the buffer without end. Once the connection is closing, reading goes on,
-    so the client's close frame is seen.
+    reading, the transport pauses it and it pauses the producers of the turns in flight, so
+    TCP backpressure reaches the upstream instead of piling frames up in memory. It also
+    stops reading from the client until the buffer drains: what a client sends may make the
+    gateway write (a ping is answered with a pong), so a client that sends and never reads
+    would otherwise grow the buffer without end. Once the connection is closing, reading
+    goes on, so the client's close frame is seen.
+
+    Frames run in lanes (docs/protocol.md#lanes): the default lane, which behaves exactly as
+    the reference's one-turn-at-a-time connection, and up to 32 named ones (``stream_id``),
+    each in order, side by side, at most 16 turns in flight at once. The queue limits count
+    every lane's waiting frames together.
     """
 
     def __init__(
@@ -162,9 +248,12 @@ class EdgeConnection:
         headers: dict[str, str],
         query_model: str | None = None,
         session_id: str | None = None,
-        on_close_decided: Callable[[EdgeConnection], None] | None = None,
+        on_close_decided: Callable[[Any], None] | None = None,
         stats: EdgeStats | None = None,
     ) -> None:
+        """``on_close_decided`` is called once the connection is closing, with the connection
+        and then with each named lane: each has the ``session_id`` whose upstream socket and
+        transcript are to be released."""
         self.channel = channel
         self.tunnel = tunnel
         self.limits = limits
@@ -174,9 +263,13 @@ class EdgeConnection:
         self.session_id = session_id or str(uuid.uuid4())
         self._on_close_decided = on_close_decided
         self.stats = stats if stats is not None else EdgeStats()
-        self.pending: deque[tuple[str, int]] = deque()
+        self.default_lane = Lane(None, self.session_id)
+        self.lanes: dict[str | None, Lane] = {None: self.default_lane}
+        self.pending = self.default_lane.pending  # the default lane's waiting frames
+        self.pending_frames = 0  # waiting frames, every lane
         self.pending_bytes = 0
-        self.in_flight: _Turn | None = None
+        self.active = 0  # turns in flight, every lane
+        self._ready: deque[Lane] = deque()  # lanes whose next frame waits for a slot, in order
         self.closed = False
         self.leaving = False  # draining: close 1001 as soon as no turn is in flight
         self.paused = False
@@ -185,22 +278,32 @@ class EdgeConnection:
         self._draining = False
         self._send_deadline: IDelayedCall | None = None
 
+    @property
+    def in_flight(self) -> _Turn | None:
+        """The default lane's turn in flight."""
+        return self.default_lane.in_flight
+
+    @property
+    def session_ids(self) -> list[str]:
+        """Every session this connection holds upstream: its own and each named lane's."""
+        return [lane.session_id for lane in self.lanes.values()]
+
+    def _turns(self) -> list[_Turn]:
+        return [lane.in_flight for lane in self.lanes.values() if lane.in_flight is not None]
+
     # -- inbound --------------------------------------------------------------------------
 
     def text_received(self, text: str, size: int) -> None:
-        """A text message arrived: queue it behind the turn in flight
-        (docs/reference-behaviour.md#inbound-frames-and-the-queue)."""
+        """A text message arrived: a control frame acts now, any other frame queues in its lane
+        (docs/reference-behaviour.md#inbound-frames-and-the-queue, docs/protocol.md)."""
         if self.closed:
             return
         self.stats.frame_in(size)
         limits = self.limits
-        if (
-            len(self.pending) >= limits.max_pending_frames
-            or self.pending_bytes + size > limits.max_pending_bytes
-        ):
+        if self.pending_frames >= limits.max_pending_frames or self.pending_bytes + size > limits.max_pending_bytes:
             log.warn(
                 "ws_pending_overflow",
-                pendingFrames=len(self.pending),
+                pendingFrames=self.pending_frames,
                 pendingBytes=self.pending_bytes,
                 attemptedFrameSize=size,
             )
@@ -211,9 +314,29 @@ class EdgeConnection:
                 error=("too_many_requests", "Pending frame limit exceeded"),
             )
             return
-        self.pending.append((text, size))
-        self.pending_bytes += size
-        self._drain()
+        try:
+            frame = load_client_frame(text)
+        except FrameRejected:
+            self._enqueue(self.default_lane, _Waiting(text, size))  # answered in its turn
+            return
+        kind = frame_type(frame)
+        if isinstance(kind, str) and kind in CONTROL_EVENT_TYPES:
+            self._control(kind, frame, text, size)
+            return
+        lane = self.default_lane
+        if kind == "response.create":
+            stream_id = frame.get("stream_id")
+            if stream_id is not None:
+                if not valid_stream_id(stream_id):
+                    self._enqueue(self.default_lane, _Waiting(text, size, reply=invalid_stream_id()))
+                    return
+                found = self._lane(stream_id)
+                if found is None:
+                    log.warn("ws_stream_limit_reached", lanes=MAX_STREAM_IDS)
+                    self._send_frame(stream_limit(stream_id))
+                    return
+                lane = found
+        self._enqueue(lane, _Waiting(text, size, frame, parsed=True))
 
     def binary_received(self) -> None:
         """Binary frames are refused at once, even while a turn streams
@@ -226,26 +349,163 @@ class EdgeConnection:
             error=("invalid_frame_type", "Only text WebSocket frames are supported"),
         )
 
+    def _lane(self, stream_id: str) -> Lane | None:
+        """The named lane, opened on first use; None past :data:`MAX_STREAM_IDS` of them."""
+        lane = self.lanes.get(stream_id)
+        if lane is None:
+            named = len(self.lanes) - 1
+            if named >= MAX_STREAM_IDS:
+                return None
+            lane = self.lanes[stream_id] = Lane(stream_id, f"{self.session_id}.{named + 1}")
+            log.debug("ws_lane_opened", lanes=named + 1)
+        return lane
+
+    def _enqueue(self, lane: Lane, waiting: _Waiting) -> None:
+        if waiting.parsed and not (lane.in_flight is None and not lane.pending and self.active < MAX_ACTIVE_RESPONSES):
+            # It has to wait: keep its text only, parse it again when its turn comes.
+            waiting.frame, waiting.parsed = None, False
+        lane.pending.append(waiting)
+        self.pending_frames += 1
+        self.pending_bytes += waiting.size
+        self._mark_ready(lane)
+        self._drain()
+
+    def _mark_ready(self, lane: Lane) -> None:
+        if lane.in_flight is None and lane.pending and not lane.ready:
+            lane.ready = True
+            self._ready.append(lane)
+
+    # -- control frames (docs/protocol.md#control-frames) ----------------------------------
+
+    def _control(self, kind: str, frame: dict[str, Any], text: str, size: int) -> None:
+        if kind == CANCEL:
+            self._cancel(frame, text, size)
+        elif kind == STEER:
+            self._steer(frame, text)
+        else:
+            self._inject(frame, text, size)
+
+    def _turn_of(self, response_id: Any) -> _Turn | None:
+        """The turn in flight whose ``response.created`` named ``response_id``."""
+        if not isinstance(response_id, str):
+            return None
+        for turn in self._turns():
+            if not turn.dead and turn.created is not None and turn.response_id == response_id:
+                return turn
+        return None
+
+    def _cancel(self, frame: dict[str, Any], text: str, size: int) -> None:
+        """``response.cancel``: stop the response in flight in the lane ``stream_id`` names (the
+        default lane without one), or the one ``response_id`` names."""
+        stream_id = frame.get("stream_id")
+        response_id = frame.get("response_id")
+        if stream_id is not None and not valid_stream_id(stream_id):
+            self._enqueue(self.default_lane, _Waiting(text, size, reply=invalid_stream_id()))
+            return
+        turn: _Turn | None
+        if stream_id is None and isinstance(response_id, str):
+            turn = self._turn_of(response_id)
+            lane: Lane | None = turn.lane if turn is not None else self.default_lane
+        else:
+            lane = self.lanes.get(stream_id)
+            turn = lane.in_flight if lane is not None else None
+            if turn is not None and isinstance(response_id, str) and turn.response_id != response_id:
+                turn = None
+        if turn is None or turn.dead or turn.terminal_seen:
+            answer = cancel_not_active()
+            if stream_id is not None:
+                answer = with_stream_id(answer, stream_id)
+            log.info("ws_cancel_not_active")
+            if lane is not None and lane.in_flight is not None:
+                # After the lane's turn in flight: an error in the middle of it would end it.
+                self._enqueue(lane, _Waiting(text, size, reply=answer))
+            else:
+                self._send_frame(answer)
+            return
+        self._cancel_turn(turn)
+
+    def _cancel_turn(self, turn: _Turn) -> None:
+        log.info("ws_turn_cancelled", request_id=turn.request_id)
+        response = turn.response
+        turn.cancel()  # the upstream request is aborted, its socket retired
+        turn._send(cancelled(response), "response.failed", "cancel")
+        if self.closed:
+            return
+        self._release(turn)
+        self._drain()
+
+    def _steer(self, frame: dict[str, Any], text: str) -> None:
+        """``response.steer``: sent up the socket carrying the targeted response, or answered
+        with ``response.steer.failed``."""
+        previous = frame.get("previous_response_id")
+        steer = {"previous_response_id": previous, "input": frame.get("input")}
+        if not isinstance(previous, str):
+            self._send_frame(steer_failed("invalid_input", "response.steer needs a previous_response_id string.", steer))
+            return
+        turn = self._turn_of(previous)
+        if turn is None:
+            log.info("ws_control_refused", type=STEER, code="response_not_found")
+            self._send_frame(
+                steer_failed("response_not_found", f"Response '{previous}' is not in progress on this connection.", steer)
+            )
+            return
+        if self._forward(turn, frame, text):
+            return
+        log.info("ws_control_refused", type=STEER, code="steering_not_supported", request_id=turn.request_id)
+        answer = steer_failed(
+            "steering_not_supported",
+            "Steering needs the response to run on an upstream Responses WebSocket; this one does not.",
+            steer,
+        )
+        self._send_frame(answer if turn.stream_id is None else with_stream_id(answer, turn.stream_id))
+
+    def _inject(self, frame: dict[str, Any], text: str, size: int) -> None:
+        """``response.inject`` (beta): sent up the socket carrying the targeted response; any
+        other is answered as a type cch does not support, in the default lane's order."""
+        turn = self._turn_of(frame.get("response_id"))
+        if turn is not None and self._forward(turn, frame, text):
+            return
+        log.info("ws_control_refused", type=frame.get("type"), code="unsupported_event_type")
+        self._enqueue(self.default_lane, _Waiting(text, size, frame, parsed=True))
+
+    def _forward(self, turn: _Turn, frame: dict[str, Any], text: str) -> bool:
+        control = turn.producer
+        if not isinstance(control, UpstreamControl):
+            return False
+        if "stream_id" in frame:  # the lane is ours; the upstream socket has none
+            payload = dumps_bytes({k: v for k, v in frame.items() if k != "stream_id"})
+        else:
+            payload = text.encode("utf-8")  # as the client wrote it
+        if not control.send_control(payload):
+            return False
+        log.info("ws_control_forwarded", type=frame.get("type"), request_id=turn.request_id)
+        return True
+
     # -- turns ----------------------------------------------------------------------------
 
     def leave(self) -> None:
-        """The gateway is draining: let the turn in flight finish, then close 1001."""
+        """The gateway is draining: let the turns in flight finish, then close 1001."""
         self.leaving = True
-        if self.in_flight is None:
+        if self.active == 0:
             self.close(CLOSE_GOING_AWAY, "going_away")
 
     def _drain(self) -> None:
         if self._draining:
             return
-        if self.leaving and self.in_flight is None:
-            self.close(CLOSE_GOING_AWAY, "going_away")
+        if self.leaving:
+            if self.active == 0:
+                self.close(CLOSE_GOING_AWAY, "going_away")
             return
         self._draining = True
         try:
-            while not self.closed and self.in_flight is None and self.pending:
-                text, size = self.pending.popleft()
-                self.pending_bytes = max(0, self.pending_bytes - size)
-                self._start_turn(text, size)
+            while not self.closed and self._ready and self.active < MAX_ACTIVE_RESPONSES:
+                lane = self._ready.popleft()
+                lane.ready = False
+                waiting = lane.pending.popleft()
+                self.pending_frames -= 1
+                self.pending_bytes = max(0, self.pending_bytes - waiting.size)
+                self._start_turn(lane, waiting)
+                self._mark_ready(lane)  # answered at once (an error frame): its next one
         except Exception:
             log.failure("ws_drain_failed", level=LogLevel.error)
             first = self.turns_started <= 1
@@ -260,26 +520,43 @@ class EdgeConnection:
         finally:
             self._draining = False
 
-    def _start_turn(self, text: str, size: int) -> None:
+    def _start_turn(self, lane: Lane, waiting: _Waiting) -> None:
         self.turns_started += 1
+        if waiting.reply is not None:
+            self._send_frame(waiting.reply)
+            return
         try:
-            body = parse_client_frame(text, self.query_model)
+            if waiting.parsed:
+                body = create_body(waiting.frame, self.query_model)
+            else:
+                body = parse_client_frame(waiting.text, self.query_model)
         except FrameRejected as rejected:
-            self._send_error(error_event(rejected.code, rejected.message))
+            self._send_frame(error_event(rejected.code, rejected.message))
             return
         model = body.get("model")
-        turn = _Turn(self, self.turns_started)
-        log.info(
-            "ws_request_started",
-            model=model if isinstance(model, str) else None,
-            payloadBytes=size,
-            hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
-            request_id=turn.request_id,
-        )
-        self.in_flight = turn
+        turn = _Turn(self, lane, self.turns_started)
+        if lane.stream_id is None:
+            log.info(
+                "ws_request_started",
+                model=model if isinstance(model, str) else None,
+                payloadBytes=waiting.size,
+                hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
+                request_id=turn.request_id,
+            )
+        else:
+            log.info(
+                "ws_request_started",
+                model=model if isinstance(model, str) else None,
+                payloadBytes=waiting.size,
+                hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
+                request_id=turn.request_id,
+                streamId=lane.stream_id,
+            )
+        lane.in_flight = turn
+        self.active += 1
         self.stats.turn_started()
         request = TurnRequest(
-            session_id=self.session_id,
+            session_id=lane.session_id,
             headers=self.headers,
             body=body,
             request_id=turn.request_id,
@@ -300,6 +577,10 @@ class EdgeConnection:
             return
         log.info("ws_turn_completed", terminalEventType=turn.terminal_type, request_id=turn.request_id)
         self._release(turn)
+        if turn.close_code is not None:
+            # Its error frame is out already (docs/protocol.md#close-codes).
+            self.close(turn.close_code, MESSAGE_TOO_BIG)
+            return
         self._drain()
 
     def _turn_failed(self, failure: Failure, turn: _Turn) -> None:
@@ -309,6 +590,9 @@ class EdgeConnection:
             # The body broke after the terminal event: the turn is complete
             # (docs/reference-behaviour.md#one-turn-at-a-time).
             self._release(turn)
+            if turn.close_code is not None:
+                self.close(turn.close_code, MESSAGE_TOO_BIG)
+                return
             self._drain()
             return
         if failure.check(TurnTransportError):
@@ -331,7 +615,7 @@ class EdgeConnection:
 
     def _turn_fatal(self, turn: _Turn, code: str, message: str) -> None:
         self._release(turn)
-        self.close(CLOSE_INTERNAL_ERROR, code, error=(code, message))
+        self.close(CLOSE_INTERNAL_ERROR, code, error=(code, message), stream_id=turn.stream_id)
 
     def _report(self, turn: _Turn) -> None:
         """Account for a turn once, whichever way it ends."""
@@ -346,26 +630,31 @@ class EdgeConnection:
         self._report(turn)
         turn.dead = True
         turn.producer = None
-        if self.in_flight is turn:
-            self.in_flight = None
+        lane = turn.lane
+        if lane.in_flight is turn:
+            lane.in_flight = None
+            self.active -= 1
+            self._mark_ready(lane)
         log.debug("ws_turn_resources_released", turnId=turn.turn_id, request_id=turn.request_id)
 
     # -- closing --------------------------------------------------------------------------
 
-    def close(self, code: int, reason: str, error: tuple[str, str] | None = None) -> None:
-        """Server-initiated close: stop everything first, then flush the error frame and the
-        close frame, in that order (docs/reference-behaviour.md#close-means-stop)."""
+    def close(self, code: int, reason: str, error: tuple[str, str] | None = None, stream_id: str | None = None) -> None:
+        """Server-initiated close: stop everything first, then flush the error frame (of the
+        lane ``stream_id`` when a turn of a named lane failed) and the close frame, in that
+        order (docs/reference-behaviour.md#close-means-stop)."""
         if self.closed:
             return
         self._stop_everything()
         self.stats.closed(code, reason)
         log.info("ws_client_close_initiated", code=code, reason=reason)
         if error is not None:
-            self._send_error(error_event(*error))
+            text = error_event(*error)
+            self._send_frame(text if stream_id is None else with_stream_id(text, stream_id))
         self.channel.send_close(code, reason)
 
-    def _send_error(self, text: str) -> None:
-        """An error frame outside any turn's response."""
+    def _send_frame(self, text: str) -> None:
+        """A frame outside any turn's response (an error, a control frame's answer)."""
         written = self.channel.send_text(text)
         self.stats.frame_out(written if written is not None else len(text))
 
@@ -379,31 +668,39 @@ class EdgeConnection:
     def _stop_everything(self) -> None:
         # Synchronous on purpose: after this returns no pipelined frame can reach an upstream.
         self.closed = True
-        turn, self.in_flight = self.in_flight, None
-        if turn is not None:
-            self._report(turn)
-            turn.cancel()
-            log.debug("ws_turn_resources_released", turnId=turn.turn_id, request_id=turn.request_id)
-        if self.pending:
+        for lane in self.lanes.values():
+            turn, lane.in_flight = lane.in_flight, None
+            if turn is not None:
+                self._report(turn)
+                turn.cancel()
+                log.debug("ws_turn_resources_released", turnId=turn.turn_id, request_id=turn.request_id)
+        self.active = 0
+        if self.pending_frames:
             log.warn(
                 "ws_pending_dropped_on_close",
-                droppedFrames=len(self.pending),
+                droppedFrames=self.pending_frames,
                 droppedBytes=self.pending_bytes,
             )
-            self.pending.clear()
-            self.pending_bytes = 0
+        for lane in self.lanes.values():
+            lane.pending.clear()
+            lane.ready = False
+        self._ready.clear()
+        self.pending_frames = 0
+        self.pending_bytes = 0
         self._cancel_send_deadline()
         self._resume_reading()  # the close handshake needs the client's frames
         if self._on_close_decided is not None:
             hook, self._on_close_decided = self._on_close_decided, None
-            try:
-                hook(self)
-            except Exception:
-                log.failure("ws_upstream_session_cleanup_failed", level=LogLevel.warn)
+            # The connection's own session, then each lane's: its socket, its transcript.
+            for holder in (self, *(lane for lane in self.lanes.values() if lane.stream_id is not None)):
+                try:
+                    hook(holder)
+                except Exception:
+                    log.failure("ws_upstream_session_cleanup_failed", level=LogLevel.warn)
 
     @property
     def idle(self) -> bool:
-        return self.in_flight is None and not self.pending
+        return self.active == 0 and self.pending_frames == 0
 
     # -- flow control (IPushProducer, registered on the client transport) ------------------
 
@@ -418,18 +715,18 @@ class EdgeConnection:
         )
         self._reading_paused = True
         self.channel.pause_reading()
-        turn = self.in_flight
-        if turn is not None and turn.producer is not None:
-            turn.producer.pauseProducing()
+        for turn in self._turns():
+            if turn.producer is not None:
+                turn.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         if not self.paused:
             return
         self.paused = False
         self._cancel_send_deadline()
-        turn = self.in_flight
-        if turn is not None and turn.producer is not None:
-            turn.producer.resumeProducing()
+        for turn in self._turns():
+            if turn.producer is not None:
+                turn.producer.resumeProducing()
         self._resume_reading()
 
     def _resume_reading(self) -> None:

@@ -18,6 +18,7 @@ from cch.edge.protocol import EdgeProtocol
 from cch.metrics import EdgeStats
 from cch.turn import Tunnel
 from cch.waiters import Waiters
+from cch.wsframes import DeflateAccept, refuse_compression
 
 if TYPE_CHECKING:
     from cch.httpchannel import ConnectionSlots
@@ -66,7 +67,13 @@ class EdgeFactory(WebSocketServerFactory):
             autoPingTimeout=limits.auto_ping_timeout,
             closeHandshakeTimeout=5,
             openHandshakeTimeout=30,
-            perMessageCompressionAccept=lambda offers: None,
+            # permessage-deflate with clients that offer it, windows within the limit; the
+            # inflated size of a message is held to max_message_bytes (1009 beyond it).
+            perMessageCompressionAccept=(
+                DeflateAccept(limits.websocket_compression_window_bits, limits.max_message_bytes)
+                if limits.websocket_compression
+                else refuse_compression
+            ),
         )
 
     def connection_opened(self, proto: EdgeProtocol) -> None:

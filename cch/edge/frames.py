@@ -42,32 +42,51 @@ def parse_client_frame(text: str, query_model: str | None) -> dict[str, Any]:
     """Turn a client text frame into the body of the internal request.
 
     Raises :class:`FrameRejected` with ``invalid_json``, ``invalid_frame`` or
-    ``unsupported_event_type``. The body is the frame minus ``type``, with the ``?model=``
-    fallback applied, ``stream`` forced true and ``background`` removed.
+    ``unsupported_event_type``. The body is the frame minus ``type``, ``background`` and
+    ``stream_id``, with the ``?model=`` fallback applied and ``stream`` forced true.
     """
+    return create_body(load_client_frame(text), query_model)
+
+
+def load_client_frame(text: str) -> Any:
+    """The parsed frame; :class:`FrameRejected` ``invalid_json`` when it is not JSON."""
     try:
-        frame = loads(text)
+        return loads(text)
     except ValueError as exc:
         detail = getattr(exc, "msg", None) or "parse error"
         raise FrameRejected("invalid_json", f"Invalid JSON frame: {detail}") from None
+
+
+def frame_type(frame: Any) -> Any:
+    """The ``type`` of a parsed frame (None unless it is an object with one)."""
+    return frame.get("type") if isinstance(frame, dict) else None
+
+
+def create_body(frame: Any, query_model: str | None) -> dict[str, Any]:
+    """The internal request's body of a parsed frame, checked in the reference's order
+    (docs/reference-behaviour.md#inbound-frames-and-the-queue)."""
     if frame is None or isinstance(frame, (bool, int, float, str)):
         raise FrameRejected("invalid_frame", "Frame must be a JSON object")
-    event_type = frame.get("type") if isinstance(frame, dict) else None
+    event_type = frame_type(frame)
     if event_type != "response.create":
-        shown = "(missing)" if event_type is None else _js_string(event_type)
-        raise FrameRejected(
-            "unsupported_event_type",
-            f"Only type=response.create is supported; received: {shown}",
-        )
+        raise FrameRejected("unsupported_event_type", unsupported_message(event_type))
     return turn_body(frame, query_model)
+
+
+def unsupported_message(event_type: Any) -> str:
+    """The ``unsupported_event_type`` message, naming the type as JavaScript prints it."""
+    shown = "(missing)" if event_type is None else _js_string(event_type)
+    return f"Only type=response.create is supported; received: {shown}"
 
 
 @dataclass(frozen=True, slots=True)
 class OutFrame:
-    """One frame for the client and, when it ends the turn, the terminal event type."""
+    """One frame for the client and, when it ends the turn, the terminal event type; ``kind``
+    is the event's type when it is a JSON object event."""
 
     text: str
     terminal: str | None = None
+    kind: str | None = None
 
 
 DONE_FRAME = OutFrame('{"type":"response.completed","response":null}', "response.completed")
@@ -87,8 +106,9 @@ def translate_sse_data(data: str) -> OutFrame:
         return OutFrame(dumps({"type": "response.output_text.delta", "delta": data}))
     if isinstance(value, dict):
         event_type = value.get("type")
-        terminal = event_type if isinstance(event_type, str) and event_type in TERMINAL_EVENT_TYPES else None
-        return OutFrame(data, terminal)
+        if not isinstance(event_type, str):
+            return OutFrame(data)
+        return OutFrame(data, event_type if event_type in TERMINAL_EVENT_TYPES else None, event_type)
     if isinstance(value, str):
         return OutFrame(value)
     return OutFrame(data)

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 from autobahn.websocket.types import ConnectionRequest
 from twisted.logger import Logger
 
-from cch.adapters import ServerProtocol, cancel_close_timer, not_clean_reason
+from cch.adapters import ServerProtocol, cancel_close_timer, not_clean_reason, refused_oversized
 from cch.edge.connection import EdgeConnection
 from cch.headers import EDGE_NOT_FORWARDED, without_hop_by_hop, without_reserved
 from cch.logs import mask_query
 from cch.writes import BatchedWriter
-from cch.wsframes import take_text_frames, text_frame_header
+from cch.wsframes import MessageDeflater, negotiated_deflate, take_text_frames, text_frame_header
 
 if TYPE_CHECKING:
     from cch.edge.factory import EdgeFactory
@@ -38,6 +38,8 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
     factory: EdgeFactory
     edge: EdgeConnection | None = None
     _holds_slot = False
+    # The negotiated permessage-deflate compressor for the frames send_text writes, if any.
+    _deflate: MessageDeflater | None = None
 
     # The connection's place under server.max_connections, handed over by the HTTP channel
     # at the upgrade (cch.httpchannel.ConnectionSlots).
@@ -76,6 +78,7 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
         return request.protocols[0] if request.protocols else None
 
     def onOpen(self) -> None:
+        self._deflate = negotiated_deflate(self)
         try:
             self._open()
         except Exception as exc:
@@ -101,7 +104,7 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
         )
         transport.registerProducer(self.edge, True)
         self.factory.connection_opened(self)
-        log.info("ws_client_connected", path=mask_query(self.http_request_uri))
+        log.info("ws_client_connected", path=mask_query(self.http_request_uri), deflate=self._deflate is not None)
 
     def consumeData(self) -> None:
         # The per-turn hot path: a turn's frame is one final masked text frame, cut straight
@@ -152,6 +155,16 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
         if self.edge is not None:
             self.edge.connection_lost()
 
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None, isReply: bool = False) -> None:
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        if not isReply and refused_oversized(self):
+            # Autobahn refused a message over max_message_bytes (1009) and reads nothing more
+            # of it: a compressed one leaves its parser inside the frame for good, so the
+            # client's close reply would never be read and whatever else the client sends
+            # would pile up in the buffer until closeHandshakeTimeout. The close frame goes
+            # out, then the TCP connection is closed (RFC 6455 section 7.1.7).
+            self.dropConnection(abort=False)
+
     def dropConnection(self, abort: bool = False) -> None:
         if self.edge is not None:
             self.edge.connection_lost()
@@ -179,13 +192,18 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
         if self.state != self.STATE_OPEN:
             return 0
         payload = text.encode("utf-8")
-        # The per-event hot path. The edge never compresses or fragments and a server never
-        # masks, so a message is one final text frame: written here directly, it skips
-        # Autobahn's per-frame bookkeeping and eagerly formatted debug logging.
+        # The per-event hot path. The edge never fragments and a server never masks, so a
+        # message is one final text frame: written here directly, it skips Autobahn's
+        # per-frame bookkeeping and eagerly formatted debug logging. With permessage-deflate
+        # negotiated it is compressed with the connection's Autobahn compressor (RSV1 set).
         size = len(payload)
-        header = text_frame_header(size)
-        # Inside an upstream read: collected, written once when the read is done (cch.writes).
-        self.write_batched(header, payload)
+        deflate = self._deflate
+        if deflate is None:
+            # Inside an upstream read: collected, written once when the read is done (cch.writes).
+            self.write_batched(text_frame_header(size), payload)
+        else:
+            data = deflate(payload)
+            self.write_batched(text_frame_header(len(data), True), data)
         return size
 
     def write_now(self, data: bytes) -> None:

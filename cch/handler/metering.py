@@ -5,13 +5,14 @@ call through and looks only at what it needs: the time of the first event, the r
 (``response.created`` and terminals), and the terminal event's ``response`` (status, model,
 ``usage``), which it also hands to the attempt's transcript writer — one pass over the events. Deltas cost one set lookup (their type is known already: whoever parsed the event
 passed it on). :meth:`TurnMeter.row` makes the one :class:`~cch.usage.rows.UsageRow`, however
-the turn ended (docs/usage.md).
+the turn ended (docs/usage.md), and ends the turn's span with it when tracing is on
+(docs/tracing.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 
@@ -21,6 +22,9 @@ from cch.turn import ResponseSink
 from cch.usage.prices import PriceSheet
 from cch.usage.rows import UsageRow, usage_counts
 from cch.wire import TERMINAL_EVENT_TYPES, error_code, event_type, response_of
+
+if TYPE_CHECKING:
+    from cch.tracing import TurnSpan
 
 # A terminal event's type → the row's status.
 TERMINAL_STATUS = {
@@ -68,6 +72,8 @@ class TurnMeter:
         self.replayed = False
         # The attempt's transcript writer, when the connection keeps one (cch.handler.continuity).
         self.recorder: TranscriptRecorder | None = None
+        # The turn's span, when tracing is on (cch.tracing): ended with the row.
+        self.trace: TurnSpan | None = None
 
     # -- ResponseSink ----------------------------------------------------------------------
 
@@ -170,7 +176,7 @@ class TurnMeter:
         served = served if isinstance(served, str) else None
         input_tokens, cached, output, reasoning = self.tokens
         cost = prices.cost(served or self.model_requested, input_tokens, cached, output)
-        return UsageRow(
+        row = UsageRow(
             request_id=self.request_id,
             started_at=self.started_at,
             ended_at=now,
@@ -194,3 +200,6 @@ class TurnMeter:
             duration_ms=(now - self.started_at) * 1000,
             replica=replica,
         )
+        if self.trace is not None:
+            self.trace.end(row)
+        return row

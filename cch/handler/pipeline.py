@@ -29,6 +29,7 @@ from cch.handler.routing import Provider, ProviderRouter
 from cch.handler.translated import TranslatedAttempt
 from cch.jsoncodec import dumps_bytes, loads
 from cch.keylimits import KeyLimiter, Refused, TurnLease
+from cch.tracing import TurnTracer
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
 from cch.turn import RequestContext, ResponseSink
 from cch.upstream.exchange import ConnectionLimit, Failed, NotResent, Outcome, PreviousLost
@@ -121,10 +122,12 @@ class ResponsesHandler:
         limiter: KeyLimiter | None = None,
         drain: Drain | None = None,
         replica: str = "",
+        tracer: TurnTracer | None = None,
     ) -> None:
         """``ledger`` gets one row per turn and owns response ids (default: memory only),
         ``limiter`` holds each key to its limits, ``drain`` tells a turn cut by the drain from
-        one the client left, ``replica`` names this process in the rows."""
+        one the client left, ``replica`` names this process in the rows, ``tracer`` (when
+        tracing is on) gives each turn its span (docs/tracing.md)."""
         self.keys = keys
         self.router = router
         self.upstream = upstream
@@ -139,6 +142,7 @@ class ResponsesHandler:
         self.limiter = limiter if limiter is not None else KeyLimiter(clock, self.prices)
         self.drain = drain
         self.replica = replica
+        self.tracer = tracer
         self.active = 0  # requests in progress (leak checks, drain, metrics)
         self._idle: Waiters[None] = Waiters()
         self.http_attempts = 0
@@ -213,6 +217,8 @@ class ResponsesHandler:
             client_transport="websocket" if ctx.via_websocket else "http",
             on_response_id=None if key is None else functools.partial(self._owned, key.name),
         )
+        if self.tracer is not None:  # the only question tracing asks of a turn when it is off
+            meter.trace = self.tracer.turn(ctx.headers, body, meter.started_at)
         lease: TurnLease | None = None
         try:
             if key is not None:  # a keyless gateway has neither owners nor limits
@@ -357,7 +363,7 @@ class ResponsesHandler:
         meter.upstream_transport = "http"
         self.http_attempts += 1
         return await self.translated.run(
-            ctx.headers, provider, send, stream, meter, attempt=attempt, request_id=ctx.request_id
+            ctx.headers, provider, send, stream, meter, attempt=attempt, request_id=ctx.request_id, trace=meter.trace
         )
 
     async def _websocket_attempt(
@@ -384,6 +390,8 @@ class ResponsesHandler:
             if verdict.downgrade_reason is not None:
                 self.ws_figures.fallbacks[verdict.downgrade_reason] += 1
                 log.debug("upstream_ws_downgraded", provider=provider.name, reason=verdict.downgrade_reason, request_id=ctx.request_id)
+                if meter.trace is not None:
+                    meter.trace.fallback(provider.name, verdict.downgrade_reason)
             return False
         target = self._ws_targets(provider, tuple(ctx.headers.items()), ctx.ws_session)
         socket = pool.peek(target)
@@ -395,6 +403,9 @@ class ResponsesHandler:
         provider.breaker.attempt_started()
         if self._adapts:
             send = for_responses_provider(send, provider.config)
+        trace = meter.trace
+        if trace is not None:
+            trace.attempt(provider.name, "websocket", "responses", attempt)
         try:
             outcome = await pool.exchange(target, upstream_ws_frame(send))
             again = _second_try(outcome, transcript, body, send, provider.name)
@@ -403,11 +414,16 @@ class ResponsesHandler:
                 # socket and make the turn whole from the transcript, so the client never sees it.
                 assert not isinstance(outcome, (Failed, NotResent))
                 outcome.exchange.discard()
-                self.ws_figures.retries[RETRY_REASONS[type(outcome)]] += 1
+                reason = RETRY_REASONS[type(outcome)]
+                self.ws_figures.retries[reason] += 1
+                if trace is not None:
+                    trace.retry(provider.name, reason)
                 send, lost = again
                 if send is None:
                     _send_events(meter, [lost])
                     return True
+                if trace is not None:
+                    trace.attempt(provider.name, "websocket", "responses", attempt)
                 outcome = await pool.exchange(target, upstream_ws_frame(send))
         except CancelledError:
             provider.breaker.attempt_abandoned()
@@ -418,6 +434,8 @@ class ResponsesHandler:
             log.failure("upstream_ws_attempt_threw", level=LogLevel.warn, provider=provider.name)
             self.ws_figures.fallbacks["exception"] += 1
             provider.breaker.attempt_abandoned()
+            if trace is not None:
+                trace.fallback(provider.name, "exception")
             return False
         if isinstance(outcome, Failed):
             if outcome.cacheable:
@@ -432,11 +450,15 @@ class ResponsesHandler:
                 request_id=ctx.request_id,
             )
             provider.breaker.attempt_abandoned()
+            if trace is not None:
+                trace.fallback(provider.name, outcome.reason)
             return False
         if isinstance(outcome, NotResent):
             self.ws_figures.failures[outcome.code] += 1
             log.warn(outcome.log_event, provider=provider.name, code=outcome.code, message=outcome.message, request_id=ctx.request_id)
             provider.breaker.attempt_abandoned()
+            if trace is not None:
+                trace.not_resent(outcome.code)
             _send_events(meter, [error_event(outcome.code, outcome.message)])
             return True
         # Ready — or an error first event not worth a second try: the client gets it as is.
@@ -490,6 +512,9 @@ class ResponsesHandler:
         breaker = provider.breaker
         breaker.attempt_started()
         self.http_attempts += 1
+        trace = meter.trace
+        if trace is not None:
+            trace.attempt(provider.name, "http", "responses", attempt)
         try:
             response = await self.upstream.post(
                 upstream_url(provider.base_url),
@@ -511,6 +536,8 @@ class ResponsesHandler:
                 error=str(exc) or type(exc).__name__,
                 request_id=ctx.request_id,
             )
+            if trace is not None:
+                trace.failed("unreachable")
             status, body = errors.bad_gateway(f"Upstream provider '{provider.name}' is unreachable.")
             return status, body, JSON
         if _retryable(response.code):
@@ -522,10 +549,14 @@ class ResponsesHandler:
                 status=response.code,
                 request_id=ctx.request_id,
             )
+            if trace is not None:
+                trace.failed(f"http_{response.code}", response.code)
             content_type = (response.headers.getRawHeaders("content-type") or [JSON])[0]
             body = await collect_body(response, self.clock, idle_timeout=config.idle_timeout)
             return response.code, body, content_type
         breaker.record_success()
+        if trace is not None:
+            trace.attempt_status(response.code)
         if (
             response.code == 400
             and transcript is not None
@@ -538,6 +569,8 @@ class ResponsesHandler:
                 meter.json_body(400, error, content_type)
                 return None
             # The upstream lost the chain it was expected to hold: replay it once.
+            if trace is not None:
+                trace.retry(provider.name, "previous_lost")
             send, lost = continuity.replay(transcript, body)
             if send is None:
                 _send_events(meter, [lost])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
@@ -31,6 +31,9 @@ from cch.translate.api import Api, StreamTranslation, Untranslatable, UpstreamRe
 from cch.turn import ResponseSink
 from cch.upstream.http import HttpUpstream, failure_of
 from cch.wire import TERMINAL_EVENT_TYPES, error_body, error_event
+
+if TYPE_CHECKING:
+    from cch.tracing import TurnSpan
 
 log = Logger()
 
@@ -169,7 +172,9 @@ class TranslatedAttempt:
         *,
         attempt: int,
         request_id: str,
+        trace: TurnSpan | None = None,
     ) -> tuple[int, bytes, str] | None:
+        """``trace``: the turn's span when tracing is on; the attempt is its child."""
         config = provider.config
         api = api_of(provider)
         model = body.get("model") if isinstance(body.get("model"), str) else ""
@@ -189,6 +194,8 @@ class TranslatedAttempt:
             log.warn("translation_dropped", provider=provider.name, dropped=list(request.dropped), request_id=request_id)
         breaker = provider.breaker
         breaker.attempt_started()
+        if trace is not None:
+            trace.attempt(provider.name, "http", api.name, attempt)
         try:
             response: IResponse = await self.upstream.post(
                 upstream_endpoint(provider.base_url, request.path),
@@ -204,10 +211,20 @@ class TranslatedAttempt:
         except Exception as exc:
             breaker.record_failure()
             log.warn("upstream_attempt_failed", provider=provider.name, attempt=attempt, error=_describe(exc), request_id=request_id)
+            if trace is not None:
+                trace.failed("unreachable")
             return *errors.bad_gateway(f"Upstream provider '{provider.name}' is unreachable."), JSON
         kind = content_type(response)
         if response.code >= 400 or not is_event_stream(kind):
-            return await self._refused(api, provider, response, sink, attempt=attempt, request_id=request_id)
+            refused = await self._refused(api, provider, response, sink, attempt=attempt, request_id=request_id)
+            if trace is not None:
+                if refused is None:
+                    trace.attempt_status(response.code)  # the client has the provider's error
+                else:
+                    trace.failed(f"http_{response.code}" if response.code >= 400 else "upstream_not_a_stream", response.code)
+            return refused
+        if trace is not None:
+            trace.attempt_status(response.code)
         breaker.record_success()
         log.info(
             "upstream_attempt_started",

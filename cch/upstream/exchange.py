@@ -29,15 +29,18 @@ from zope.interface import implementer
 
 from cch.config import UpstreamWebSocketConfig
 from cch.turn import ResponseSink
-from cch.upstream.idle import IdleWatchdog, WatchedProducer
+from cch.upstream.idle import IdleWatchdog
 from cch.upstream.ws import OPEN, SocketClosed, UpstreamConnection
 from cch.wire import (
+    CLOSE_MESSAGE_TOO_BIG,
     TERMINAL_EVENT_TYPES,
     error_event,
     event_too_large,
     event_type,
     is_connection_limit,
     is_previous_not_found,
+    message_too_big,
+    response_of,
 )
 
 log = Logger()
@@ -131,6 +134,7 @@ class Exchange:
         self.sink: ResponseSink | None = None
         self.done: Deferred[None] | None = None  # made by deliver (a discarded exchange needs none)
         self.watchdog: IdleWatchdog | None = None
+        self.steered = False  # a client control frame (steer, inject) went up this socket
         self._first_kind: str | None = None  # the first event's type, while it is queued
         self._timer: IDelayedCall | None = None
 
@@ -199,6 +203,16 @@ class Exchange:
             log.warn("upstream_event_too_large", transport="websocket", limit=closed.too_large)
             if not self.terminal_seen and self.mid_error is None:
                 self.mid_error = too_large
+        elif closed.code == CLOSE_MESSAGE_TOO_BIG:
+            # The upstream refused what we sent as too big: the client's frame. Never re-sent
+            # (nor over HTTP); the client gets it as an error and a 1009 of its own
+            # (docs/protocol.md#close-codes).
+            too_big = message_too_big(closed.reason)
+            if not self.first_event_seen:
+                self._fail(NotResent(*too_big, log_event="upstream_ws_message_too_big"))
+                return
+            if not self.terminal_seen and self.mid_error is None:
+                self.mid_error = too_big
         if not self.first_event_seen:
             if closed.status is not None:
                 self._fail(
@@ -269,12 +283,10 @@ class Exchange:
         done = self.done = Deferred(self._cancel_delivery)
         self.sink = sink
         sink.sse_started(200, {"content-type": "text/event-stream", "x-cch-upstream-transport": "websocket"})
-        producer: IPushProducer = _SocketProducer(self)
         if idle_timeout is not None:
             self.watchdog = IdleWatchdog(self.owner.clock, idle_timeout, self._stalled)
-            producer = WatchedProducer(producer, self.watchdog)
             self.watchdog.start()
-        sink.register_producer(producer)
+        sink.register_producer(_SocketProducer(self, self.watchdog))
         kind, self._first_kind = self._first_kind, None
         while self.queue and not done.called:
             text, size = self.queue.popleft()
@@ -295,14 +307,35 @@ class Exchange:
         if kind is None:
             kind = event_type(text)
         self.sink.sse_event(text, kind)
+        if done.called:
+            return  # the consumer went away while it handled the event (_cancel_delivery)
         if kind in TERMINAL_EVENT_TYPES:
+            if self.steered and kind == "response.incomplete" and _steered_away(text):
+                # Steering ended this response at a safe boundary; its successor follows on
+                # this socket and belongs to the same turn (docs/protocol.md#control-frames).
+                return
             self.terminal_seen = True
             # An `error` terminal, or the 60-minute cap, retires the socket
-            # (docs/reference-behaviour.md#the-60-minute-connection-cap).
-            retire = kind == "error" or is_connection_limit(text)
+            # (docs/reference-behaviour.md#the-60-minute-connection-cap); so does a steered
+            # turn: what the upstream still owes it (a successor, `response.steer.pending`)
+            # must not reach the next turn on this socket.
+            retire = kind == "error" or is_connection_limit(text) or self.steered
             self._stop_delivery()
             self._finish(1000 if retire else None)
             done.callback(None)
+
+    def send_control(self, frame: bytes) -> bool:
+        """A client's control frame (``response.steer``, ``response.inject``) for the response
+        this exchange is delivering, sent up the same socket; False once that is over."""
+        done = self.done
+        if self.finished or done is None or done.called or self.conn.state != OPEN:
+            return False
+        try:
+            self.conn.send(frame)
+        except Exception:
+            return False
+        self.steered = True
+        return True
 
     def _stalled(self) -> None:
         if self.mid_error is None:
@@ -363,16 +396,35 @@ class Exchange:
 
 @implementer(IPushProducer)
 class _SocketProducer:
-    """Lets the client side pause the upstream socket's reads (TCP backpressure upstream)."""
+    """Lets the client side pause the upstream socket's reads (TCP backpressure upstream), with
+    the stall watchdog stopped meanwhile (the silence is ours), and send a client's control
+    frame up the socket (:class:`cch.turn.UpstreamControl`)."""
 
-    def __init__(self, exchange: Exchange) -> None:
+    def __init__(self, exchange: Exchange, watchdog: IdleWatchdog | None) -> None:
         self.exchange = exchange
+        self.watchdog = watchdog
 
     def pauseProducing(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.pause()
         self.exchange.conn.pause()
 
     def resumeProducing(self) -> None:
         self.exchange.conn.resume()
+        if self.watchdog is not None:
+            self.watchdog.resume()
 
     def stopProducing(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.exchange.stop()
+
+    def send_control(self, frame: bytes) -> bool:
+        return self.exchange.send_control(frame)
+
+
+def _steered_away(text: str) -> bool:
+    """Is this ``response.incomplete`` the end steering made (a successor follows)?"""
+    response = response_of(text)
+    details = response.get("incomplete_details") if response is not None else None
+    return isinstance(details, dict) and details.get("reason") == "steered"

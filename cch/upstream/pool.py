@@ -188,6 +188,7 @@ class UpstreamWSPool(Service):
             handshake_timeout=self.config.handshake_timeout,
             max_message_bytes=target.max_event_bytes,
             trust=trust_root(target.tls_ca),
+            deflate_window_bits=self.config.compression_window_bits if self.config.compression else None,
         )
 
     def _open(self, target: Target) -> UpstreamConnection:

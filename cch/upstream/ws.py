@@ -35,7 +35,14 @@ from cch.adapters import (
 )
 from cch.headers import UPGRADE_NOT_FORWARDED
 from cch.writes import write_batch
-from cch.wsframes import masked_text_frame, take_text_frames
+from cch.wsframes import (
+    DeflateResponseAccept,
+    MessageDeflater,
+    deflate_offers,
+    masked_text_frame,
+    negotiated_deflate,
+    take_text_frames,
+)
 
 log = Logger()
 
@@ -178,7 +185,11 @@ class UpstreamConnection:
         handshake_timeout: float,
         max_message_bytes: int = 0,
         trust: Any = None,
+        deflate_window_bits: int | None = None,
     ) -> None:
+        """``deflate_window_bits``: offer permessage-deflate (RFC 7692) with windows of at most
+        2**bits bytes on our side (None: not offered); ``max_message_bytes`` then caps the
+        inflated size of a message."""
         self.id = next(_ids)
         self.reactor = reactor
         self.clock = clock
@@ -187,6 +198,7 @@ class UpstreamConnection:
         self.handshake_timeout = handshake_timeout
         self.max_message_bytes = max_message_bytes
         self.trust = trust
+        self.deflate_window_bits = deflate_window_bits
         self.state = CONNECTING
         self.consumer: SocketConsumer | None = None
         self.on_gone: list[Callable[[UpstreamConnection], None]] = []
@@ -197,6 +209,7 @@ class UpstreamConnection:
         self._connecting: Deferred[Any] | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._failure_text: str | None = None
+        self._deflate: MessageDeflater | None = None  # what send() compresses with, if negotiated
 
     # -- opening --------------------------------------------------------------------------
 
@@ -228,6 +241,12 @@ class UpstreamConnection:
             serverConnectionDropTimeout=0,  # its timer is txaio's global one: see _ClientProtocol
             autoFragmentSize=0,
         )
+        bits = self.deflate_window_bits
+        if bits is not None:
+            factory.setProtocolOptions(
+                perMessageCompressionOffers=deflate_offers(bits),
+                perMessageCompressionAccept=DeflateResponseAccept(bits, self.max_message_bytes),
+            )
         return factory
 
     def _tcp_connected(self, proto: Any) -> None:
@@ -247,6 +266,7 @@ class UpstreamConnection:
 
     def _opened(self, proto: _ClientProtocol) -> None:
         proto._was_open = True
+        self._deflate = negotiated_deflate(proto)
         self._cancel_handshake_timer()
         if self.state != CONNECTING:
             return
@@ -262,9 +282,14 @@ class UpstreamConnection:
         if self.state != OPEN or proto is None or proto.state != proto.STATE_OPEN:
             raise ConnectionError("websocket is not open")
         # One final masked text frame, written directly (cch.wsframes): Autobahn's
-        # sendMessage adds only bookkeeping and eagerly formatted debug logging.
+        # sendMessage adds only bookkeeping and eagerly formatted debug logging. Compressed
+        # (RSV1) with the socket's Autobahn compressor when permessage-deflate was negotiated.
         payload = text if isinstance(text, bytes) else text.encode("utf-8")
-        proto.transport.write(masked_text_frame(payload))
+        deflate = self._deflate
+        if deflate is None:
+            proto.transport.write(masked_text_frame(payload))
+        else:
+            proto.transport.write(masked_text_frame(deflate(payload), compressed=True))
 
     def _message(self, payload: bytes) -> None:
         if self.consumer is not None and self.state == OPEN:
@@ -280,6 +305,11 @@ class UpstreamConnection:
             self._proto.transport.resumeProducing()
 
     # -- closing --------------------------------------------------------------------------
+
+    @property
+    def compressed(self) -> bool:
+        """permessage-deflate was negotiated: what this socket sends is compressed."""
+        return self._deflate is not None
 
     @property
     def usable(self) -> bool:
