@@ -316,3 +316,14 @@ async def test_a_stream_cut_mid_answer_ends_the_turn_with_an_error_event(
     assert client.close_info is None  # the connection carries on
     fake.default = by_path
     assert final_text(await turn(client, create(input="again"))) == "echo: again"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_id_in_an_http_body_never_reaches_the_upstream(
+    fake: FakeUpstream, gateways: list[RunningGateway]
+) -> None:
+    responses = provider(fake, "responses", name="openai")
+    running = await start(gateways, translated(fake, responses, provider(fake, "chat", priority=1)))
+    status, _, _ = await post(running, {"model": MODEL, "input": "hi", "stream_id": "lane-1"})
+    assert status == 200
+    assert "stream_id" not in fake.requests[0].body and fake.requests[0].path == "/v1/responses"

@@ -206,6 +206,9 @@ class ResponsesHandler:
         if not allowed:
             sink.json_body(*errors.unauthorized(), JSON)
             return
+        if "stream_id" in body:
+            # A WebSocket lane's name (the edge takes it off its turns): no upstream knows it.
+            body = {name: value for name, value in body.items() if name != "stream_id"}
         ctx.key_name = key.name if key else None
         model = body.get("model") if isinstance(body.get("model"), str) else None
         meter = TurnMeter(
