@@ -62,6 +62,11 @@ Undocumented Autobahn state on the per-frame path (read inline, where it is used
   ``EdgeProtocol._text_frame``.
 - ``autobahn.websocket.xormasker.create_xor_masker(key, length).process(payload)``:
   cch/wsframes.py.
+- ``websocket_extensions_in_use`` (the negotiated extensions, on server and client protocols)
+  → ``cch.wsframes.negotiated_deflate``; and a negotiated ``PerMessageDeflate``'s
+  ``start_compress_message()``, ``compress_message_data(data)``, ``end_compress_message()``
+  (the connection's own compressor, so frames written by cch and by Autobahn share one deflate
+  stream in write order) → ``cch.wsframes.MessageDeflater``, once per compressed event.
 
 Other undocumented methods and behaviour cch relies on by name:
 
@@ -69,7 +74,8 @@ Other undocumented methods and behaviour cch relies on by name:
   cch/testing/fake_upstream.py), ``dropConnection(abort)`` and ``sendData(data, sync, chopsize)``
   (overridden in cch/edge/protocol.py), ``sendCloseFrame(code=, reasonUtf8=, isReply=)`` (called
   by cch/edge/protocol.py and cch/upstream/ws.py: ``sendClose`` refuses protocol codes such as
-  1009 and 1011), ``http_request_uri`` (cch/edge/protocol.py, cch/testing/fake_upstream.py).
+  1009 and 1011; overridden in cch/edge/protocol.py, which closes TCP once the 1009 for an
+  oversized compressed message is out: Autobahn reads nothing after refusing one), ``http_request_uri`` (cch/edge/protocol.py, cch/testing/fake_upstream.py).
 - Autobahn's ``WebSocketResource.render`` takes the connection over by setting
   ``request.channel.transport = None``: cch/httpchannel.py hands the connection's slot to the
   edge then.

@@ -223,6 +223,10 @@ SUBJECTS: dict[str, tuple[str, Callable[[], Any]]] = {
     "channel": ("twisted.web.http.HTTPChannel once a request's headers are in", _channel_with_headers_in),
     "web-client": ("twisted.web.client", lambda: _module("twisted.web.client")),
     "tcp": ("a Twisted TCP transport (twisted.internet.tcp.Connection)", _tcp_connection),
+    "permessage-deflate": (
+        "autobahn.websocket.compress_deflate.PerMessageDeflate",
+        lambda: _module("autobahn.websocket.compress_deflate").PerMessageDeflate,
+    ),
 }
 
 _SERVER_NAMES = (
@@ -281,6 +285,11 @@ NAMES = [
     ("twisted", "channel", "_path"),
     ("twisted", "web-client", "RequestTransmissionFailed"),
     ("twisted", "tcp", "producer"),
+    ("autobahn", "server", "websocket_extensions_in_use"),
+    ("autobahn", "client", "websocket_extensions_in_use"),
+    ("autobahn", "permessage-deflate", "start_compress_message"),
+    ("autobahn", "permessage-deflate", "compress_message_data"),
+    ("autobahn", "permessage-deflate", "end_compress_message"),
 ]
 
 
