@@ -229,3 +229,35 @@ def test_quick_cluster_run_counts_through_redis_and_leaves_no_keys(tmp_path: Pat
     cost = results["summary"]["shared_limits"]
     assert cost["pairs"] == 1 and cost["difference"]["seq_ttfe_p50_ms"] is not None
     assert "## Shared limits through Redis" in doc.read_text()
+
+
+def test_quick_deflate_run_shows_the_client_leg_compressed_and_the_upstream_leg_not(tmp_path: Path) -> None:
+    out = tmp_path / "deflate.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.deflate",
+            "--quick",
+            "--variants",
+            "off,edge-15",
+            "--doc",
+            "",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    median = json.loads(out.read_text())["summary"]["median"]
+    off, edge = median["off"], median["edge-15"]
+    # Codex-like turns repeat ~20 KB of instructions and tools: a 32 KiB window takes most away.
+    assert edge["client_in_bytes_per_turn"] < 0.1 * off["client_in_bytes_per_turn"]
+    assert edge["client_out_bytes_per_turn"] < 0.1 * off["client_out_bytes_per_turn"]
+    # Compression on the client edge leaves the upstream leg as it was.
+    assert abs(edge["upstream_in_bytes_per_turn"] - off["upstream_in_bytes_per_turn"]) < 0.01 * off["upstream_in_bytes_per_turn"]
