@@ -8,9 +8,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.web.iweb import IResponse
+
 from cch.config import ProviderConfig
 from cch.handler.routing import Provider
 from cch.headers import forwardable, without_hop_by_hop
+
+log = Logger()
 
 # What the reference sends when the client sent no User-Agent (Codex backends expect one).
 DEFAULT_USER_AGENT = "codex_cli_rs/0.93.0 (Windows 10.0.26200; x86_64) vscode/1.108.1"
@@ -80,3 +86,36 @@ def _foreign_reasoning(item: Any) -> bool:
         return False
     content = item.get("encrypted_content")
     return isinstance(content, str) and content.startswith(FOREIGN_REASONING)
+
+
+async def post_attempt(
+    upstream: Any, provider: Provider, url: str, headers: dict[str, str], body: bytes, *, attempt: int, request_id: str, trace: Any
+) -> IResponse | None:
+    """POST one attempt at ``provider`` (its timeouts and CA); None when it could not be
+    reached — a breaker failure, logged and traced. A cancel abandons the attempt (no verdict)."""
+    config = provider.config
+    try:
+        response: IResponse = await upstream.post(
+            url,
+            headers,
+            body,
+            connect_timeout=config.connect_timeout,
+            first_byte_timeout=config.first_byte_timeout,
+            tls_ca=config.tls_ca,
+        )
+    except CancelledError:
+        provider.breaker.attempt_abandoned()
+        raise
+    except Exception as exc:
+        provider.breaker.record_failure()
+        log.warn(
+            "upstream_attempt_failed",
+            provider=provider.name,
+            attempt=attempt,
+            error=str(exc) or type(exc).__name__,
+            request_id=request_id,
+        )
+        if trace is not None:
+            trace.failed("unreachable")
+        return None
+    return response

@@ -24,7 +24,12 @@ from cch.handler.auth import KeyRing
 from cch.handler.continuity import NEW_SOCKET, TranscriptRecorder
 from cch.handler.eligibility import evaluate
 from cch.handler.metering import TurnMeter
-from cch.handler.outbound import for_responses_provider, upstream_headers, upstream_url
+from cch.handler.outbound import (
+    for_responses_provider,
+    post_attempt,
+    upstream_headers,
+    upstream_url,
+)
 from cch.handler.routing import Provider, ProviderRouter
 from cch.handler.translated import TranslatedAttempt
 from cch.jsoncodec import dumps_bytes, loads
@@ -518,31 +523,18 @@ class ResponsesHandler:
         trace = meter.trace
         if trace is not None:
             trace.attempt(provider.name, "http", "responses", attempt)
-        try:
-            response = await self.upstream.post(
-                upstream_url(provider.base_url),
-                upstream_headers(ctx.headers, provider, stream=stream),
-                dumps_bytes(body),
-                connect_timeout=config.connect_timeout,
-                first_byte_timeout=config.first_byte_timeout,
-                tls_ca=config.tls_ca,
-            )
-        except CancelledError:
-            breaker.attempt_abandoned()
-            raise
-        except Exception as exc:
-            breaker.record_failure()
-            log.warn(
-                "upstream_attempt_failed",
-                provider=provider.name,
-                attempt=attempt,
-                error=str(exc) or type(exc).__name__,
-                request_id=ctx.request_id,
-            )
-            if trace is not None:
-                trace.failed("unreachable")
-            status, body = errors.bad_gateway(f"Upstream provider '{provider.name}' is unreachable.")
-            return status, body, JSON
+        response = await post_attempt(
+            self.upstream,
+            provider,
+            upstream_url(provider.base_url),
+            upstream_headers(ctx.headers, provider, stream=stream),
+            dumps_bytes(body),
+            attempt=attempt,
+            request_id=ctx.request_id,
+            trace=trace,
+        )
+        if response is None:
+            return *errors.bad_gateway(f"Upstream provider '{provider.name}' is unreachable."), JSON
         if _retryable(response.code):
             breaker.record_failure()
             log.warn(

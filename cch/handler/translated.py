@@ -17,13 +17,13 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from cch.bodyreader import BodyEnd, BodyReader, Complete, collect, content_type, is_event_stream
 from cch.handler import errors
+from cch.handler.outbound import post_attempt
 from cch.handler.routing import Provider
 from cch.jsoncodec import dumps, dumps_bytes
 from cch.sse import EventTooLarge, SSEDecoder
@@ -196,23 +196,17 @@ class TranslatedAttempt:
         breaker.attempt_started()
         if trace is not None:
             trace.attempt(provider.name, "http", api.name, attempt)
-        try:
-            response: IResponse = await self.upstream.post(
-                upstream_endpoint(provider.base_url, request.path),
-                translated_headers(provider, client_headers, request),
-                dumps_bytes(request.body),
-                connect_timeout=config.connect_timeout,
-                first_byte_timeout=config.first_byte_timeout,
-                tls_ca=config.tls_ca,
-            )
-        except CancelledError:
-            breaker.attempt_abandoned()
-            raise
-        except Exception as exc:
-            breaker.record_failure()
-            log.warn("upstream_attempt_failed", provider=provider.name, attempt=attempt, error=_describe(exc), request_id=request_id)
-            if trace is not None:
-                trace.failed("unreachable")
+        response = await post_attempt(
+            self.upstream,
+            provider,
+            upstream_endpoint(provider.base_url, request.path),
+            translated_headers(provider, client_headers, request),
+            dumps_bytes(request.body),
+            attempt=attempt,
+            request_id=request_id,
+            trace=trace,
+        )
+        if response is None:
             return *errors.bad_gateway(f"Upstream provider '{provider.name}' is unreachable."), JSON
         kind = content_type(response)
         if response.code >= 400 or not is_event_stream(kind):
@@ -266,7 +260,3 @@ class TranslatedAttempt:
 def _previous_not_found(response_id: str) -> tuple[int, bytes, str]:
     message = f"Previous response with id '{response_id}' not found."
     return 400, error_body(message, "invalid_request_error", "previous_response_not_found", param="previous_response_id"), JSON
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
