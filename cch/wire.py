@@ -190,7 +190,8 @@ _NOT_IN_UPSTREAM_FRAME = tuple(name for name in ("stream", *FRAME_ONLY) if name 
 CANCEL = "response.cancel"
 STEER = "response.steer"
 INJECT = "response.inject"
-CONTROL_EVENT_TYPES = frozenset({CANCEL, STEER, INJECT})
+INTERRUPT = "response.interrupt"
+CONTROL_EVENT_TYPES = frozenset({CANCEL, STEER, INJECT, INTERRUPT})
 """Client frames acted on as they arrive, not queued behind the turn in flight."""
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
@@ -284,6 +285,51 @@ def steer_failed(code: str, message: str, steer: dict[str, Any]) -> str:
             "steer": steer,
         }
     )
+
+
+DISCARD_PARTIAL_ITEMS = "discard_partial_items"
+"""The one ``response.interrupt`` mode: partial output items are dropped, finished ones kept."""
+ITEM_ADDED = "response.output_item.added"
+ITEM_DONE = "response.output_item.done"
+
+
+def interrupt_failed(response_id: Any, code: str, message: str) -> str:
+    """``response.interrupt.failed``: the interrupt did nothing; the response (if any) goes on.
+    Never an ``error``: Codex ends its turn on one, and a late interrupt is normal."""
+    return _text(
+        {
+            "type": "response.interrupt.failed",
+            "response_id": response_id,
+            "error": {"type": "invalid_request_error", "code": code, "message": message, "param": "response_id"},
+        }
+    )
+
+
+def interrupt_accepted(response_id: str, sequence_number: int) -> str:
+    return _text({"type": "response.interrupt.accepted", "response_id": response_id, "sequence_number": sequence_number})
+
+
+def item_interrupted(response_id: str, item: dict[str, Any], output_index: Any, sequence_number: int) -> str:
+    """The end of an output item an interrupt cut short (its partial content is discarded)."""
+    return _text(
+        {
+            "type": "response.output_item.interrupted",
+            "response_id": response_id,
+            "item_id": item.get("id"),
+            "output_index": output_index,
+            "sequence_number": sequence_number,
+        }
+    )
+
+
+def interrupted(response: dict[str, Any] | None, output: list[Any], sequence_number: int) -> str:
+    """The terminal of an interrupted response (``mode: discard_partial_items``):
+    ``response.incomplete``, reason ``interrupted``, with the output items that were complete."""
+    body = dict(response) if response is not None else {"id": None, "object": "response"}
+    body["status"] = "incomplete"
+    body["incomplete_details"] = {"reason": "interrupted"}
+    body["output"] = output
+    return _text({"type": "response.incomplete", "sequence_number": sequence_number, "response": body})
 
 
 def message_too_big(reason: str | None) -> tuple[str, str]:

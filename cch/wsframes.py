@@ -24,9 +24,9 @@ extension was negotiated, with the connection's own Autobahn compressor
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from autobahn.websocket.compress import (
     PerMessageDeflate,
@@ -91,6 +91,124 @@ def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], boo
     finally:
         if pos:
             proto.data = data[pos:]
+
+
+class FrameRelay(Protocol):
+    """Who takes an upstream server's frames whole (cch.upstream.exchange, the edge's turn)."""
+
+    def relay_frames(self, data: bytes, start: int, end: int, count: int, size: int) -> None:
+        """``data[start:end]`` is ``count`` complete final text frames exactly as an upstream
+        server sent them (unmasked, uncompressed), ``size`` bytes of payload in all; each is a
+        JSON object event of a type nobody in the gateway reads (:func:`relay_text_frames`)."""
+
+
+_EVENT_START = b'{"type":"'
+
+
+def relay_text_frames(
+    proto: Any,
+    deliver: Callable[[bytes], bool | None],
+    relay_of: Callable[[], FrameRelay | None],
+    read_types: frozenset[bytes],
+) -> None:
+    """:func:`take_text_frames` for a client (unmasked frames) whose events mostly go on as
+    they came: runs of frames nobody needs to read are handed to the relay ``relay_of()``
+    returns, header and payload, without being decoded (a server's frames are unmasked on
+    both hops, so the client gets the very bytes); every other frame's payload goes to
+    ``deliver``, in order. ``relay_of`` is asked again after each delivered frame (a terminal
+    event ends the turn, and with it the relay).
+
+    A frame is relayed only when reading it could change nothing: its payload starts
+    ``{"type":"``, that type is not in ``read_types``, no other ``"type"`` key follows at any
+    depth and no ``\\u`` escape could spell one, and it is valid UTF-8. Whether the payload is
+    valid JSON does not matter: an invalid one would be forwarded as it is all the same.
+    """
+    data: bytes = proto.data
+    size = len(data)
+    limit = proto.maxFramePayloadSize
+    message_limit = proto.maxMessagePayloadSize
+    if 0 < message_limit < limit or not limit:
+        limit = message_limit
+    open_state = proto.STATE_OPEN
+    relay = relay_of()
+    pos = run_start = run_count = run_bytes = 0
+    try:
+        while size - pos >= 2 and data[pos] == _FIN_TEXT:
+            length = data[pos + 1]
+            if length < 126:
+                start = pos + 2
+            elif length == 126 and size - pos >= 4:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:
+                    break  # not minimally encoded: Autobahn fails the connection
+                start = pos + 4
+            else:
+                break  # masked (not a server's), 64-bit lengths, or the header is incomplete
+            end = start + length
+            if end > size or 0 < limit < length:
+                break
+            if relay is not None and data.startswith(_EVENT_START, start, end):
+                quote = data.find(b'"', start + 9, end)
+                if (
+                    quote > 0
+                    and data[start + 9 : quote] not in read_types
+                    and data.find(b'"type"', quote, end) < 0
+                    and data.find(b"\\u", quote, end) < 0
+                    and _utf8(data[start:end])
+                ):
+                    if not run_count:
+                        run_start = pos
+                    run_count += 1
+                    run_bytes += length
+                    pos = end
+                    continue
+            if run_count:
+                assert relay is not None
+                relay.relay_frames(data, run_start, pos, run_count, run_bytes)
+                run_count = run_bytes = 0
+                if proto.state != open_state:
+                    break
+            frame_start, pos = pos, end
+            if deliver(data[start:end]) is False:
+                pos = frame_start
+                break
+            if proto.state != open_state:
+                break
+            relay = relay_of()
+        if run_count:
+            assert relay is not None
+            relay.relay_frames(data, run_start, pos, run_count, run_bytes)
+    finally:
+        if pos:
+            proto.data = data[pos:]
+
+
+def _utf8(payload: bytes) -> bool:
+    if payload.isascii():
+        return True
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def frame_payloads(data: bytes, start: int, end: int) -> Iterator[bytes]:
+    """The payloads of the complete, unmasked, uncompressed frames ``data[start:end]`` (as
+    :func:`relay_text_frames` hands them over)."""
+    pos = start
+    while pos < end:
+        length = data[pos + 1]
+        if length < 126:
+            begin = pos + 2
+        elif length == 126:
+            begin = pos + 4
+            length = (data[pos + 2] << 8) | data[pos + 3]
+        else:
+            begin = pos + 10
+            length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+        pos = begin + length
+        yield data[begin:pos]
 
 
 def text_frame_header(size: int, compressed: bool = False) -> bytes:

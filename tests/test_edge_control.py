@@ -322,7 +322,7 @@ def test_an_inject_nothing_can_carry_is_an_unsupported_type_in_order(parts: Any)
     }
 
 
-@pytest.mark.parametrize("kind", ["response.interrupt", "session.update", "response.cancelled", "Response.Cancel"])
+@pytest.mark.parametrize("kind", ["response.interrupted", "session.update", "response.cancelled", "Response.Cancel"])
 def test_unknown_frame_types_get_unsupported_event_type_naming_them(parts: Any, kind: str) -> None:
     conn, channel, tunnel = parts
     send(conn, {"type": kind, "stream_id": "a"})
@@ -336,6 +336,117 @@ def test_unknown_frame_types_get_unsupported_event_type_naming_them(parts: Any, 
         }
     ]
     assert tunnel.turns == [] and not conn.closed
+
+
+# --- response.interrupt ---------------------------------------------------------------------------
+
+ITEM = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant"}
+DONE_ITEM = {**ITEM, "status": "completed", "content": [{"type": "output_text", "text": "ab"}]}
+INTERRUPT = {"type": "response.interrupt", "response_id": "resp_1", "mode": "discard_partial_items"}
+
+
+def test_interrupt_goes_up_the_socket_carrying_the_response_byte_for_byte(parts: Any) -> None:
+    conn, channel, tunnel = parts
+    send(conn, create())
+    producer = ControlProducer()
+    tunnel.turns[0].sink.register_producer(producer)
+    started(tunnel)
+    text = '{"type":"response.interrupt", "response_id":"resp_1","mode":"discard_partial_items"}'
+    send(conn, text)
+    assert producer.sent == [text.encode()]
+    assert not tunnel.turns[0].cancelled  # the upstream answers and ends the response
+    assert [f["type"] for f in channel.frames] == ["response.created"]
+
+
+def test_an_interrupt_nothing_can_carry_stops_the_response_as_the_api_does(parts: Any) -> None:
+    conn, channel, tunnel = parts
+    send(conn, create())
+    tunnel.turns[0].sink.register_producer(PlainProducer())
+    started(tunnel)
+    turn = tunnel.turns[0]
+    second = {**ITEM, "id": "msg_2"}
+    turn.events(
+        {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": ITEM},
+        {"type": "response.output_item.done", "sequence_number": 2, "output_index": 0, "item": DONE_ITEM},
+        {"type": "response.output_item.added", "sequence_number": 3, "output_index": 1, "item": second},
+        {"type": "response.output_text.delta", "sequence_number": 4, "item_id": "msg_2", "delta": "partial"},
+    )
+    send(conn, create(input="next"))  # queued behind it
+    send(conn, INTERRUPT)
+    assert turn.cancelled  # the upstream request is aborted
+    assert channel.frames[5:] == [
+        {"type": "response.interrupt.accepted", "response_id": "resp_1", "sequence_number": 5},
+        {
+            "type": "response.output_item.interrupted",
+            "response_id": "resp_1",
+            "item_id": "msg_2",
+            "output_index": 1,
+            "sequence_number": 6,
+        },
+        {
+            "type": "response.incomplete",
+            "sequence_number": 7,
+            "response": {
+                "id": "resp_1",
+                "object": "response",
+                "status": "incomplete",
+                "output": [DONE_ITEM],  # the partial item is discarded
+                "incomplete_details": {"reason": "interrupted"},
+            },
+        },
+    ]
+    # The lane goes on with its next frame; the connection stays open.
+    assert len(tunnel.turns) == 2 and tunnel.turns[1].request.body["input"] == "next"
+    assert channel.closes == []
+
+
+def test_an_interrupt_in_a_lane_answers_in_that_lane(parts: Any) -> None:
+    conn, channel, tunnel = parts
+    send(conn, create("a"))
+    tunnel.turns[0].sink.register_producer(PlainProducer())
+    started(tunnel)
+    send(conn, {**INTERRUPT, "stream_id": "a"})
+    assert [(f["type"], f["stream_id"]) for f in channel.frames[1:]] == [
+        ("response.interrupt.accepted", "a"),
+        ("response.incomplete", "a"),
+    ]
+    assert channel.frames[-1]["response"]["output"] == []
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ({"type": "response.interrupt", "mode": "discard_partial_items"}, "invalid_input"),
+        ({**INTERRUPT, "response_id": "resp_other"}, "response_not_found"),
+        ({**INTERRUPT, "mode": "keep_partial_items"}, "unsupported_interrupt_mode"),
+    ],
+)
+def test_an_interrupt_that_cannot_apply_fails_without_ending_anything(parts: Any, frame: Any, code: str) -> None:
+    conn, channel, tunnel = parts
+    send(conn, create())
+    tunnel.turns[0].sink.register_producer(PlainProducer())
+    started(tunnel)
+    send(conn, frame)
+    failed = channel.frames[-1]
+    assert failed["type"] == "response.interrupt.failed"
+    assert failed["response_id"] == frame.get("response_id")
+    assert failed["error"]["code"] == code and failed["error"]["param"] == "response_id"
+    # Not an `error` (Codex ends its turn on one): the response goes on.
+    assert not tunnel.turns[0].cancelled
+    tunnel.turns[0].events(COMPLETED)
+    tunnel.turns[0].finish()
+    assert channel.frames[-1]["type"] == "response.completed" and channel.closes == []
+
+
+def test_an_interrupt_after_the_terminal_is_too_late(parts: Any) -> None:
+    conn, channel, tunnel = parts
+    send(conn, create())
+    tunnel.turns[0].sink.register_producer(PlainProducer())
+    started(tunnel)
+    tunnel.turns[0].events(COMPLETED)
+    send(conn, INTERRUPT)
+    assert channel.frames[-1]["type"] == "response.interrupt.failed"
+    assert channel.frames[-1]["error"]["code"] == "response_not_found"
 
 
 # --- an upstream's 1009, as the edge sees it ------------------------------------------------------------
@@ -408,6 +519,19 @@ def test_a_steered_response_ends_with_its_successor_and_retires_the_socket(rig: 
         "response.completed",
     ]
     # What the upstream may still owe a steered response must not reach the next turn.
+    assert sock.close_code == 1000 and rig.pool.entries == {}
+
+
+def test_an_interrupted_response_ends_the_turn_and_retires_the_socket(rig: Rig) -> None:
+    sock, exchange, sink, done = delivering(rig)
+    assert exchange.send_control(json.dumps(INTERRUPT).encode())
+    sock.message({"type": "response.interrupt.accepted", "response_id": "resp_1", "sequence_number": 1})
+    sock.message(
+        {"type": "response.incomplete", "response": {"id": "resp_1", "incomplete_details": {"reason": "interrupted"}}}
+    )
+    result_of(done)
+    assert sink.types == ["response.created", "response.interrupt.accepted", "response.incomplete"]
+    # Whatever the upstream still owes the interrupt must not reach the next turn on this socket.
     assert sock.close_code == 1000 and rig.pool.entries == {}
 
 
@@ -508,6 +632,56 @@ async def test_steer_reaches_the_upstream_socket_of_its_response(fake: FakeUpstr
         client.send_text(steer)
         await eventually(lambda: len(fake.ws_connections[0].turns) == 2, "the steer to reach the upstream")
         assert fake.ws_connections[0].turns[1].raw == steer.encode()
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_interrupt_over_http_stops_the_upstream_and_the_client_gets_the_apis_ending(fake: FakeUpstream) -> None:
+    gateway = await start_gateway(gateway_config(fake, upstream="http"))
+    try:
+        fake.enqueue(lambda recorded: hold(codex_events(recorded)[:4]))  # created … a first delta
+        client = await gateway.connect()
+        client.send_json(response_create())
+        events = [await within(client.recv(), f"event {n}") for n in range(4)]
+        rid = events[0]["response"]["id"]
+        client.send_json({"type": "response.interrupt", "response_id": rid, "mode": "discard_partial_items"})
+        accepted, item_interrupted, terminal = [await within(client.recv(), f"answer {n}") for n in range(3)]
+        assert accepted == {"type": "response.interrupt.accepted", "response_id": rid, "sequence_number": 4}
+        assert item_interrupted["type"] == "response.output_item.interrupted"
+        assert item_interrupted["item_id"] == events[2]["item"]["id"]
+        assert terminal["type"] == "response.incomplete"
+        assert terminal["response"]["id"] == rid and terminal["response"]["output"] == []
+        assert terminal["response"]["incomplete_details"] == {"reason": "interrupted"}
+        await within(fake.wait_for_cancelled(0), "the upstream request to be aborted")
+        # The connection goes on.
+        client.send_json(response_create())
+        assert (await turn_of(client))[-1]["type"] == "response.completed"
+        assert client.close_info is None
+    finally:
+        await gateway.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_interrupt_reaches_the_upstream_socket_of_its_response(fake: FakeUpstream) -> None:
+    gateway = await start_gateway(gateway_config(fake, upstream="websocket"))
+    try:
+        fake.enqueue(held)
+        client = await gateway.connect()
+        client.send_json(response_create(stream_id="s"))
+        created = await within(client.recv(), "response.created")
+        interrupt = (
+            '{"type":"response.interrupt","response_id":"'
+            + created["response"]["id"]
+            + '","mode":"discard_partial_items","stream_id":"s"}'
+        )
+        client.send_text(interrupt)
+        await eventually(lambda: len(fake.ws_connections[0].turns) == 2, "the interrupt to reach the upstream")
+        assert fake.ws_connections[0].turns[1].body == {
+            "type": "response.interrupt",
+            "response_id": created["response"]["id"],
+            "mode": "discard_partial_items",
+        }  # the lane's stream_id stays here
     finally:
         await gateway.stop()
 

@@ -164,7 +164,7 @@ NASTY = [
     '{"type":"response.create"',
     '{"type":"response.create"}}',
     '{"type":"response.create"} {}',
-    '{"type":"response.create","type":"response.interrupt"}',
+    '{"type":"response.create","type":"session.update"}',  # the last one wins
     '{"type":"response.cancel","type":"response.create"}',
     '{"type":"response.create\\u0000"}',
     '{"type":"response.create","model":"\\ud800"}',

@@ -32,13 +32,17 @@ from cch.edge.frames import (
     translate_sse_data,
 )
 from cch.handler import errors
-from cch.jsoncodec import dumps_bytes
+from cch.jsoncodec import dumps_bytes, loads
 from cch.metrics import EdgeStats
 from cch.turn import Tunnel, TurnRequest, TurnTransportError, UpstreamControl
 from cch.wire import (
     CANCEL,
     CLOSE_MESSAGE_TOO_BIG,
     CONTROL_EVENT_TYPES,
+    DISCARD_PARTIAL_ITEMS,
+    INTERRUPT,
+    ITEM_ADDED,
+    ITEM_DONE,
     MAX_ACTIVE_RESPONSES,
     MAX_STREAM_IDS,
     MESSAGE_TOO_BIG,
@@ -48,13 +52,18 @@ from cch.wire import (
     cancelled,
     error_code,
     error_event,
+    interrupt_accepted,
+    interrupt_failed,
+    interrupted,
     invalid_stream_id,
+    item_interrupted,
     response_of,
     steer_failed,
     stream_limit,
     valid_stream_id,
     with_stream_id,
 )
+from cch.wsframes import frame_payloads
 
 log = Logger()
 
@@ -70,6 +79,11 @@ class EdgeChannel(Protocol):
 
     def send_text(self, text: str) -> int | None:
         """Queue a text frame; the bytes written, 0 when the socket is no longer open."""
+
+    def send_frames(self, data: bytes, start: int, end: int) -> int | None:
+        """Queue ``data[start:end]``, complete final text frames as an upstream server framed
+        them (unmasked, uncompressed), as they are (each compressed if the connection
+        negotiated permessage-deflate); 0 when the socket is no longer open."""
 
     def send_close(self, code: int, reason: str) -> None: ...
 
@@ -132,6 +146,7 @@ class _Turn:
         self.first_event_at: float | None = None
         self.frames = 0
         self.bytes = 0
+        self.items: list[str] = []  # output_item.added/done events, unparsed (for an interrupt)
 
     # ResponseSink
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
@@ -145,6 +160,8 @@ class _Turn:
             # goes out byte for byte.
             if kind == "response.created":
                 self.created = data
+            elif kind == ITEM_ADDED or kind == ITEM_DONE:
+                self.items.append(data)
             self._send(data, kind if kind in TERMINAL_EVENT_TYPES else None, "sse")
             return
         if data == "[DONE]":
@@ -155,7 +172,27 @@ class _Turn:
         frame = translate_sse_data(data)
         if frame.kind == "response.created":
             self.created = frame.text
+        elif frame.kind == ITEM_ADDED or frame.kind == ITEM_DONE:
+            self.items.append(frame.text)
         self._send(frame.text, frame.terminal, "sse")
+
+    def frame_relay(self) -> _Turn | None:
+        """Upstream frames nobody reads come here whole (cch.wsframes.FrameRelay)."""
+        return None if self.dead else self
+
+    def relay_frames(self, data: bytes, start: int, end: int, count: int, size: int) -> None:
+        if self.dead:
+            return
+        if self.stream_id is not None:
+            # A named lane's events carry its stream_id: each is rewritten (its UTF-8 was checked).
+            for payload in frame_payloads(data, start, end):
+                self._send(payload.decode("utf-8"), None, "sse")
+            return
+        if self.conn.channel.send_frames(data, start, end) == 0:
+            self._send_failed()
+            return
+        self.frames += count
+        self.bytes += size
 
     def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         if self.dead:
@@ -178,8 +215,7 @@ class _Turn:
             text = with_stream_id(text, self.stream_id)
         written = self.conn.channel.send_text(text)
         if written == 0:
-            log.warn("ws_send_failed", reason="outbound_socket_closed")
-            self.conn.close(CLOSE_INTERNAL_ERROR, "outbound_socket_closed")
+            self._send_failed()
             return
         if not self.sent:
             self.sent = True
@@ -196,6 +232,10 @@ class _Turn:
                 log.info("ws_terminal_event_sent", type=terminal, source=source, status=status, request_id=self.request_id)
             else:
                 log.info("ws_terminal_event_sent", type=terminal, source=source, request_id=self.request_id)
+
+    def _send_failed(self) -> None:
+        log.warn("ws_send_failed", reason="outbound_socket_closed")
+        self.conn.close(CLOSE_INTERNAL_ERROR, "outbound_socket_closed")
 
     # What control frames need to know
 
@@ -382,6 +422,8 @@ class EdgeConnection:
             self._cancel(frame, text, size)
         elif kind == STEER:
             self._steer(frame, text)
+        elif kind == INTERRUPT:
+            self._interrupt(frame, text)
         else:
             self._inject(frame, text, size)
 
@@ -429,6 +471,68 @@ class EdgeConnection:
         response = turn.response
         turn.cancel()  # the upstream request is aborted, its socket retired
         turn._send(cancelled(response), "response.failed", "cancel")
+        if self.closed:
+            return
+        self._release(turn)
+        self._drain()
+
+    def _interrupt(self, frame: dict[str, Any], text: str) -> None:
+        """``response.interrupt``: sent up the socket carrying the response it names, or the
+        response is stopped here as the API would (docs/protocol.md#control-frames); with no
+        such response in flight, ``response.interrupt.failed``."""
+        response_id = frame.get("response_id")
+        stream_id = frame.get("stream_id")
+        lane_of = (lambda answer: with_stream_id(answer, stream_id)) if valid_stream_id(stream_id) else str
+        if not isinstance(response_id, str) or not response_id:
+            log.info("ws_control_refused", type=INTERRUPT, code="invalid_input")
+            self._send_frame(lane_of(interrupt_failed(response_id, "invalid_input", "response.interrupt needs a response_id string.")))
+            return
+        turn = self._turn_of(response_id)
+        if turn is None or turn.terminal_seen:
+            log.info("ws_control_refused", type=INTERRUPT, code="response_not_found")
+            message = f"Response '{response_id}' is not in progress on this connection."
+            self._send_frame(lane_of(interrupt_failed(response_id, "response_not_found", message)))
+            return
+        if self._forward(turn, frame, text):
+            return
+        mode = frame.get("mode", DISCARD_PARTIAL_ITEMS)
+        if mode != DISCARD_PARTIAL_ITEMS:
+            log.info("ws_control_refused", type=INTERRUPT, code="unsupported_interrupt_mode", request_id=turn.request_id)
+            message = f"Interrupt mode {mode!r} is not supported; use {DISCARD_PARTIAL_ITEMS!r}."
+            self._send_frame(lane_of(interrupt_failed(response_id, "unsupported_interrupt_mode", message)))
+            return
+        self._interrupt_turn(turn, response_id)
+
+    def _interrupt_turn(self, turn: _Turn, response_id: str) -> None:
+        """Stop a response no upstream socket can interrupt: its upstream request is aborted
+        and the client gets what an upstream sends, in order — ``response.interrupt.accepted``,
+        ``response.output_item.interrupted`` for each item still open, ``response.incomplete``
+        (reason ``interrupted``) with the items that were done."""
+        log.info("ws_turn_interrupted", request_id=turn.request_id)
+        response = turn.response
+        open_items: dict[Any, tuple[Any, dict[str, Any]]] = {}
+        done: list[dict[str, Any]] = []
+        for text in turn.items:
+            try:
+                event = loads(text)
+            except ValueError:
+                continue
+            item = event.get("item") if isinstance(event, dict) else None
+            if not isinstance(item, dict):
+                continue
+            key = item.get("id", event.get("output_index"))
+            if event.get("type") == ITEM_ADDED:
+                open_items[key] = (event.get("output_index"), item)
+            else:
+                open_items.pop(key, None)
+                done.append(item)
+        turn.cancel()  # the upstream request is aborted
+        sequence = turn.frames  # the response's events so far, numbered from 0
+        turn._send(interrupt_accepted(response_id, sequence), None, "interrupt")
+        for index, item in open_items.values():
+            sequence += 1
+            turn._send(item_interrupted(response_id, item, index, sequence), None, "interrupt")
+        turn._send(interrupted(response, done, sequence + 1), "response.incomplete", "interrupt")
         if self.closed:
             return
         self._release(turn)

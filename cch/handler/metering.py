@@ -22,6 +22,7 @@ from cch.turn import ResponseSink
 from cch.usage.prices import PriceSheet
 from cch.usage.rows import UsageRow, usage_counts
 from cch.wire import TERMINAL_EVENT_TYPES, error_code, event_type, response_of
+from cch.wsframes import FrameRelay
 
 if TYPE_CHECKING:
     from cch.tracing import TurnSpan
@@ -90,6 +91,12 @@ class TurnMeter:
         if kind in TERMINAL_EVENT_TYPES and self.terminal is None:
             self._terminal(data, kind)  # type: ignore[arg-type]
         self.sink.sse_event(data, kind)
+
+    def frame_relay(self) -> FrameRelay | None:
+        """The sink's relay: events of types the meter does not read may go round it
+        (cch.upstream.exchange.READ_EVENT_TYPES; the first event is always read)."""
+        offer = getattr(self.sink, "frame_relay", None)
+        return offer() if offer is not None and self.first_event_at is not None else None
 
     def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         """A whole response at once: an error (status ≥ 400) or a non-streamed response object."""

@@ -11,10 +11,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.compress import PerMessageDeflate, PerMessageDeflateOffer
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from cch.wsframes import DeflateResponseAccept
+
 TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+
+
+def sdk_deflate_offers() -> list[PerMessageDeflateOffer]:
+    """``permessage-deflate; client_max_window_bits``: what the OpenAI Python SDK (``websockets``'
+    default) and Codex offer, so a test sees what they get. Not cch.wsframes.deflate_offers (the
+    gateway's own upstream offer), which also asks for ``server_max_window_bits`` and allows
+    ``client_no_context_takeover``."""
+    return [PerMessageDeflateOffer(accept_no_context_takeover=False, accept_max_window_bits=True)]
 
 
 @dataclass
@@ -59,6 +70,8 @@ class ResponsesWSClient:
         self.received: list[Any] = []
         self.close_info: CloseInfo | None = None
         self.protocol: _ClientProtocol | None = None
+        # The negotiated permessage-deflate (its window bits, context takeover), None without.
+        self.deflate: PerMessageDeflate | None = None
         self._open: Deferred[ResponsesWSClient] = Deferred()
         self._close_waiters: list[Deferred[CloseInfo]] = []
 
@@ -70,8 +83,13 @@ class ResponsesWSClient:
         headers: dict[str, str] | None = None,
         *,
         max_message_bytes: int = 0,
+        deflate: bool = False,
     ) -> Deferred[ResponsesWSClient]:
-        """Connect and fire once the WebSocket is open (fails if the upgrade is refused)."""
+        """Connect and fire once the WebSocket is open (fails if the upgrade is refused).
+
+        ``deflate`` offers permessage-deflate as the SDK and Codex do (:func:`sdk_deflate_offers`);
+        if the server accepts, Autobahn compresses what we send and inflates what we get (at most
+        ``max_message_bytes`` per message, 0: no limit) and :attr:`deflate` says with what."""
         client = cls()
         factory = _ClientFactory(client, url, headers=headers or {}, reactor=reactor)
         factory.setProtocolOptions(
@@ -81,6 +99,12 @@ class ResponsesWSClient:
             openHandshakeTimeout=0,
             closeHandshakeTimeout=5,
         )
+        if deflate:
+            # Our compressor may use zlib's largest window (15 bits), as the SDK's does.
+            factory.setProtocolOptions(
+                perMessageCompressionOffers=sdk_deflate_offers(),
+                perMessageCompressionAccept=DeflateResponseAccept(15, max_message_bytes),
+            )
         parts = urlsplit(url)
         endpoint = TCP4ClientEndpoint(reactor, parts.hostname or "127.0.0.1", parts.port or 80)
         d = endpoint.connect(factory)
@@ -90,6 +114,9 @@ class ResponsesWSClient:
     # protocol callbacks
     def _opened(self, proto: _ClientProtocol) -> None:
         self.protocol = proto
+        for extension in proto.websocket_extensions_in_use:
+            if isinstance(extension, PerMessageDeflate):
+                self.deflate = extension
         if not self._open.called:
             self._open.callback(self)
 
@@ -117,6 +144,16 @@ class ResponsesWSClient:
             d.callback(info)
 
     # API
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read off the socket since the upgrade (frame headers included, compressed or not)."""
+        return self.protocol.trafficStats.incomingOctetsWireLevel if self.protocol else 0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the socket since the upgrade (frame headers and masks included)."""
+        return self.protocol.trafficStats.outgoingOctetsWireLevel if self.protocol else 0
+
     def send_json(self, obj: Any) -> None:
         self.send_text(json.dumps(obj))
 

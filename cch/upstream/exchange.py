@@ -33,6 +33,8 @@ from cch.upstream.idle import IdleWatchdog
 from cch.upstream.ws import OPEN, SocketClosed, UpstreamConnection
 from cch.wire import (
     CLOSE_MESSAGE_TOO_BIG,
+    ITEM_ADDED,
+    ITEM_DONE,
     TERMINAL_EVENT_TYPES,
     error_event,
     event_too_large,
@@ -42,8 +44,16 @@ from cch.wire import (
     message_too_big,
     response_of,
 )
+from cch.wsframes import FrameRelay
 
 log = Logger()
+
+READ_EVENT_TYPES = frozenset(
+    kind.encode() for kind in (*TERMINAL_EVENT_TYPES, "response.created", ITEM_ADDED, ITEM_DONE)
+)
+"""The events a turn's readers look at (the exchange, the usage meter, the edge, which keeps
+the output items for an interrupt it must answer itself): every other event may reach the
+client as the upstream framed it (:meth:`Exchange.relay_frames`)."""
 
 UPGRADE_CACHEABLE = frozenset({400, 404, 405, 426, 501})
 """Upgrade refusals that say "this endpoint has no WebSocket": remembered for a while."""
@@ -113,8 +123,11 @@ class ExchangeOwner(Protocol):
 class Exchange:
     """One request on one socket: send the frame, classify the first event, then stream.
 
-    Also the socket's consumer (``ws_opened``/``ws_message``/``ws_closed``).
+    Also the socket's consumer (``ws_opened``/``ws_message``/``ws_closed``, and the
+    :attr:`relay` of frames nobody reads while it delivers to a sink that takes them whole).
     """
+
+    read_types = READ_EVENT_TYPES
 
     def __init__(self, owner: ExchangeOwner, conn: UpstreamConnection, frame: str | bytes, *, reused: bool) -> None:
         self.owner = owner
@@ -135,6 +148,8 @@ class Exchange:
         self.done: Deferred[None] | None = None  # made by deliver (a discarded exchange needs none)
         self.watchdog: IdleWatchdog | None = None
         self.steered = False  # a client control frame (steer, inject) went up this socket
+        self.relay: Exchange | None = None  # self, while delivering to a sink with a relay
+        self._sink_relay: FrameRelay | None = None
         self._first_kind: str | None = None  # the first event's type, while it is queued
         self._timer: IDelayedCall | None = None
 
@@ -293,9 +308,24 @@ class Exchange:
             self.queued_bytes -= size
             self.forward(text, kind)
             kind = None
-        if not done.called and self.closed:
-            self.ended()
+        if not done.called:
+            if self.closed:
+                self.ended()
+            else:
+                offer = getattr(sink, "frame_relay", None)
+                self._sink_relay = offer() if offer is not None else None
+                if self._sink_relay is not None:
+                    self.relay = self
         return done
+
+    def relay_frames(self, data: bytes, start: int, end: int, count: int, size: int) -> None:
+        """Events nobody reads (cch.wsframes.FrameRelay), on to the sink's relay whole."""
+        sink_relay = self._sink_relay
+        if sink_relay is None or self.finished:
+            return
+        if self.watchdog is not None:
+            self.watchdog.poke()
+        sink_relay.relay_frames(data, start, end, count, size)
 
     def forward(self, text: str, kind: str | None = None) -> None:
         """One upstream event to the sink; ``kind`` is its type when already known."""
@@ -363,6 +393,7 @@ class Exchange:
         self.owner.retire(self, 1000)
 
     def _stop_delivery(self) -> None:
+        self.relay = self._sink_relay = None
         if self.watchdog is not None:
             self.watchdog.stop()
         assert self.sink is not None
@@ -370,6 +401,7 @@ class Exchange:
 
     def _cancel_delivery(self, _: Deferred[None]) -> None:
         """The consumer went away (client abort, idle timeout): close 1000 and forget."""
+        self.relay = self._sink_relay = None
         if self.watchdog is not None:
             self.watchdog.stop()
         self.sink = None
@@ -383,6 +415,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        self.relay = self._sink_relay = None
         self._cancel_timer()
         if self.conn.consumer is self:
             self.conn.consumer = None

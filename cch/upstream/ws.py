@@ -37,11 +37,12 @@ from cch.headers import UPGRADE_NOT_FORWARDED
 from cch.writes import write_batch
 from cch.wsframes import (
     DeflateResponseAccept,
+    FrameRelay,
     MessageDeflater,
     deflate_offers,
     masked_text_frame,
     negotiated_deflate,
-    take_text_frames,
+    relay_text_frames,
 )
 
 log = Logger()
@@ -80,6 +81,13 @@ def upgrade_headers(headers: dict[str, str]) -> dict[str, str]:
 
 
 class SocketConsumer(Protocol):
+    relay: FrameRelay | None
+    """Who takes the frames nobody needs to read whole, while there is one
+    (:func:`cch.wsframes.relay_text_frames`)."""
+
+    read_types: frozenset[bytes]
+    """The event types (UTF-8) the consumer reads: never relayed."""
+
     def ws_opened(self) -> None: ...
 
     def ws_message(self, text: str, size: int) -> None: ...
@@ -104,10 +112,14 @@ class _ClientProtocol(ClientProtocol):
 
     def consumeData(self) -> None:
         # The per-event hot path: upstreams send each event as one small final text frame,
-        # many to a read; those are cut straight out of the buffer (cch.wsframes). Autobahn's
-        # consumeData and the state read here are listed in cch/adapters.py.
+        # many to a read; those are cut straight out of the buffer, and those nobody reads go
+        # to the client as they are (cch.wsframes). Autobahn's consumeData and the state read
+        # here are listed in cch/adapters.py.
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
-            take_text_frames(self, masked=False, deliver=self.owner._message)
+            owner = self.owner
+            consumer = owner.consumer
+            if consumer is not None:
+                relay_text_frames(self, owner._message, owner.relay, consumer.read_types)
         super().consumeData()
 
     def message_parsed(self, payload: bytes) -> None:
@@ -290,6 +302,11 @@ class UpstreamConnection:
             proto.transport.write(masked_text_frame(payload))
         else:
             proto.transport.write(masked_text_frame(deflate(payload), compressed=True))
+
+    def relay(self) -> FrameRelay | None:
+        """The consumer's relay while the socket is open and someone listens."""
+        consumer = self.consumer
+        return consumer.relay if consumer is not None and self.state == OPEN else None
 
     def _message(self, payload: bytes) -> None:
         if self.consumer is not None and self.state == OPEN:
