@@ -72,6 +72,14 @@ class RequestContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def connection_session(session_id: str) -> str:
+    """The client connection's session id of a turn's session: a named lane's
+    ``<connection session id>.<n>`` loses its ``.<n>`` (a connection's own id, a uuid, has no
+    dot). The lanes of a connection share its transcript, so a ``store:false`` response can be
+    continued from another lane (replayed: its socket is the other lane's)."""
+    return session_id.partition(".")[0]
+
+
 @dataclass(frozen=True)
 class TurnRequest:
     """One turn as the edge hands it to the tunnel.

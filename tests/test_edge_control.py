@@ -32,9 +32,13 @@ from zope.interface import implementer
 
 from cch.config import LimitsConfig
 from cch.edge.connection import EdgeConnection
+from cch.handler.continuity import TranscriptRecorder
+from cch.handler.metering import TurnMeter
 from cch.testing import FakeUpstream
 from cch.testing.scripts import SSE_HEADERS, Close, Script, codex_events, hold, ws_close_after
+from cch.transcript import Origin, Transcript
 from cch.upstream.exchange import NotResent, Ready
+from cch.usage.prices import PriceSheet
 from tests.doubles import MemorySink, result_of
 
 rig = pool_rig.rig
@@ -533,6 +537,41 @@ def test_an_interrupted_response_ends_the_turn_and_retires_the_socket(rig: Rig) 
     assert sink.types == ["response.created", "response.interrupt.accepted", "response.incomplete"]
     # Whatever the upstream still owes the interrupt must not reach the next turn on this socket.
     assert sock.close_code == 1000 and rig.pool.entries == {}
+
+
+def test_a_steered_turn_counts_both_responses_and_its_successor_can_be_continued(rig: Rig) -> None:
+    """The usage row adds up the tokens of the response steering ended and of its successor,
+    says how the successor ended, and the transcript can replay the successor: the turn's
+    input, the first answer, the steer's input, the successor's answer."""
+    transcript = Transcript(1 << 20, 100)
+    sock, exchange = rig.ready(target())
+    meter = TurnMeter(MemorySink(), Clock(), request_id="r", key=None, model="m", client_transport="websocket")
+    turn_input = [{"role": "user", "content": "write a poem"}]
+    meter.recorder = TranscriptRecorder(transcript, {"input": turn_input}, Origin("p", "websocket", sock.id, False))
+    done = exchange.deliver(meter)
+    assert exchange.send_control(b'{"type":"response.steer","previous_response_id":"resp_1","input":"shorter"}')
+    first_out = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Roses"}]}]
+    second_out = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Ok."}]}]
+    usage_1 = {"input_tokens": 10, "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 1}}
+    usage_2 = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 10}, "output_tokens": 2}
+    sock.message(
+        {
+            "type": "response.incomplete",
+            "response": {"id": "resp_1", "output": first_out, "usage": usage_1, "incomplete_details": {"reason": "steered"}},
+        }
+    )
+    sock.message({"type": "response.created", "response": {"id": "resp_2"}})
+    sock.message({"type": "response.completed", "response": {"id": "resp_2", "output": second_out, "usage": usage_2}})
+    result_of(done)
+    row = meter.row(PriceSheet({}), "replica")
+    assert (row.status, row.response_id) == ("completed", "resp_2")
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens, row.reasoning_tokens) == (30, 10, 5, 1)
+    assert transcript.replay_input("resp_2") == [
+        *turn_input,
+        *first_out,
+        {"role": "user", "content": "shorter"},
+        *second_out,
+    ]
 
 
 def test_an_incomplete_that_was_not_steered_ends_the_turn(rig: Rig) -> None:

@@ -388,7 +388,7 @@ async def test_two_lanes_run_in_parallel_through_the_gateway_and_release_everyth
             # One upstream socket per lane (and one for the default lane).
             assert len(fake.ws_connections) == 3
             assert len(service.ws_pool.entries) == 3
-        assert service.transcripts is not None and len(service.transcripts.sessions) == 3
+        assert service.transcripts is not None and len(service.transcripts.sessions) == 1  # the lanes share it
         await client.close()
         # Every lane's socket and transcript is released with the connection.
         if upstream == "websocket":
@@ -423,6 +423,32 @@ async def test_a_lanes_continuity_is_its_own(fake: FakeUpstream) -> None:
         await gateway.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_store_false_response_forks_onto_another_lane_by_replay(fake: FakeUpstream) -> None:
+    """The lanes of a connection share its transcript: a continuation of lane a's store=false
+    response in lane b is replayed whole on lane b's socket (which never saw it)."""
+    gateway = await start_gateway(gateway_config(fake, upstream="websocket"))
+    try:
+        client = await gateway.connect()
+        client.send_json(response_create(stream_id="a", store=False, input=user("first")))
+        first = await turn_of(client)
+        rid = first[-1]["response"]["id"]
+        client.send_json(response_create(stream_id="b", store=False, previous_response_id=rid, input=user("fork")))
+        fork = await turn_of(client)
+        assert fork[-1]["type"] == "response.completed" and fork[-1]["stream_id"] == "b", fork[-1]
+        # Lane b's socket got the whole conversation, not an id it could not resolve.
+        sent = fake.ws_connections[1].turns[0].body
+        assert "previous_response_id" not in sent
+        texts = json.dumps(sent["input"])
+        assert "first" in texts and "fork" in texts and "echo: first" in texts
+        # Lane a goes on with its own socket, as before.
+        client.send_json(response_create(stream_id="a", store=False, previous_response_id=rid, input=user("more")))
+        assert (await turn_of(client))[-1]["type"] == "response.completed"
+        assert fake.ws_connections[0].turns[1].body["previous_response_id"] == rid
+    finally:
+        await gateway.stop()
+
+
 def held(recorded: Any) -> Script:
     """``response.created``, then nothing until the peer goes away."""
     return Script((Event(codex_events(recorded)[0]), Delay(3600)), headers=SSE_HEADERS)
@@ -445,7 +471,7 @@ async def test_every_close_path_releases_every_lanes_turn_socket_and_transcript(
             client.send_json(response_create(stream_id=lane) if lane else response_create())
         await within(fake.wait_for_requests(3), "three turns upstream")
         service = gateway.service
-        assert service.handler.active == 3 and len(service.transcripts.sessions) == 3
+        assert service.handler.active == 3 and len(service.transcripts.sessions) == 1
         if how == "client-close":
             await client.close()
         elif how == "tcp-drop":

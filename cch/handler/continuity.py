@@ -94,6 +94,11 @@ class TranscriptRecorder:
         self.input = as_items(body.get("input"))
         self.origin = origin
 
+    def successor(self, response_id: str, steer_input: list[Any]) -> TranscriptRecorder:
+        """The recorder of the response that continues ``response_id`` with ``steer_input``
+        (steering's successor), from the same place."""
+        return TranscriptRecorder(self.transcript, {"previous_response_id": response_id, "input": steer_input}, self.origin)
+
     def record(self, response: dict[str, Any]) -> None:
         if not isinstance(response.get("id"), str):
             return

@@ -75,6 +75,10 @@ class TurnMeter:
         self.recorder: TranscriptRecorder | None = None
         # The turn's span, when tracing is on (cch.tracing): ended with the row.
         self.trace: TurnSpan | None = None
+        # Steering: the input of the steer(s) that will end the response in flight (its
+        # successor's input), and the tokens of the responses steering ended.
+        self._steering: list[Any] | None = None
+        self._steered_tokens: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
 
     # -- ResponseSink ----------------------------------------------------------------------
 
@@ -89,8 +93,29 @@ class TurnMeter:
             if kind == "response.created":
                 self._created = data  # read only if no terminal says the id (a cut turn)
         if kind in TERMINAL_EVENT_TYPES and self.terminal is None:
-            self._terminal(data, kind)  # type: ignore[arg-type]
+            if self._steering is not None and kind == "response.incomplete":
+                self._steered_away(data)
+            else:
+                self._terminal(data, kind)  # type: ignore[arg-type]
         self.sink.sse_event(data, kind)
+
+    def steered(self, steer_input: list[Any]) -> None:
+        """The upstream ends the response in flight because it was steered; its successor,
+        which answers ``steer_input``, follows in this turn (cch/upstream/exchange.py)."""
+        self._steering = steer_input
+
+    def _steered_away(self, data: str) -> None:
+        """A response steering ended: its tokens count, and it goes into the transcript; its
+        successor is recorded as its continuation, with the steer's input."""
+        steer_input, self._steering = self._steering or [], None
+        response = response_of(data)
+        if response is None:
+            return
+        self._steered_tokens = _added(self._steered_tokens, usage_counts(response))
+        recorder = self.recorder
+        if recorder is not None and isinstance(response.get("id"), str):
+            recorder.record(response)
+            self.recorder = recorder.successor(response["id"], steer_input)
 
     def frame_relay(self) -> FrameRelay | None:
         """The sink's relay: events of types the meter does not read may go round it
@@ -166,8 +191,9 @@ class TurnMeter:
 
     @property
     def tokens(self) -> tuple[int | None, int | None, int | None, int | None]:
-        """(input, cached input, output, reasoning) as the upstream reported them."""
-        return usage_counts(self.response)
+        """(input, cached input, output, reasoning) as the upstream reported them (for a steered
+        turn, summed over the responses steering ended and the last)."""
+        return _added(self._steered_tokens, usage_counts(self.response))
 
     def row(self, prices: PriceSheet, replica: str) -> UsageRow:
         now = self.clock.seconds()
@@ -210,3 +236,10 @@ class TurnMeter:
         if self.trace is not None:
             self.trace.end(row)
         return row
+
+
+def _added(
+    a: tuple[int | None, int | None, int | None, int | None], b: tuple[int | None, int | None, int | None, int | None]
+) -> tuple[int | None, int | None, int | None, int | None]:
+    """Token counts summed; None only where neither says."""
+    return tuple(x if y is None else y if x is None else x + y for x, y in zip(a, b, strict=True))  # type: ignore[return-value]

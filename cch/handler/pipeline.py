@@ -36,7 +36,7 @@ from cch.jsoncodec import dumps_bytes, loads
 from cch.keylimits import KeyLimiter, Refused, TurnLease
 from cch.tracing import TurnTracer
 from cch.transcript import Origin, Transcript, TranscriptStore, as_items
-from cch.turn import RequestContext, ResponseSink
+from cch.turn import RequestContext, ResponseSink, connection_session
 from cch.upstream.exchange import ConnectionLimit, Failed, NotResent, Outcome, PreviousLost
 from cch.upstream.http import HttpUpstream, collect_body, read_body
 from cch.upstream.pool import Target, UpstreamWSPool
@@ -289,7 +289,9 @@ class ResponsesHandler:
             meter.json_body(*errors.no_provider(model), JSON)
             return
         transcript = (
-            self.transcripts.get(ctx.ws_session) if self.transcripts is not None and ctx.ws_session else None
+            self.transcripts.get(connection_session(ctx.ws_session))
+            if self.transcripts is not None and ctx.ws_session
+            else None
         )
         last: tuple[int, bytes, str] | None = None
         for attempt, provider in enumerate(candidates, start=1):

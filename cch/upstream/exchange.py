@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cch.config import UpstreamWebSocketConfig
+from cch.jsoncodec import loads
+from cch.transcript import as_items
 from cch.turn import ResponseSink
 from cch.upstream.idle import IdleWatchdog
 from cch.upstream.ws import OPEN, SocketClosed, UpstreamConnection
@@ -148,6 +150,7 @@ class Exchange:
         self.done: Deferred[None] | None = None  # made by deliver (a discarded exchange needs none)
         self.watchdog: IdleWatchdog | None = None
         self.steered = False  # a client control frame (steer, inject) went up this socket
+        self.steer_input: list[Any] = []  # what the steers sent up add (the successor's input)
         self.relay: Exchange | None = None  # self, while delivering to a sink with a relay
         self._sink_relay: FrameRelay | None = None
         self._first_kind: str | None = None  # the first event's type, while it is queued
@@ -336,13 +339,20 @@ class Exchange:
             self.watchdog.poke()
         if kind is None:
             kind = event_type(text)
+        # Steering ended this response at a safe boundary; its successor follows on this socket
+        # and belongs to the same turn (docs/protocol.md#control-frames). Whoever meters the
+        # turn hears it first, with the steers' input (the successor's).
+        steered_away = self.steered and kind == "response.incomplete" and _steered_away(text)
+        if steered_away:
+            told = getattr(self.sink, "steered", None)
+            if told is not None:
+                told(self.steer_input)
+            self.steer_input = []
         self.sink.sse_event(text, kind)
         if done.called:
             return  # the consumer went away while it handled the event (_cancel_delivery)
         if kind in TERMINAL_EVENT_TYPES:
-            if self.steered and kind == "response.incomplete" and _steered_away(text):
-                # Steering ended this response at a safe boundary; its successor follows on
-                # this socket and belongs to the same turn (docs/protocol.md#control-frames).
+            if steered_away:
                 return
             self.terminal_seen = True
             # An `error` terminal, or the 60-minute cap, retires the socket
@@ -365,6 +375,12 @@ class Exchange:
         except Exception:
             return False
         self.steered = True
+        try:
+            sent = loads(frame)
+        except ValueError:
+            sent = None
+        if isinstance(sent, dict) and sent.get("type") == "response.steer":
+            self.steer_input.extend(as_items(sent.get("input")))
         return True
 
     def _stalled(self) -> None:
