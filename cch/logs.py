@@ -49,6 +49,11 @@ _JSON_OPTS: dict[str, Any] = {"separators": (",", ":"), "ensure_ascii": False, "
 # Built once: json.dumps with options builds a new encoder on every call.
 _encode_record = json.JSONEncoder(default=lambda value: _safe_repr(value), **_JSON_OPTS).encode
 
+try:  # about ten times faster, when installed (pip install 'cch[fast]')
+    from orjson import dumps as _fast_encode
+except ImportError:
+    _fast_encode = None  # type: ignore[assignment]
+
 
 def mask_query(url: str | bytes | None) -> str:
     """Return the URL path with every query value except ``model`` replaced by ``***``.
@@ -186,6 +191,11 @@ def _safe_repr(value: Any) -> str:
 
 
 def _dumps(record: dict[str, Any]) -> str:
+    if _fast_encode is not None:
+        try:
+            return _fast_encode(record, default=_safe_repr).decode("utf-8")
+        except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+            pass  # NaN, a lone surrogate, a huge integer...: as without orjson
     try:
         return _encode_record(record)
     except (TypeError, ValueError, RecursionError):

@@ -551,7 +551,7 @@ def test_dockerfile(example: Config) -> None:
     assert docker["STOPSIGNAL"] == ["SIGTERM"]
     assert docker["USER"][-1].split(":")[0] not in ("root", "0")
     # With psycopg, for a PostgreSQL usage ledger.
-    assert any(run.startswith('pip install ".[postgres]"') for run in docker["RUN"])
+    assert any(run.startswith('pip install ".[postgres,fast]"') for run in docker["RUN"])
     # The run directory (the default SQLite ledger and its spill file) is the service user's.
     workdir = docker["WORKDIR"][-1]
     assert workdir == "/var/lib/cch" and docker["VOLUME"] == [workdir]
@@ -573,3 +573,17 @@ def test_dockerfile(example: Config) -> None:
     assert docker["EXPOSE"] == [str(port)]
     (healthcheck,) = docker["HEALTHCHECK"]
     assert f"127.0.0.1:{port}/healthz" in healthcheck
+
+
+def test_every_cch_package_is_installed_by_a_plain_pip_install() -> None:
+    """``pip install .`` (README, Dockerfile) ships exactly setup.cfg's ``packages``: a package
+    missing there is missing at run time (cch.translate once was)."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    listed = {line.strip() for line in parser["options"]["packages"].splitlines() if line.strip()}
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "cch").rglob("__init__.py")
+    }
+    assert on_disk - listed == set()
