@@ -1010,14 +1010,30 @@ async def gateway_process(tmp_path: Path) -> Any:
         await within(child.ended, "the child's end", 30)
 
 
+# The child's drain deadline runs on its real clock, which the test cannot advance. A test whose
+# turns must finish during the drain gives it longer than any wait of the test (30 s): were it
+# short, a test process that reacts late to ``shutdown_received`` (a loaded machine) would see
+# those turns cut at the deadline. A test that waits for the deadline's cut gives it 1 s and
+# has nothing else in flight that the cut could catch first.
+NO_DEADLINE = 600.0
+SHORT_DEADLINE = 1.0
+
+
 async def child_gateway(
-    gateway_process: Any, fake: FakeUpstream, database: Any, tunnel: str, upstream: str
+    gateway_process: Any,
+    fake: FakeUpstream,
+    database: Any,
+    tunnel: str,
+    upstream: str,
+    *,
+    drain: float,
 ) -> tuple[Any, str]:
-    """The gateway as a child process in ``database.run_dir``; (child, its WebSocket URL)."""
+    """The gateway as a child process in ``database.run_dir``, with ``server.drain_timeout``
+    ``drain``; (child, its WebSocket URL)."""
     config = database.run_dir / "cch.toml"
     config.write_text(
         GATEWAY_TOML.format(
-            drain=3,
+            drain=drain,
             key_name=KEY.name,
             key=KEY.key,
             base_url=fake.base_url,
@@ -1038,33 +1054,52 @@ async def sigterm_with_turns_in_flight(
     url: str,
     fake: FakeUpstream,
     upstream_clock: Clock,
-    finishing: int,
-    held: int,
     *,
+    finishing: int = 0,
+    leaving: int = 0,
+    cut: int = 0,
     tracebacks: bool = False,
 ) -> Any:
-    """``finishing + held`` WebSocket turns, each on its own connection, in flight; SIGTERM;
-    the first ``finishing`` finish during the drain, the rest are cut at its deadline. Returns
-    how the child ended."""
+    """``finishing + leaving + cut`` WebSocket turns, each on its own connection, in flight
+    (the fake's scripts in that order); SIGTERM. Then, each step waiting on an event, never on
+    a duration: the first ``finishing`` end during the drain (their upstream sends its
+    terminal once the drain has started) and are closed 1001; the next ``leaving`` have their
+    client leave during the drain; the last ``cut`` are closed 1001 at the drain deadline.
+
+    ``cut`` needs a child started with ``SHORT_DEADLINE`` and nothing else in flight; the
+    others need ``NO_DEADLINE``: a turn the test lets finish during the drain must not race the
+    child's real-time deadline. Returns how the child ended."""
+    assert not (cut and (finishing or leaving)), "the deadline would race the other turns"
     clients: list[ResponsesWSClient] = []
     try:
-        for i in range(finishing + held):
+        for i in range(finishing + leaving + cut):
             client = await within(ResponsesWSClient.connect(reactor, url, AUTH), "a connection")
             clients.append(client)
             client.send_json(response_create(model=PRICED))
             assert (await within(client.recv(), "response.created"))["type"] == "response.created"
             await within(fake.wait_for_requests(i + 1), "the turn upstream")
+        done, left, held = (
+            clients[:finishing],
+            clients[finishing : finishing + leaving],
+            clients[finishing + leaving :],
+        )
 
         child.signal("TERM")
         await within(child.wait_for(json_event("shutdown_received")), "the drain started", 30)
-        upstream_clock.advance(1)  # the finishing turns end within the drain
-        for client in clients[:finishing]:
+        upstream_clock.advance(1)  # the finishing turns' terminals, now the drain is on
+        for client in done:
             events = await within(
                 Deferred.fromCoroutine(client.recv_turn()), "a turn finished in the drain", 30
             )
             assert events[-1]["type"] == "response.completed"
-        for client in clients:
-            closed = await within(client.wait_closed(), "the gateway's close", 30)
+            closed = await within(client.wait_closed(), "the 1001 after the turn", 30)
+            assert closed.code == 1001
+        for client in left:
+            # The drain let it run: the gateway has not closed it.
+            assert client.close_info is None
+            await within(client.abort(), "a client leaving during the drain")
+        for client in held:
+            closed = await within(client.wait_closed(), "the 1001 at the drain deadline", 30)
             assert closed.code == 1001
         ended = await within(child.ended, "the gateway's exit", 30)
     finally:
@@ -1073,6 +1108,8 @@ async def sigterm_with_turns_in_flight(
                 await within(client.abort(), "a client dropped")
     # twistd stops cleanly, then re-raises the signal for a supervisor to see.
     assert (ended.exitCode, ended.signal) == (None, signal.SIGTERM), child.output
+    # The deadline cut the turns it was meant to cut, and no other.
+    assert ("shutdown_drain_timeout" in child.output) == bool(cut), child.output
     if not tracebacks:
         assert "Traceback" not in child.output
     return ended
@@ -1087,18 +1124,19 @@ async def test_sigterm_with_turns_in_flight_leaves_exactly_one_row_per_turn(
     upstream_transport: str,
 ) -> None:
     """``python -m cch.cli --config F``, four WebSocket turns in flight, SIGTERM: the two whose
-    upstream finishes during the drain are ``completed``, the two the upstream holds are cut at
-    the drain deadline (``drained``); all four are in the database once the process has exited,
-    though the flush interval (an hour) never passed."""
+    upstream finishes during the drain are ``completed``, the two whose client leaves during
+    the drain are ``drained``; all four are in the database once the process has exited (as
+    soon as its last connection is gone), though the flush interval (an hour) never passed.
+    The turns cut at the drain deadline: the next test."""
     upstream_clock = Clock()
     fake.clock = upstream_clock
     fake.enqueue(
         answer(before_terminal=1), answer(before_terminal=1), answer(end="hold"), answer(end="hold")
     )
     child, url = await child_gateway(
-        gateway_process, fake, database, tunnel_mode, upstream_transport
+        gateway_process, fake, database, tunnel_mode, upstream_transport, drain=NO_DEADLINE
     )
-    await sigterm_with_turns_in_flight(child, url, fake, upstream_clock, finishing=2, held=2)
+    await sigterm_with_turns_in_flight(child, url, fake, upstream_clock, finishing=2, leaving=2)
 
     found = rows(database)
     statuses = {r["response_id"]: r["status"] for r in found}
@@ -1118,22 +1156,57 @@ async def test_sigterm_with_turns_in_flight_leaves_exactly_one_row_per_turn(
 
 
 @pytest_twisted.ensureDeferred
+async def test_sigterm_with_turns_still_running_at_the_drain_deadline_leaves_drained_rows(
+    fake: FakeUpstream,
+    database: Any,
+    gateway_process: Any,
+    tunnel_mode: str,
+    upstream_transport: str,
+) -> None:
+    """``python -m cch.cli --config F``, two WebSocket turns the upstream holds, SIGTERM: the
+    drain deadline closes both 1001 and cuts their turns (``drained``, no tokens); both rows
+    are in the database once the process has exited."""
+    upstream_clock = Clock()
+    fake.clock = upstream_clock
+    fake.enqueue(answer(end="hold"), answer(end="hold"))
+    child, url = await child_gateway(
+        gateway_process, fake, database, tunnel_mode, upstream_transport, drain=SHORT_DEADLINE
+    )
+    await sigterm_with_turns_in_flight(child, url, fake, upstream_clock, cut=2)
+
+    found = rows(database)
+    assert len(found) == 2 and len({r["request_id"] for r in found}) == 2
+    assert {r["response_id"]: r["status"] for r in found} == {
+        fake.requests[0].response_id: "drained",
+        fake.requests[1].response_id: "drained",
+    }
+    assert [tokens(r) for r in found] == [NO_TOKENS, NO_TOKENS]
+    assert {(r["key"], r["replica"], r["client_transport"]) for r in found} == {
+        (KEY.name, "child", "websocket")
+    }
+    assert {r["upstream_transport"] for r in found} == {upstream_transport}
+    assert spill_row_ids(database.run_dir / "cch-usage-spill.jsonl") == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigterm_while_the_database_is_down_spills_and_the_next_start_replays(
     fake: FakeUpstream, database: Any, gateway_process: Any, launch: Any
 ) -> None:
-    """The database down when SIGTERM comes: the stopping child writes its three rows to the
-    spill file; a gateway started on the same database and run directory once it is back
-    replays them, each once."""
+    """The database down when SIGTERM comes: the stopping child (two turns finished during the
+    drain, one whose client left during it) writes its three rows to the spill file; a gateway
+    started on the same database and run directory once it is back replays them, each once."""
     upstream_clock = Clock()
     fake.clock = upstream_clock
     fake.enqueue(answer(before_terminal=1), answer(before_terminal=1), answer(end="hold"))
-    child, url = await child_gateway(gateway_process, fake, database, "in-process", "http")
+    child, url = await child_gateway(
+        gateway_process, fake, database, "in-process", "http", drain=NO_DEADLINE
+    )
     # The child migrated the database at start: wait for its table, then take the database down.
     await eventually_table(database)
     database.down()
     # adbapi logs the failed rollback of a connection PostgreSQL terminated, with a traceback.
     await sigterm_with_turns_in_flight(
-        child, url, fake, upstream_clock, finishing=2, held=1, tracebacks=True
+        child, url, fake, upstream_clock, finishing=2, leaving=1, tracebacks=True
     )
     spill = database.run_dir / "cch-usage-spill.jsonl"
     spilled = spill_row_ids(spill)
