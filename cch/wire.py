@@ -32,12 +32,17 @@ def event_type(data: str) -> str | None:
     the type passes it along with the event (``ResponseSink.sse_event(data, kind)``) so it is
     found once per event.
     """
+    global _last_response
     try:
         value = loads(data)
     except ValueError:
         return None
     if isinstance(value, dict):
         found = value.get("type")
+        if found in TERMINAL_EVENT_TYPES or found == "response.created":
+            # Its readers ask for its response next (response_of): parsed once, not twice.
+            response = value.get("response")
+            _last_response = (data, response if isinstance(response, dict) else None)
         return found if isinstance(found, str) else None
     return None
 

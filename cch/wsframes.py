@@ -37,6 +37,13 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.xormasker import create_xor_masker
 
+from cch.jsoncodec import loads
+
+try:  # a relayed event is parsed only to know its type: the faster the better
+    from orjson import loads as _parse
+except ImportError:
+    _parse = loads  # type: ignore[assignment]
+
 _FIN_TEXT = 0x81
 _FIN_TEXT_COMPRESSED = 0xC1  # RSV1: the payload is compressed (RFC 7692 section 6)
 
@@ -102,26 +109,22 @@ class FrameRelay(Protocol):
         JSON object event of a type nobody in the gateway reads (:func:`relay_text_frames`)."""
 
 
-_EVENT_START = b'{"type":"'
-
-
 def relay_text_frames(
     proto: Any,
     deliver: Callable[[bytes], bool | None],
     relay_of: Callable[[], FrameRelay | None],
-    read_types: frozenset[bytes],
+    read_types: frozenset[str],
 ) -> None:
     """:func:`take_text_frames` for a client (unmasked frames) whose events mostly go on as
     they came: runs of frames nobody needs to read are handed to the relay ``relay_of()``
-    returns, header and payload, without being decoded (a server's frames are unmasked on
+    returns, header and payload, without being decoded again (a server's frames are unmasked on
     both hops, so the client gets the very bytes); every other frame's payload goes to
     ``deliver``, in order. ``relay_of`` is asked again after each delivered frame (a terminal
     event ends the turn, and with it the relay).
 
-    A frame is relayed only when reading it could change nothing: its payload starts
-    ``{"type":"``, that type is not in ``read_types``, no other ``"type"`` key follows at any
-    depth and no ``\\u`` escape could spell one, and it is valid UTF-8. Whether the payload is
-    valid JSON does not matter: an invalid one would be forwarded as it is all the same.
+    A frame is relayed only when it is what the edge would forward byte for byte anyway: a JSON
+    object (valid UTF-8, valid JSON) whose ``type`` is a string not in ``read_types``. Anything
+    else — a terminal, malformed data the edge wraps as text — is delivered as before.
     """
     data: bytes = proto.data
     size = len(data)
@@ -147,15 +150,10 @@ def relay_text_frames(
             end = start + length
             if end > size or 0 < limit < length:
                 break
-            if relay is not None and data.startswith(_EVENT_START, start, end):
-                quote = data.find(b'"', start + 9, end)
-                if (
-                    quote > 0
-                    and data[start + 9 : quote] not in read_types
-                    and data.find(b'"type"', quote, end) < 0
-                    and data.find(b"\\u", quote, end) < 0
-                    and _utf8(data[start:end])
-                ):
+            payload = data[start:end]
+            if relay is not None and payload[:1] == b"{":
+                kind = event_kind(payload)
+                if kind is not None and kind not in read_types:
                     if not run_count:
                         run_start = pos
                     run_count += 1
@@ -169,7 +167,7 @@ def relay_text_frames(
                 if proto.state != open_state:
                     break
             frame_start, pos = pos, end
-            if deliver(data[start:end]) is False:
+            if deliver(payload) is False:
                 pos = frame_start
                 break
             if proto.state != open_state:
@@ -183,14 +181,20 @@ def relay_text_frames(
             proto.data = data[pos:]
 
 
-def _utf8(payload: bytes) -> bool:
-    if payload.isascii():
-        return True
+def event_kind(payload: bytes) -> str | None:
+    """The ``type`` of a JSON object event (a string), or None: not UTF-8, not JSON, not an
+    object, no string type. orjson when installed (its verdict is the standard library's for
+    anything it accepts; what it refuses, the caller's slower path decides), else
+    :func:`cch.jsoncodec.loads`."""
     try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+        value = _parse(payload)
+    except ValueError:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if type(value) is dict:
+        kind = value.get("type")
+        if type(kind) is str:
+            return kind
+    return None
 
 
 def frame_payloads(data: bytes, start: int, end: int) -> Iterator[bytes]:

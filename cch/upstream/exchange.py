@@ -50,9 +50,7 @@ from cch.wsframes import FrameRelay
 
 log = Logger()
 
-READ_EVENT_TYPES = frozenset(
-    kind.encode() for kind in (*TERMINAL_EVENT_TYPES, "response.created", ITEM_ADDED, ITEM_DONE)
-)
+READ_EVENT_TYPES = frozenset((*TERMINAL_EVENT_TYPES, "response.created", ITEM_ADDED, ITEM_DONE))
 """The events a turn's readers look at (the exchange, the usage meter, the edge, which keeps
 the output items for an interrupt it must answer itself): every other event may reach the
 client as the upstream framed it (:meth:`Exchange.relay_frames`)."""

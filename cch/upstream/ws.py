@@ -85,8 +85,8 @@ class SocketConsumer(Protocol):
     """Who takes the frames nobody needs to read whole, while there is one
     (:func:`cch.wsframes.relay_text_frames`)."""
 
-    read_types: frozenset[bytes]
-    """The event types (UTF-8) the consumer reads: never relayed."""
+    read_types: frozenset[str]
+    """The event types the consumer reads: never relayed."""
 
     def ws_opened(self) -> None: ...
 
