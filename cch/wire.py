@@ -39,11 +39,13 @@ def event_type(data: str) -> str | None:
         return None
     if isinstance(value, dict):
         found = value.get("type")
+        if not isinstance(found, str):
+            return None
         if found in TERMINAL_EVENT_TYPES or found == "response.created":
             # Its readers ask for its response next (response_of): parsed once, not twice.
             response = value.get("response")
             _last_response = (data, response if isinstance(response, dict) else None)
-        return found if isinstance(found, str) else None
+        return found
     return None
 
 
