@@ -818,32 +818,66 @@ replace this page):
 
 # What the profile of f364ebd shows is left; the shares come from the table above.
 REMAINING = """\
-- **Per-turn set-up** is now the largest block for 40-event turns: parsing the client frame,
-  the turn's objects, two log lines, routing, continuity and the pool before the upstream frame
-  is written. Most of it is many small steps; the time-to-first-event target is met for the
-  default mode. For the HTTP modes (`inproc-http`, `http-tunnel`) Twisted's HTTP client is most
-  of the set-up: in a cProfile of the sequential scenario (1,000 turns, `b3de73d`), a turn's
-  set-up took about 0.53 ms with an HTTP upstream against about 0.35 ms with the pooled WebSocket, and
-  `HttpUpstream.post` alone — `Agent.request` → connection pool → `HTTP11ClientProtocol`
-  writing the request — took 0.29 ms of it (0.55 ms before the endpoint was cached);
-  reading the response adds status-line and header parsing and a chunked-decoder
-  state-machine call per event. The `http-tunnel` time to first event also varies most from
-  run to run (1.3–1.9 ms over the five runs of this page). `inproc-http` also replays the
-  conversation from the transcript on every turn (`store: false` on an HTTP upstream), so its
-  request bodies grow along each conversation. Part of the gap is not the gateway's: the
-  fake upstream itself spends more per turn serving HTTP than WebSocket (in the sequential
-  runs of `97be7c7`, about 1.25 ms of CPU per turn over HTTP against 0.95 ms over WebSocket),
-  and the direct baseline, a WebSocket client, never pays that. A leaner HTTP/1.1 client for
-  the one POST per turn is the lever on the gateway's side; the `http-tunnel` mode pays the
-  HTTP client once more, on the edge.
-- **Parsing each event once** is the largest per-event cost left; a faster JSON parser (e.g.
-  `orjson`, falling back to the standard library on what it rejects, since `JSON.parse`
-  accepts big integers and lone surrogate escapes) would halve it.
-- **Log lines**: four `info` lines per turn, rendered as JSON in batches off the per-turn path;
-  their rendering (field masking, timestamps, `json.dumps`) is a visible share of a busy gateway.
-- At 16 connections the gateway now waits on its sockets part of the time: the fake upstream
-  and the load client share the 2 cores with it, so further gateway savings show up less than
-  one-for-one in the ratios.
+Issue 18's targets are not reached on this machine; here is why, and what each remaining cost
+is. Figures from this page's run and a sampling profile (py-spy, 400 Hz, 10 s of the
+16-connection phase of `pooled-ws`, ledger on, machine otherwise idle; cProfile, above, slows
+the per-event Python calls far more than the system calls, so its shares overstate them).
+
+**Why the throughput ratio follows the gateway's CPU per turn.** The three processes share 2
+cores and every turn passes through all of them: the client's frame, the gateway, the upstream,
+the gateway, the client. The 16 connections synchronise into batches (a convoy): the upstream
+answers the turns waiting on its sockets in one reactor iteration and writes their events when
+it is done; the gateway reads them, relays them and writes to the clients; the clients answer;
+the gateway forwards the next frames. Each process mostly waits for the other: in this run the
+gateway was busy 41% of the time and the fake upstream 70% (the client 13%), 1.24 of the 2
+cores. Fully serialised, `pooled-ws` ÷ `direct` would be u / (u + g), with u the upstream's
+CPU per turn (0.99 ms in `direct`) and g the gateway's (0.62 ms): 0.61×; the overlap that
+remains gives the measured 0.68×. The same model puts 0.85× at g ≈ 0.17 ms per turn (about 4 µs
+per event for 40-event turns, 0.18× the upstream's CPU), and the CPU target (0.4×) at about
+0.72×: the two targets are one target, the gateway's CPU per turn, and the first needs it cut
+to a quarter.
+
+**Where the gateway's 0.62 ms per turn goes** (share of the sampled time; the gateway was idle
+17% of it):
+
+| share | what | per turn, about |
+|---:|---|---:|
+| 15% | socket `send` system calls: one per client per upstream read, one per turn upstream (loopback TCP delivers to the reader inside the writer's system call) | 110 µs |
+| 6% | socket `recv` and Autobahn's read path (two reads per turn: the client's frame, the upstream's events) | 40 µs |
+| 14% | the turn's set-up: the client frame parsed (2 KiB of instructions), the turn's objects, routing, eligibility, continuity, the pool, the upstream frame written, two log events | 105 µs |
+| 3% | the first event: classified (parsed), the exchange delivered, meter and edge told | 20 µs |
+| 12% | the terminal and completion: parsed once, meter, transcript record, pool bookkeeping, the pipeline's and the edge's wrap-up, usage row, metrics, two log events | 85 µs |
+| 3% | usage rows written to SQLite (the ledger's thread, in batches) | 20 µs |
+| 4% | log lines rendered (orjson) and written in batches: four `info` lines per turn | 30 µs |
+| 13% | relaying the other 37 events: each frame's header walked, its payload parsed for its type (orjson), runs of frames sliced out whole | 90 µs (2.5 µs an event) |
+| 13% | the reactor loop, timers, Deferred machinery, everything else | 100 µs |
+
+What it would take, in order of size:
+
+- **Per-turn work is about half** (set-up, first event, completion, ledger, logs: ~260 µs). It
+  is many small steps, each already trimmed (benchmarks-history.md); a quarter of it is the
+  JSON of a 2 KiB frame and of two response objects echoing it, which orjson's parser would
+  halve — cch keeps the standard library's parser because orjson turns integers past 64 bits
+  into doubles and a gateway must not change the numbers it forwards. Fewer log lines per turn
+  (the reference's four `info` events) would save ~15 µs.
+- **System calls are a sixth**: one `send` per client per upstream read is already the
+  minimum with one connection per client; the fake upstream pays the same per turn in `direct`.
+- **Relaying costs 2.5 µs an event**, where the old path paid a decode, a full parse with the
+  standard library, a call chain of five sinks, a re-encode and a frame header; most of what is left is the parse that decides whether an event may be
+  relayed. Without it the relay could not tell a terminal or malformed data (which the edge
+  wraps as text) from a delta; a scanner cheaper than a parse that gives the same verdict on
+  every input is the next lever.
+- **The HTTP modes** (`inproc-http` +1.15 ms to the first event, `http-tunnel` +1.72 ms, target
+  0.5 ms) pay Twisted's HTTP client per turn (`Agent.request` → connection pool →
+  `HTTP11ClientProtocol`, the response's status line, headers and a chunked-decoder call per
+  event; about 0.3 ms of set-up in an earlier cProfile, `b3de73d`), and `inproc-http` replays
+  the conversation on every turn (`store: false` on an HTTP upstream: its bodies grow along
+  each conversation). The fake upstream itself spends more per turn on HTTP than on
+  WebSocket, which the WebSocket baseline never pays. A lean HTTP/1.1 client for the one
+  streaming POST per turn is the lever; `http-tunnel` pays the client and an HTTP server
+  (`twisted.web`) once more on the edge.
+- **More cores** change the picture more than any of these: with a core per process the
+  convoy would overlap instead of alternating.
 """
 
 

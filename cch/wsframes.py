@@ -45,16 +45,24 @@ except ImportError:
     _parse = loads  # type: ignore[assignment]
 
 _FIN_TEXT = 0x81
+_MAX_OPENINGS = 256
+"""Brackets in an event past which the relay leaves it to the standard library's parser: orjson
+nests to 1,024 levels, the standard library to about Python's recursion limit, less the stack
+below it."""
 _FIN_TEXT_COMPRESSED = 0xC1  # RSV1: the payload is compressed (RFC 7692 section 6)
 
 
-def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], bool | None]) -> None:
+def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], bool | None]) -> bool:
     """Deliver the complete, final text frames at the head of ``proto.data`` and drop them.
 
     ``masked`` says which frames are ours (a server reads masked frames, a client unmasked
     ones). ``deliver`` gets each unmasked payload and returns False to leave that frame to
     Autobahn (anything else takes it). Stops at the first frame of any other kind, or once the protocol is no longer
     open (a message may close it).
+
+    True when what is left is the start of a frame this path takes once the rest arrives (or
+    nothing): the caller waits for the next read instead of handing it to Autobahn, which
+    would then parse that frame and every one after it in the same read the slow way.
     """
     data: bytes = proto.data
     size = len(data)
@@ -92,12 +100,42 @@ def take_text_frames(proto: Any, *, masked: bool, deliver: Callable[[bytes], boo
             frame_start, pos = pos, end
             if deliver(payload) is False:
                 pos = frame_start
-                break
+                return False
             if proto.state != open_state:
-                break
+                return False
+        return _frame_to_come(data, pos, mask_bit, limit)
     finally:
         if pos:
             proto.data = data[pos:]
+
+
+def _frame_to_come(data: bytes, pos: int, mask_bit: int, limit: int) -> bool:
+    """Is ``data[pos:]`` empty, or the incomplete start of a final text frame the fast path
+    takes once complete (the right mask bit, a 7- or minimal 16-bit length within ``limit``)?"""
+    left = len(data) - pos
+    if left == 0:
+        return True
+    if data[pos] != _FIN_TEXT:
+        return False
+    if left == 1:
+        return True
+    second = data[pos + 1]
+    if second & 0x80 != mask_bit:
+        return False
+    length = second & 0x7F
+    header = 2
+    if length == 126:
+        if left < 4:
+            return True
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 126:
+            return False
+        header = 4
+    elif length == 127:
+        return False
+    if 0 < limit < length:
+        return False
+    return left < header + (4 if mask_bit else 0) + length
 
 
 class FrameRelay(Protocol):
@@ -114,7 +152,7 @@ def relay_text_frames(
     deliver: Callable[[bytes], bool | None],
     relay_of: Callable[[], FrameRelay | None],
     read_types: frozenset[str],
-) -> None:
+) -> bool:
     """:func:`take_text_frames` for a client (unmasked frames) whose events mostly go on as
     they came: runs of frames nobody needs to read are handed to the relay ``relay_of()``
     returns, header and payload, without being decoded again (a server's frames are unmasked on
@@ -169,13 +207,16 @@ def relay_text_frames(
             frame_start, pos = pos, end
             if deliver(payload) is False:
                 pos = frame_start
-                break
+                return False
             if proto.state != open_state:
-                break
+                return False
             relay = relay_of()
         if run_count:
             assert relay is not None
             relay.relay_frames(data, run_start, pos, run_count, run_bytes)
+        if proto.state != open_state:
+            return False
+        return _frame_to_come(data, pos, 0, limit)
     finally:
         if pos:
             proto.data = data[pos:]
@@ -186,6 +227,8 @@ def event_kind(payload: bytes) -> str | None:
     object, no string type. orjson when installed (its verdict is the standard library's for
     anything it accepts; what it refuses, the caller's slower path decides), else
     :func:`cch.jsoncodec.loads`."""
+    if payload.count(b"{") + payload.count(b"[") > _MAX_OPENINGS:
+        return None  # perhaps nested past what the standard library parses: its verdict decides
     try:
         value = _parse(payload)
     except ValueError:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors

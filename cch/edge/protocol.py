@@ -117,7 +117,8 @@ class EdgeProtocol(ServerProtocol, BatchedWriter):
         # out of the buffer (cch.wsframes); Autobahn handles everything else. Autobahn's
         # consumeData and the state read here are listed in cch/adapters.py.
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
-            take_text_frames(self, masked=True, deliver=self._text_frame)
+            if take_text_frames(self, masked=True, deliver=self._text_frame):
+                return  # the rest is the start of a frame this path takes when the next read completes it
         super().consumeData()
 
     def _text_frame(self, payload: bytes) -> bool:

@@ -118,8 +118,8 @@ class _ClientProtocol(ClientProtocol):
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
             owner = self.owner
             consumer = owner.consumer
-            if consumer is not None:
-                relay_text_frames(self, owner._message, owner.relay, consumer.read_types)
+            if consumer is not None and relay_text_frames(self, owner._message, owner.relay, consumer.read_types):
+                return  # the rest is the start of a frame this path takes when the next read completes it
         super().consumeData()
 
     def message_parsed(self, payload: bytes) -> None:
