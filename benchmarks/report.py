@@ -739,9 +739,17 @@ first event +0.69 → +0.39 ms, +0.39 to +0.47 ms over those runs; see
    socket as one slice of the read buffer, with no decoding, parsing, re-encoding or per-event
    call chain. Every other frame takes the old path. A named lane's events (which get their
    `stream_id`) and a client that negotiated permessage-deflate (whose frames are compressed)
-   still take the relayed payloads without a parse. Gateway CPU per 1,000 events, in ratio to
-   the fake upstream's: 0.76× → 0.63× (`c765cdd` → this page; the machine's own speed differed
-   between those runs, the ratios are what compare).
+   still take the relayed payloads without a parse.
+7. **A read that ends inside a frame no longer hands the rest to Autobahn** (`35419ee`). Reads
+   rarely end on a frame boundary under load; the fast paths stopped at the partial frame and
+   let Autobahn parse it — and then every frame of the following reads, the slow way, until a
+   read happened to start on a boundary. The start of a frame the fast path takes now waits in
+   the buffer for the next read (a frame over the size limit still goes to Autobahn at once,
+   which refuses it from its header). With 5, 6 and 7 (`97be7c7` → this page): `pooled-ws` at
+   16 connections 0.68× → **0.76×** direct (64 connections 0.71× → 0.77×), gateway CPU per
+   1,000 events 0.76× → **0.56×** the fake upstream's; 5 and 6 alone gave 0.68× and 0.63×
+   (benchmarks-history.md). This page's machine was 1.5–1.9× slower than `97be7c7`'s: the
+   ratios are what compare.
 6. **JSON written by orjson** when installed (`pip install 'cch[fast]'`, in the image and the
    benchmarks; `cch/jsoncodec.py`, `cch/logs.py`): the upstream frame (8.7 → 0.3 µs for a
    2 KiB frame), the transcript's size accounting and every log line (4 → 0.4 µs); what orjson
@@ -818,57 +826,56 @@ replace this page):
 
 # What the profile of f364ebd shows is left; the shares come from the table above.
 REMAINING = """\
-Issue 18's targets are not reached on this machine; here is why, and what each remaining cost
-is. Figures from this page's run and a sampling profile (py-spy, 400 Hz, 10 s of the
-16-connection phase of `pooled-ws`, ledger on, machine otherwise idle; cProfile, above, slows
-the per-event Python calls far more than the system calls, so its shares overstate them).
+Issue 18's targets are not all reached on this machine; here is why, and what each remaining
+cost is. Figures from this page's run and a sampling profile (py-spy, 400 Hz, 10 s of the
+16-connection phase of `pooled-ws`, ledger on, machine otherwise idle, the code of this page;
+cProfile, above, slows the per-event Python calls far more than the system calls, so its
+shares overstate them).
 
 **Why the throughput ratio follows the gateway's CPU per turn.** The three processes share 2
 cores and every turn passes through all of them: the client's frame, the gateway, the upstream,
 the gateway, the client. The 16 connections synchronise into batches (a convoy): the upstream
 answers the turns waiting on its sockets in one reactor iteration and writes their events when
 it is done; the gateway reads them, relays them and writes to the clients; the clients answer;
-the gateway forwards the next frames. Each process mostly waits for the other: in this run the
-gateway was busy 41% of the time and the fake upstream 70% (the client 13%), 1.24 of the 2
-cores. Fully serialised, `pooled-ws` ÷ `direct` would be u / (u + g), with u the upstream's
-CPU per turn (0.99 ms in `direct`) and g the gateway's (0.62 ms): 0.61×; the overlap that
-remains gives the measured 0.68×. The same model puts 0.85× at g ≈ 0.17 ms per turn (about 4 µs
-per event for 40-event turns, 0.18× the upstream's CPU), and the CPU target (0.4×) at about
-0.72×: the two targets are one target, the gateway's CPU per turn, and the first needs it cut
-to a quarter.
+the gateway forwards the next frames. Each process waits for the others much of the time: at
+16 connections the gateway was busy 41% of the time and the fake upstream 69% (the client
+13%), about 1.2 of the 2 cores. Were they fully serialised, `pooled-ws` ÷ `direct` would be
+u / (u + g), with u the upstream's CPU per turn (1.07 ms in `direct`) and g the gateway's
+(0.59 ms): 0.64×; the overlap that remains gives the measured 0.76×. Each further µs the
+gateway saves per turn moves the ratio less than one for one, and 0.85× needs g roughly
+halved again (the CPU target, 0.4× the upstream's, is g ≈ 0.43 ms per turn at 40 events).
 
-**Where the gateway's 0.62 ms per turn goes** (share of the sampled time; the gateway was idle
-17% of it):
+**Where the gateway's 0.59 ms per turn goes** (share of the sampled time; the gateway was idle
+14% of it; µs per turn are the shares of the busy time times 0.59 ms):
 
 | share | what | per turn, about |
 |---:|---|---:|
-| 15% | socket `send` system calls: one per client per upstream read, one per turn upstream (loopback TCP delivers to the reader inside the writer's system call) | 110 µs |
-| 6% | socket `recv` and Autobahn's read path (two reads per turn: the client's frame, the upstream's events) | 40 µs |
-| 14% | the turn's set-up: the client frame parsed (2 KiB of instructions), the turn's objects, routing, eligibility, continuity, the pool, the upstream frame written, two log events | 105 µs |
-| 3% | the first event: classified (parsed), the exchange delivered, meter and edge told | 20 µs |
-| 12% | the terminal and completion: parsed once, meter, transcript record, pool bookkeeping, the pipeline's and the edge's wrap-up, usage row, metrics, two log events | 85 µs |
+| 15% | socket `send` system calls: one per client per upstream read, one per turn upstream (loopback TCP delivers to the reader inside the writer's system call) | 100 µs |
+| 5% | socket `recv` and Autobahn's read path (two reads per turn: the client's frame, the upstream's events) | 35 µs |
+| 13% | the turn's set-up: the client frame parsed (2 KiB of instructions), the turn's objects, routing, eligibility, continuity, the pool, the upstream frame written, two log events | 90 µs |
+| 6% | the first event: classified (parsed), the exchange delivered, meter and edge told | 40 µs |
+| 13% | the terminal and completion: parsed once, meter, transcript record, pool bookkeeping, the pipeline's and the edge's wrap-up, usage row, metrics, two log events | 85 µs |
 | 3% | usage rows written to SQLite (the ledger's thread, in batches) | 20 µs |
-| 4% | log lines rendered (orjson) and written in batches: four `info` lines per turn | 30 µs |
-| 13% | relaying the other 37 events: each frame's header walked, its payload parsed for its type (orjson), runs of frames sliced out whole | 90 µs (2.5 µs an event) |
-| 13% | the reactor loop, timers, Deferred machinery, everything else | 100 µs |
+| 4% | log lines rendered (orjson) and written in batches: four `info` lines per turn | 25 µs |
+| 20% | relaying the other 37 events: each frame's header walked, its payload parsed for its type (orjson: half of this), runs of frames sliced out whole | 140 µs (3.7 µs an event) |
+| 9% | the reactor loop, timers, Deferred machinery, everything else | 60 µs |
 
 What it would take, in order of size:
 
 - **Per-turn work is about half** (set-up, first event, completion, ledger, logs: ~260 µs). It
   is many small steps, each already trimmed (benchmarks-history.md); a quarter of it is the
   JSON of a 2 KiB frame and of two response objects echoing it, which orjson's parser would
-  halve — cch keeps the standard library's parser because orjson turns integers past 64 bits
-  into doubles and a gateway must not change the numbers it forwards. Fewer log lines per turn
-  (the reference's four `info` events) would save ~15 µs.
-- **System calls are a sixth**: one `send` per client per upstream read is already the
-  minimum with one connection per client; the fake upstream pays the same per turn in `direct`.
-- **Relaying costs 2.5 µs an event**, where the old path paid a decode, a full parse with the
-  standard library, a call chain of five sinks, a re-encode and a frame header; most of what is left is the parse that decides whether an event may be
-  relayed. Without it the relay could not tell a terminal or malformed data (which the edge
-  wraps as text) from a delta; a scanner cheaper than a parse that gives the same verdict on
+  halve — cch keeps the standard library's parser there because orjson turns integers past 64
+  bits into doubles and a gateway must not change the numbers it forwards. Fewer log lines per
+  turn (the reference's four `info` events) would save ~15 µs.
+- **Relaying is 3.7 µs an event**, half of it the parse that decides whether an event may be
+  relayed: without it the relay could not tell a terminal, or malformed data (which the edge
+  wraps as text), from a delta. A scanner cheaper than a parse that gives the same verdict on
   every input is the next lever.
-- **The HTTP modes** (`inproc-http` +1.15 ms to the first event, `http-tunnel` +1.72 ms, target
-  0.5 ms) pay Twisted's HTTP client per turn (`Agent.request` → connection pool →
+- **System calls are a sixth**: one `send` per client per upstream read is already the minimum
+  with one connection per client; the fake upstream pays the same per turn in `direct`.
+- **The HTTP modes** (`inproc-http` and `http-tunnel` add 1.2 and 1.8 ms to the first event,
+  target 0.5 ms) pay Twisted's HTTP client per turn (`Agent.request` → connection pool →
   `HTTP11ClientProtocol`, the response's status line, headers and a chunked-decoder call per
   event; about 0.3 ms of set-up in an earlier cProfile, `b3de73d`), and `inproc-http` replays
   the conversation on every turn (`store: false` on an HTTP upstream: its bodies grow along
@@ -878,6 +885,10 @@ What it would take, in order of size:
   (`twisted.web`) once more on the edge.
 - **More cores** change the picture more than any of these: with a core per process the
   convoy would overlap instead of alternating.
+- **RSS per idle connection** is 0.2 KiB over `c765cdd`'s (12.3 against 12.1 KiB at 5,000,
+  2 runs of `c765cdd` on the same machine; idle RSS 62.1 against 62.9 MiB): nothing this work
+  changed is kept per idle connection, and the difference is within what separate runs give;
+  measured again alongside the next change.
 """
 
 
@@ -889,8 +900,9 @@ def optimizations_intro(summary: dict[str, Any]) -> str:
             continue
         verdict = "met" if check["met"] else "missed"
         op = "≥" if check["name"].startswith("turns/s") else "≤"
+        name = check["name"][0].upper() + check["name"][1:]
         parts.append(
-            f"{check['name']} (`{check['target']}`): {_fmt(check['value'])} {check['unit']}"
+            f"{name} (`{check['target']}`): {_fmt(check['value'])} {check['unit']}"
             f" (target {op} {_fmt(check['limit'])}: {verdict})."
         )
     return " ".join(parts)
