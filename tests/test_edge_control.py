@@ -655,22 +655,33 @@ async def test_cancel_aborts_the_upstream_request_and_the_lane_goes_on(fake: Fak
         await gateway.stop()
 
 
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        ("response.steer", ',"input":[{"role":"user","content":"and then?"}]'),
+        ("response.interrupt", ',"mode":"discard_partial_items"'),
+    ],
+)
 @pytest_twisted.ensureDeferred
-async def test_steer_reaches_the_upstream_socket_of_its_response(fake: FakeUpstream) -> None:
+async def test_a_control_frame_reaches_the_upstream_socket_of_its_response_as_written(
+    fake: FakeUpstream, kind: str, fields: str
+) -> None:
     gateway = await start_gateway(gateway_config(fake, upstream="websocket"))
     try:
         fake.enqueue(held)
         client = await gateway.connect()
         client.send_json(response_create(stream_id="s"))
         created = await within(client.recv(), "response.created")
-        steer = (
-            '{"type":"response.steer","previous_response_id":"'
-            + created["response"]["id"]
-            + '","input":[{"role":"user","content":"and then?"}]}'
-        )
-        client.send_text(steer)
-        await eventually(lambda: len(fake.ws_connections[0].turns) == 2, "the steer to reach the upstream")
-        assert fake.ws_connections[0].turns[1].raw == steer.encode()
+        rid = created["response"]["id"]
+        named = "previous_response_id" if kind == "response.steer" else "response_id"
+        control = f'{{"type":"{kind}","{named}":"{rid}"{fields}}}'
+        client.send_text(control)
+        await eventually(lambda: len(fake.ws_connections[0].turns) == 2, "the frame to reach the upstream")
+        assert fake.ws_connections[0].turns[1].raw == control.encode()
+        # With a stream_id (the lane is cch's), the frame goes up without it.
+        client.send_text(control[:-1] + ',"stream_id":"s"}')
+        await eventually(lambda: len(fake.ws_connections[0].turns) == 3, "the second frame to reach the upstream")
+        assert fake.ws_connections[0].turns[2].body == json.loads(control)
     finally:
         await gateway.stop()
 
@@ -697,30 +708,6 @@ async def test_interrupt_over_http_stops_the_upstream_and_the_client_gets_the_ap
         client.send_json(response_create())
         assert (await turn_of(client))[-1]["type"] == "response.completed"
         assert client.close_info is None
-    finally:
-        await gateway.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_interrupt_reaches_the_upstream_socket_of_its_response(fake: FakeUpstream) -> None:
-    gateway = await start_gateway(gateway_config(fake, upstream="websocket"))
-    try:
-        fake.enqueue(held)
-        client = await gateway.connect()
-        client.send_json(response_create(stream_id="s"))
-        created = await within(client.recv(), "response.created")
-        interrupt = (
-            '{"type":"response.interrupt","response_id":"'
-            + created["response"]["id"]
-            + '","mode":"discard_partial_items","stream_id":"s"}'
-        )
-        client.send_text(interrupt)
-        await eventually(lambda: len(fake.ws_connections[0].turns) == 2, "the interrupt to reach the upstream")
-        assert fake.ws_connections[0].turns[1].body == {
-            "type": "response.interrupt",
-            "response_id": created["response"]["id"],
-            "mode": "discard_partial_items",
-        }  # the lane's stream_id stays here
     finally:
         await gateway.stop()
 
