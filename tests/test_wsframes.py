@@ -317,6 +317,18 @@ def test_client_frames_in_one_read_reach_the_edge_in_order() -> None:
     assert e.sizes == [len(t.encode()) for t in texts]
 
 
+def test_client_frames_split_across_reads_stay_on_the_fast_path() -> None:
+    """A read that ends inside a client's frame leaves that frame's start in the buffer for the
+    next read; Autobahn never parses it (nor, in its wake, the frames of the reads after)."""
+    e = Edge()
+    texts = [json.dumps({"type": "response.create", "n": i, "x": "y" * 2000}) for i in range(6)]
+    data = b"".join(client_frame(t.encode()) for t in texts)
+    for i in range(0, len(data), 700):
+        e.feed(data[i : i + 700])
+        assert e.proto.current_frame is None  # Autobahn has not taken a frame over
+    assert e.texts == texts
+
+
 def test_a_client_frame_split_byte_by_byte_arrives_once() -> None:
     e = Edge()
     data = client_frame(b"x" * 300) + client_frame(b"")
