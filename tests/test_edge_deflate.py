@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from conftest import (
     RunningGateway,
@@ -36,8 +36,9 @@ from conftest import (
     within,
 )
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from wire import RawRecordingClient
 
 from cch.config import LimitsConfig
 from cch.testing import FakeUpstream
@@ -107,32 +108,12 @@ async def test_without_deflate_the_frames_are_plain_and_the_turn_works(fake: Fak
         await running.stop()
 
 
-class RecordingClient(WebSocketClientProtocol):
-    """An Autobahn client that keeps every byte the server sent after the upgrade, so a test can
-    read the frames' first bytes (FIN, RSV1, opcode), and hands messages over as they come."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw = bytearray()
-        self.messages: DeferredQueue[Any] = DeferredQueue()
-        self.opened: Deferred[RecordingClient] = Deferred()
-        self.closed: Deferred[CloseInfo] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == self.STATE_OPEN:
-            self.raw += data
-        super().dataReceived(data)
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
+class RecordingClient(RawRecordingClient):
+    """Every byte the server sent after the upgrade, so a test can read the frames' first bytes
+    (FIN, RSV1, opcode); messages handed over as they come, parsed."""
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.messages.put(json.loads(payload))
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(reason))
-        self.closed.callback(CloseInfo(code, reason, wasClean))
 
     async def turn(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
         self.sendMessage(json.dumps(frame).encode(), isBinary=False)

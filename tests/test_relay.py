@@ -31,17 +31,16 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 import upstream_ws_support as support
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from conftest import RunningGateway, eventually, response_create, within
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_wsframes import Upstream
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from upstream_ws_support import Launch, RecordingSink, ask, ws_config
-from wire import frame, read_frames, split
+from wire import RawRecordingClient, frame, read_frames, split
 
 from cch.edge.connection import _Turn
 from cch.edge.frames import translate_sse_data
@@ -689,32 +688,9 @@ async def test_a_cancelled_delivery_ends_the_relay(fake: FakeUpstream, make_pool
 # --- end to end: a real gateway, a pooled upstream WebSocket, the in-process tunnel -------------------
 
 
-class RawClient(WebSocketClientProtocol):
-    """An Autobahn client that keeps every byte the gateway sent after the upgrade and every
-    message payload as bytes, without validating UTF-8 (so invalid bytes would show)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw = bytearray()
-        self.messages: DeferredQueue[bytes] = DeferredQueue()
-        self.opened: Deferred[RawClient] = Deferred()
-        self.closed: Deferred[Any] = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == self.STATE_OPEN:
-            self.raw += data
-        super().dataReceived(data)
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.messages.put(bytes(payload))
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.opened.called:
-            self.opened.errback(ConnectionError(reason))
-        self.closed.callback((code, reason))
+class RawClient(RawRecordingClient):
+    """Every byte the gateway sent after the upgrade, and every message payload as bytes,
+    without validating UTF-8 (so invalid bytes would show)."""
 
     def send_json(self, obj: Any) -> None:
         self.sendMessage(json.dumps(obj).encode(), isBinary=False)

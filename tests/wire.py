@@ -1,18 +1,23 @@
-"""WebSocket bytes for tests that feed protocols directly: frame builders and readers, a
-StringTransport that behaves like TCP where Autobahn needs it, and a handshaken edge."""
+"""WebSocket bytes for tests: frame builders and readers, a StringTransport that behaves like
+TCP where Autobahn needs it and a handshaken edge (for tests that feed protocols directly), and
+a client that keeps every byte a server sent it (for tests over real sockets)."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import struct
+from typing import Any
 
+from autobahn.twisted.websocket import WebSocketClientProtocol
+from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from cch.config import LimitsConfig
 from cch.edge.factory import EdgeFactory
 from cch.edge.protocol import EdgeProtocol
+from cch.testing.client import CloseInfo
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -111,3 +116,31 @@ def open_edge(
     transport.clear()
     transport.writes = 0
     return proto, transport
+
+
+class RawRecordingClient(WebSocketClientProtocol):
+    """An Autobahn client that keeps every byte the server sent after the upgrade (``raw``), so a
+    test can read the frames themselves, and queues each message's payload as bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw = bytearray()
+        self.messages: DeferredQueue[Any] = DeferredQueue()
+        self.opened: Deferred[Any] = Deferred()
+        self.closed: Deferred[CloseInfo] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == self.STATE_OPEN:
+            self.raw += data
+        super().dataReceived(data)
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.put(bytes(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(reason))
+        self.closed.callback(CloseInfo(code, reason, wasClean))
