@@ -227,7 +227,7 @@ def event_kind(payload: bytes) -> str | None:
     object, no string type. orjson when installed (its verdict is the standard library's for
     anything it accepts; what it refuses, the caller's slower path decides), else
     :func:`cch.jsoncodec.loads`."""
-    if payload.count(b"{") + payload.count(b"[") > _MAX_OPENINGS:
+    if len(payload) > _MAX_OPENINGS and payload.count(b"{") + payload.count(b"[") > _MAX_OPENINGS:
         return None  # perhaps nested past what the standard library parses: its verdict decides
     try:
         value = _parse(payload)
