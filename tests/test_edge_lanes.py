@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import eventually, gateway_config, response_create, start_gateway, within
-from test_edge_connection import Channel, Producer, Tunnel
+from test_edge_connection import Channel, Producer, Tunnel, send
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -48,10 +48,6 @@ def parts() -> tuple[EdgeConnection, Channel, Tunnel, Clock, list[str]]:
         on_close_decided=lambda holder: released.append(holder.session_id),
     )
     return conn, channel, tunnel, clock, released
-
-
-def send(conn: EdgeConnection, text: str) -> None:
-    conn.text_received(text, len(text.encode("utf-8")))
 
 
 # --- one connection, no socket ----------------------------------------------------------------------

@@ -25,10 +25,9 @@ from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, split
+from wire import GUID, Transport, client_frame, frame, open_edge, read_frames, split, upgraded_edge
 
 from cch.config import LimitsConfig
-from cch.edge.factory import EdgeFactory
 from cch.edge.protocol import EdgeProtocol
 from cch.upstream.ws import CLOSED, OPEN, SocketClosed, UpstreamConnection
 from cch.writes import write_batch
@@ -619,26 +618,11 @@ def open_deflate_edge(
 ) -> tuple[EdgeProtocol, Any, bytes]:
     """A production edge protocol (or ``protocol``) upgraded by a client offering ``offer``;
     the handshake answer's ``Sec-WebSocket-Extensions`` (empty when declined)."""
-    clock = Clock()
-    factory = EdgeFactory(tunnel=None, limits=limits or LimitsConfig(), clock=clock, reactor=clock)  # type: ignore[arg-type]
-    if protocol is not None:
-        factory.protocol = protocol
-    proto = factory.buildProtocol(None)
-    transport = Transport()
-    proto.makeConnection(transport)
-    proto.dataReceived(
-        b"GET /v1/responses HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"Sec-WebSocket-Extensions: " + offer + b"\r\n\r\n"
-    )
-    assert proto.state == proto.STATE_OPEN
-    head = transport.value().split(b"\r\n\r\n")[0]
+    proto, transport, head = upgraded_edge(limits, protocol, b"Sec-WebSocket-Extensions: " + offer + b"\r\n")
     answer = next(
         (line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"sec-websocket-extensions:")),
         b"",
     )
-    transport.clear()
-    transport.writes = 0
     return proto, transport, answer
 
 

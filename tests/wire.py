@@ -101,6 +101,15 @@ def open_edge(
 ) -> tuple[EdgeProtocol, Transport]:
     """A production edge protocol (or ``protocol``) on a Transport, upgraded, with the
     handshake bytes cleared."""
+    proto, transport, _ = upgraded_edge(limits, protocol)
+    return proto, transport
+
+
+def upgraded_edge(
+    limits: LimitsConfig | None = None, protocol: type[EdgeProtocol] | None = None, extra_headers: bytes = b""
+) -> tuple[EdgeProtocol, Transport, bytes]:
+    """:func:`open_edge`, the upgrade request carrying ``extra_headers`` (CRLF-terminated
+    lines); also the head of the handshake answer, which the transport no longer holds."""
     clock = Clock()
     factory = EdgeFactory(tunnel=None, limits=limits or LimitsConfig(), clock=clock, reactor=clock)  # type: ignore[arg-type]
     if protocol is not None:
@@ -110,12 +119,13 @@ def open_edge(
     proto.makeConnection(transport)
     proto.dataReceived(
         b"GET /v1/responses HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" + extra_headers + b"\r\n"
     )
     assert proto.state == proto.STATE_OPEN
+    head = transport.value().split(b"\r\n\r\n")[0]
     transport.clear()
     transport.writes = 0
-    return proto, transport
+    return proto, transport, head
 
 
 class RawRecordingClient(WebSocketClientProtocol):

@@ -639,23 +639,15 @@ class EdgeConnection:
             return
         model = body.get("model")
         turn = _Turn(self, lane, self.turns_started)
-        if lane.stream_id is None:
-            log.info(
-                "ws_request_started",
-                model=model if isinstance(model, str) else None,
-                payloadBytes=waiting.size,
-                hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
-                request_id=turn.request_id,
-            )
-        else:
-            log.info(
-                "ws_request_started",
-                model=model if isinstance(model, str) else None,
-                payloadBytes=waiting.size,
-                hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
-                request_id=turn.request_id,
-                streamId=lane.stream_id,
-            )
+        lane_field = {} if lane.stream_id is None else {"streamId": lane.stream_id}
+        log.info(
+            "ws_request_started",
+            model=model if isinstance(model, str) else None,
+            payloadBytes=waiting.size,
+            hasPreviousResponseId=isinstance(body.get("previous_response_id"), str),
+            request_id=turn.request_id,
+            **lane_field,
+        )
         lane.in_flight = turn
         self.active += 1
         self.stats.turn_started()
