@@ -1,43 +1,41 @@
-"""Outbound HTTP for the gateway: a plain Twisted ``Agent``, nothing layered on top.
+"""Outbound HTTP for the gateway: :mod:`cch.http11` connections kept per origin.
 
 A gateway must pass traffic through as it is: no redirects followed (a provider's 3xx reaches
 the client as it is), no cookies kept between unrelated clients, no ``accept-encoding: gzip``
 added to what the client asked for. A convenience client (treq) adds all three, plus URL
-parsing with IDNA and a cooperator round trip before a request body is written, on every turn.
-This module keeps the Agent and its persistent pool, and adds three things: each read on a
-connection is handled inside a write batch (:mod:`cch.writes`), so the events of one read
-leave for each client in one write; endpoints are built once per origin; and the connect
-timeout runs on the injected clock.
+parsing with IDNA and a cooperator round trip before a request body is written, on every turn;
+Twisted's Agent, under it, reads each response line by line and its body a chunk at a time.
+Here a request is one write and a response one pass per read (:mod:`cch.http11`); connections
+are kept alive per origin (at most :attr:`HttpClient.max_idle` idle, each closed after
+:attr:`HttpClient.idle_timeout` seconds unused); endpoints (TCP, or TLS by policy) are built
+once per origin; and the connect timeout runs on the injected clock.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 from hyperlink import URL
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TCPTimedOutError
 from twisted.internet.interfaces import (
-    ILoggingContext,
-    IProtocol,
+    IDelayedCall,
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
-from zope.interface import directlyProvides, implementer, providedBy
+from zope.interface import implementer
 
-from cch.writes import write_batch
-
-log = Logger()
+from cch.http11 import HTTP11Connection, request_head
 
 
 @implementer(IBodyProducer)
@@ -62,100 +60,6 @@ class BytesBody:
         pass
 
 
-class _BatchedReads(Factory):
-    """Builds the wrapped factory's protocol behind a :class:`_BatchedReader`."""
-
-    def __init__(self, wrapped: IProtocolFactory) -> None:
-        self.wrapped = wrapped
-
-    def doStart(self) -> None:
-        self.wrapped.doStart()
-
-    def doStop(self) -> None:
-        self.wrapped.doStop()
-
-    def buildProtocol(self, addr: Any) -> Protocol | None:
-        proto = self.wrapped.buildProtocol(addr)
-        return None if proto is None else _BatchedReader(proto)
-
-
-MAX_RESPONSE_HEAD_BYTES = 256 * 1024  # real response heads are a few KiB
-
-
-class _BatchedReader(Protocol):
-    """Hands each chunk read to ``wrapped`` inside a write batch, and caps response heads.
-
-    Twisted's HTTP client bounds each header line but not how many there are, so an upstream
-    answering with endless headers would grow memory until the first-byte timeout
-    (docs/security.md): from each request written until its response's first blank line, at
-    most :data:`MAX_RESPONSE_HEAD_BYTES` are read, then the connection is cut. ``wrapped``
-    writes through this reader (a call per write: one or two per request); everything else of
-    the transport is the real one's, and :class:`_BatchedEndpoint` connects to ``wrapped``
-    itself (the pool keeps the connection it would have kept without this).
-    """
-
-    limit = MAX_RESPONSE_HEAD_BYTES
-
-    def __init__(self, wrapped: IProtocol) -> None:
-        self.wrapped = wrapped
-        self._read = wrapped.dataReceived  # looked up once, not per read
-        self._in_head = False
-        self._head_bytes = 0
-        self._tail = b""
-        self._cut = False
-
-    def logPrefix(self) -> str:
-        wrapped = self.wrapped
-        if ILoggingContext.providedBy(wrapped):
-            return wrapped.logPrefix()  # type: ignore[no-any-return]
-        return wrapped.__class__.__name__
-
-    def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-        directlyProvides(self, providedBy(transport))  # IPushProducer, ITCPTransport, ...
-        self.wrapped.makeConnection(self)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for what this class lacks: the rest of the transport's interface.
-        transport = self.__dict__.get("transport")
-        if transport is None:
-            raise AttributeError(name)
-        return getattr(transport, name)
-
-    # -- writes (the transport's, for ``wrapped``) -----------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if not self._in_head:
-            self._in_head, self._head_bytes, self._tail = True, 0, b""
-        self.transport.write(data)
-
-    def writeSequence(self, data: Any) -> None:
-        self.write(b"".join(data))
-
-    # -- reads ------------------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._cut:
-            return
-        if self._in_head:
-            window = self._tail + data
-            if b"\r\n\r\n" in window or b"\n\n" in window:
-                self._in_head = False  # the head is complete; a body is not counted
-            else:
-                self._head_bytes += len(data)
-                if self._head_bytes > self.limit:
-                    self._cut = True
-                    log.warn("upstream_response_head_too_large", limit=self.limit)
-                    self.transport.abortConnection()
-                    return
-                self._tail = window[-3:]
-        with write_batch:
-            self._read(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.wrapped.connectionLost(reason)
-
-
 class ConnectTimeout(TCPTimedOutError):
     """No connection within the provider's connect timeout (counted on the injected clock)."""
 
@@ -164,7 +68,9 @@ class ConnectTimeout(TCPTimedOutError):
 class _DeadlineEndpoint:
     """Gives up connecting after ``timeout`` seconds of ``clock`` (tests drive it with a Clock)."""
 
-    def __init__(self, endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
+    ) -> None:
         self.endpoint = endpoint
         self.clock = clock
         self.timeout = timeout
@@ -173,30 +79,21 @@ class _DeadlineEndpoint:
         def expired(_: Any, timeout: float) -> Failure:
             return Failure(ConnectTimeout(string=f"no connection within {timeout:g}s"))
 
-        return self.endpoint.connect(factory).addTimeout(self.timeout, self.clock, onTimeoutCancel=expired)
-
-
-@implementer(IStreamClientEndpoint)
-class _BatchedEndpoint:
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self.endpoint = endpoint
-
-    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
-        # Like Twisted's own wrapping endpoints (wrapClientTLS): fires with the protocol
-        # ``factory`` built, not the wrapper around it.
-        return self.endpoint.connect(_BatchedReads(factory)).addCallback(_unwrap)
-
-
-def _unwrap(reader: _BatchedReader) -> IProtocol:
-    return reader.wrapped
+        return self.endpoint.connect(factory).addTimeout(
+            self.timeout, self.clock, onTimeoutCancel=expired
+        )
 
 
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
-    """What Twisted's Agent builds for a URI (TCP, or TLS by policy), with batched reads."""
+    """What Twisted's Agent builds for a URI: TCP, or TLS by policy."""
 
     def __init__(
-        self, reactor: Any, tls: IPolicyForHTTPS, connect_timeout: float | None, clock: IReactorTime | None = None
+        self,
+        reactor: Any,
+        tls: IPolicyForHTTPS,
+        connect_timeout: float | None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock: IReactorTime = clock if clock is not None else reactor
@@ -221,37 +118,143 @@ class _Endpoints:
             # The deadline that counts runs on the injected clock (below); the reactor's own
             # connect timeout is only a backstop behind it.
             options["timeout"] = max(30.0, self.connect_timeout + 1)
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, **options)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, uri.host.decode("ascii"), uri.port, **options
+        )
         if self.connect_timeout is not None:
             endpoint = _DeadlineEndpoint(endpoint, self.clock, self.connect_timeout)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls.creatorForNetloc(uri.host, uri.port), endpoint)
         elif uri.scheme != b"http":
             raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-        return _BatchedEndpoint(endpoint)
+        return endpoint
+
+
+class _OriginPool(Factory):
+    """The connections kept alive to one origin: the most recently used is taken first."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        clock: IReactorTime,
+        max_idle: int,
+        idle_timeout: float,
+    ) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: list[HTTP11Connection] = []
+        self._timers: dict[HTTP11Connection, IDelayedCall] = {}
+        self._closing: dict[HTTP11Connection, Deferred[None]] = {}
+
+    def buildProtocol(self, addr: Any) -> HTTP11Connection:
+        return HTTP11Connection(self._idled, self._lost)
+
+    def connection(self) -> HTTP11Connection | Deferred[HTTP11Connection]:
+        """An idle connection at once, else a Deferred new one."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            self._timers.pop(connection).cancel()
+            if connection.reusable:
+                return connection
+        return self.endpoint.connect(self)
+
+    def _idled(self, connection: HTTP11Connection) -> None:
+        if len(self._idle) >= self.max_idle:
+            connection.close()
+            return
+        self._idle.append(connection)
+        self._timers[connection] = self.clock.callLater(self.idle_timeout, self._expire, connection)
+
+    def _expire(self, connection: HTTP11Connection) -> None:
+        del self._timers[connection]
+        self._idle.remove(connection)
+        connection.close()
+
+    def _lost(self, connection: HTTP11Connection) -> None:
+        timer = self._timers.pop(connection, None)
+        if timer is not None:
+            timer.cancel()
+            self._idle.remove(connection)
+        closing = self._closing.pop(connection, None)
+        if closing is not None:
+            closing.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Close the idle connections; fires once they are gone (busy ones finish first)."""
+        waits = []
+        while self._idle:
+            connection = self._idle.pop()
+            self._timers.pop(connection).cancel()
+            wait = self._closing[connection] = Deferred()
+            waits.append(wait)
+            connection.close()
+        return DeferredList(waits).addCallback(lambda _: None)
+
+
+@dataclass(frozen=True)
+class _Target:
+    origin: tuple[bytes, bytes, int]
+    uri: URI
+    path: bytes  # the request target (origin form)
+    host: bytes  # the Host header
 
 
 class HttpClient:
-    """POSTs over one persistent connection pool."""
+    """POSTs over connections kept alive per origin. :meth:`close` closes the idle ones."""
+
+    max_idle = 16  # idle connections kept per origin
+    idle_timeout = 240.0  # seconds an unused connection is kept
 
     def __init__(
         self,
         reactor: Any,
-        pool: HTTPConnectionPool,
         *,
         tls: IPolicyForHTTPS | None = None,
         connect_timeout: float | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
         policy = tls if tls is not None else BrowserLikePolicyForHTTPS()
-        endpoints = _Endpoints(reactor, policy, connect_timeout, clock)
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        self._reactor = reactor  # kept connections expire on it, as Twisted's pool's do
+        self._endpoints = _Endpoints(reactor, policy, connect_timeout, clock)
+        self._pools: dict[tuple[bytes, bytes, int], _OriginPool] = {}
 
-    def post(self, url: str, headers: dict[str, str], body: IBodyProducer) -> Deferred[IResponse]:
-        """Fires with the response once its headers arrived; its body is read by the caller."""
-        return self.agent.request(
-            b"POST", request_uri(url), Headers({name: [value] for name, value in headers.items()}), body
-        )
+    def post(
+        self, url: str, headers: dict[str, str], body: bytes | IBodyProducer
+    ) -> Deferred[IResponse]:
+        """Fires with the response once its head arrived; its body is read by the caller.
+        ``body`` is bytes or an ``IBodyProducer`` of known length (:class:`BytesBody`)."""
+        try:
+            target = _target(url)
+            payload = body.data if type(body) is BytesBody else body  # type: ignore[union-attr]
+            head = request_head(
+                b"POST",
+                target.path,
+                target.host,
+                headers,
+                len(payload) if isinstance(payload, bytes) else payload.length,
+            )
+            pool = self._pools.get(target.origin)
+            if pool is None:
+                endpoint = self._endpoints.endpointForURI(target.uri)
+                pool = self._pools[target.origin] = _OriginPool(
+                    endpoint, self._reactor, self.max_idle, self.idle_timeout
+                )
+            connection = pool.connection()
+            if isinstance(connection, HTTP11Connection):
+                return connection.request(head, payload)
+        except Exception:
+            return fail()
+        return connection.addCallback(HTTP11Connection.request, head, payload)
+
+    def close(self) -> Deferred[None]:
+        """Close every idle connection; fires once they are gone."""
+        pools = list(self._pools.values())
+        return DeferredList([pool.close() for pool in pools]).addCallback(lambda _: None)
 
 
 def error_text(exc: BaseException) -> str:
@@ -265,6 +268,14 @@ def error_text(exc: BaseException) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def request_uri(url: str) -> bytes:
-    """``url`` as the ASCII bytes the Agent takes (IDNA host, percent-encoded path)."""
-    return URL.from_text(url).to_uri().to_text().encode("ascii")
+def _target(url: str) -> _Target:
+    """Where ``url`` goes (IDNA host, percent-encoded path), as the request needs it."""
+    uri = URI.fromBytes(URL.from_text(url).to_uri().to_text().encode("ascii"))
+    if uri.scheme not in (b"http", b"https"):
+        raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+    host = uri.host
+    if isIPv6Address(host.decode("ascii")):
+        host = b"[" + host + b"]"
+    if (uri.scheme, uri.port) not in ((b"http", 80), (b"https", 443)):
+        host = b"%b:%d" % (host, uri.port)
+    return _Target((uri.scheme, uri.host, uri.port), uri, uri.originForm, host)

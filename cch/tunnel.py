@@ -18,7 +18,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.web.client import HTTPConnectionPool, RequestTransmissionFailed
+from twisted.web.client import RequestTransmissionFailed
 from twisted.web.iweb import IResponse
 
 from cch import secret as markers
@@ -145,8 +145,7 @@ class HttpTunnel(Service):
         self._url = url
         self.secret = secret
         self.clock: IReactorTime = clock if clock is not None else reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self._client = HttpClient(reactor, self.pool)
+        self._client = HttpClient(reactor, clock=self.clock)
 
     @property
     def url(self) -> str:
@@ -187,7 +186,7 @@ class HttpTunnel(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return self._client.close()
 
 
 def _read_back(response: IResponse, sink: ResponseSink) -> Deferred[None]:

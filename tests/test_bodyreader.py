@@ -1,5 +1,5 @@
-"""The one body reader (cch/bodyreader.py), driven through Twisted's own HTTP client protocol
-over a StringTransport with time on a Clock: every body the gateway reads (upstream SSE and
+"""The one body reader (cch/bodyreader.py), driven through the gateway's HTTP client connection
+(cch/http11.py) over a StringTransport with time on a Clock: every body the gateway reads (upstream SSE and
 JSON, a failover candidate's error, the HTTP tunnel's answer) relies on these behaviours."""
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import ResponseFailed
-from twisted.web.http_headers import Headers
 
 from cch.bodyreader import (
     BodyEnd,
@@ -31,6 +28,7 @@ from cch.bodyreader import (
     content_type,
     is_event_stream,
 )
+from cch.http11 import HTTP11Connection, request_head
 
 
 class Upstream:
@@ -38,11 +36,11 @@ class Upstream:
 
     def __init__(self, head: bytes) -> None:
         self.transport = StringTransport()
-        self.client = HTTP11ClientProtocol()
+        self.client = HTTP11Connection()
         self.client.makeConnection(self.transport)
         responses: list[Any] = []
-        request = ClientRequest(b"POST", b"/v1/responses", Headers({b"host": [b"up"]}), None)
-        self.client.request(request).addCallback(responses.append)
+        request = request_head(b"POST", b"/v1/responses", b"up", {}, 0)
+        self.client.request(request, b"").addCallback(responses.append)
         self.client.dataReceived(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n")
         [self.response] = responses
 
@@ -54,8 +52,8 @@ class Upstream:
 
     @property
     def state(self) -> str:
-        """'producing', 'paused' or 'stopped': what the reader asked of the connection."""
-        return str(self.transport.producerState)
+        """'producing', 'paused' or 'stopped' (the connection cut): what the reader asked."""
+        return "stopped" if self.transport.disconnecting else str(self.transport.producerState)
 
 
 def read(upstream: Upstream, **options: Any) -> tuple[list[bytes], list[BodyEnd], BodyReader]:

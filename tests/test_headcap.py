@@ -12,10 +12,25 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.web.client import HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
 from cch.config import ProviderConfig
-from cch.httpclient import _BatchedReads
+from cch.http11 import HTTP11Connection, request_head
+
+
+def capped(limit: int) -> tuple[HTTP11Connection, StringTransport]:
+    """The outbound HTTP client's connection, its head cap at ``limit`` bytes."""
+    connection = HTTP11Connection(on_idle=lambda _: None)
+    connection.head_limit = limit
+    transport = StringTransport()
+    connection.makeConnection(transport)
+    return connection, transport
+
+
+def post(connection: HTTP11Connection) -> list[Any]:
+    outcome: list[Any] = []
+    connection.request(request_head(b"POST", b"/", b"up", {}, 0), b"").addBoth(outcome.append)
+    return outcome
 
 
 class Recorder(Protocol):
@@ -26,40 +41,35 @@ class Recorder(Protocol):
         self.data += data
 
 
-def capped(limit: int) -> tuple[Any, Recorder, StringTransport]:
-    """The reader the outbound HTTP client puts in front of each connection's protocol."""
-    inner = Recorder()
-    proto = _BatchedReads(Factory.forProtocol(lambda: inner)).buildProtocol(None)
-    proto.limit = limit
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    assert inner.transport is proto  # the protocol writes through the reader
-    return proto, inner, transport
-
-
 def test_a_head_within_the_cap_and_its_body_pass_through() -> None:
-    proto, inner, transport = capped(100)
-    proto.write(b"POST / HTTP/1.1\r\n\r\n")
-    proto.dataReceived(b"HTTP/1.1 200 OK\r\nx: " + b"y" * 40)
-    proto.dataReceived(b"\r\n\r\n" + b"z" * 1000)  # the body is never counted
-    assert inner.data.endswith(b"z" * 1000)
+    connection, transport = capped(100)
+    outcome = post(connection)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\nx: " + b"y" * 40)
+    assert outcome == []  # the head is not complete yet
+    connection.dataReceived(b"\r\n\r\n" + b"z" * 1000)  # the body is never counted
+    body = Recorder()
+    outcome[0].deliverBody(body)
+    assert outcome[0].code == 200 and body.data == b"z" * 1000
     assert not transport.disconnecting
 
 
 def test_a_head_over_the_cap_aborts_the_connection() -> None:
-    proto, inner, transport = capped(100)
-    proto.write(b"POST / HTTP/1.1\r\n\r\n")
+    connection, transport = capped(100)
+    outcome = post(connection)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\n")
     for _ in range(20):
-        proto.dataReceived(b"x-evil: " + b"e" * 10 + b"\r\n")
+        connection.dataReceived(b"x-evil: " + b"e" * 10 + b"\r\n")
     assert transport.disconnecting  # aborted
-    assert len(inner.data) <= 100
+    assert len(outcome) == 1 and outcome[0].check(ResponseFailed)
+    assert "response head too large" in str(outcome[0].value.reasons[0].value)
 
 
 def test_each_request_on_a_kept_alive_connection_has_its_own_cap() -> None:
-    proto, inner, transport = capped(100)
+    connection, transport = capped(100)
     for _ in range(3):
-        proto.write(b"GET / HTTP/1.1\r\n\r\n")
-        proto.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + b"h: " + b"v" * 60 + b"\r\n\r\n")
+        outcome = post(connection)
+        connection.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + b"h: " + b"v" * 60 + b"\r\n\r\n")
+        assert outcome[0].code == 200
     assert not transport.disconnecting
 
 

@@ -18,12 +18,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.error import SchemeNotSupported
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from cch.httpclient import ConnectTimeout, _BatchedReads, _Endpoints
+from cch.http11 import HTTP11Connection, request_head
+from cch.httpclient import ConnectTimeout, _Endpoints
 from cch.upstream.http import HttpUpstream, UpstreamTimeout, collect_body, read_body
 from cch.writes import write_batch
 
@@ -187,9 +189,13 @@ def test_each_read_of_an_upstream_connection_is_one_write_batch() -> None:
         def dataReceived(self, data: bytes) -> None:
             seen.append(write_batch.open)
 
-    proto = _BatchedReads(Factory.forProtocol(Reader)).buildProtocol(None)
-    assert proto is not None
-    proto.dataReceived(b"chunk")
+    connection = HTTP11Connection()
+    connection.makeConnection(StringTransport())
+    responses: list[Any] = []
+    connection.request(request_head(b"POST", b"/", b"up", {}, 0), b"").addCallback(responses.append)
+    connection.dataReceived(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n")
+    responses[0].deliverBody(Reader())
+    connection.dataReceived(b"chunk")
     assert seen == [True] and not write_batch.open
 
 

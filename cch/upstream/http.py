@@ -1,6 +1,6 @@
 """Upstream over HTTP: one POST per attempt, the body streamed to the turn's sink.
 
-Built on a plain Twisted Agent (:mod:`cch.httpclient`) with a persistent connection pool.
+Built on :mod:`cch.httpclient`: connections kept alive per origin, one request at a time each.
 Every timer runs on the injected clock, the connect timeout included.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
@@ -31,7 +31,7 @@ from cch.bodyreader import (
     content_type,
     is_event_stream,
 )
-from cch.httpclient import BytesBody, HttpClient, error_text
+from cch.httpclient import HttpClient, error_text
 from cch.sse import EventTooLarge, SSEDecoder
 from cch.turn import ResponseSink
 from cch.upstream.tls import trust_root
@@ -51,8 +51,6 @@ class HttpUpstream(Service):
     def __init__(self, reactor: Any, clock: IReactorTime) -> None:
         self._reactor = reactor
         self.clock = clock
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 16
         self._clients: dict[tuple[float, str | None], HttpClient] = {}
 
     def _client(self, connect_timeout: float, tls_ca: str | None) -> HttpClient:
@@ -60,7 +58,7 @@ class HttpUpstream(Service):
         if client is None:
             policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root(tls_ca))
             client = self._clients[(connect_timeout, tls_ca)] = HttpClient(
-                self._reactor, self.pool, tls=policy, connect_timeout=connect_timeout, clock=self.clock
+                self._reactor, tls=policy, connect_timeout=connect_timeout, clock=self.clock
             )
         return client
 
@@ -75,9 +73,9 @@ class HttpUpstream(Service):
         tls_ca: str | None = None,
     ) -> Deferred[IResponse]:
         """POST and fire with the response once its headers arrived (body not read yet)."""
-        d = self._client(connect_timeout, tls_ca).post(url, headers, BytesBody(body))
-        # The Agent reports a cancelled request as whatever it was doing (DNSLookupError,
-        # ConnectingCancelledError, ResponseNeverReceived, ...), none of them the provider's
+        d = self._client(connect_timeout, tls_ca).post(url, headers, body)
+        # A cancelled request fails as whatever it was doing (DNSLookupError,
+        # ConnectingCancelledError, CancelledError, ...), none of them the provider's
         # fault: a cancel by the caller is reported as CancelledError, the deadline as
         # UpstreamTimeout.
         cancelled: list[bool] = []
@@ -105,7 +103,7 @@ class HttpUpstream(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return DeferredList([client.close() for client in self._clients.values()]).addCallback(lambda _: None)
 
 
 def read_body(
