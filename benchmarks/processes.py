@@ -177,6 +177,15 @@ async def start_upstream(
     return child, await port_when_ready(reactor, child, upstream_ready(name))
 
 
+async def start_relay(
+    reactor: Any, workdir: Path, name: str, *, upstream_port: int, src: Path = REPO
+) -> tuple[Child, int]:
+    """A bare TCP relay (``benchmarks.relay``) in front of the fake upstream at ``upstream_port``."""
+    argv = [sys.executable, "-m", "benchmarks.relay", "--upstream-port", str(upstream_port)]
+    child = Child(name, argv, workdir, src=src)
+    return child, await port_when_ready(reactor, child, upstream_ready(name))
+
+
 def upstream_ready(name: str) -> Callable[[dict[str, Any]], int | None]:
     """Reads a fake upstream's ready line: its port, or why it could not start."""
 

@@ -40,6 +40,7 @@ from benchmarks.processes import (
     KeyedGateway,
     gateway_toml,
     start_gateway,
+    start_relay,
     start_upstream,
 )
 from benchmarks.upstream import raise_nofile_limit
@@ -54,6 +55,7 @@ class Target:
     usage_database: str | None = None  # [usage] database; None: the default (SQLite, on)
     limits: bool = False  # a client key with limits (benchmarks.processes.KEY_LIMITS)
     cluster: bool = False  # ... kept in Redis ([cluster]) rather than in memory
+    relay: bool = False  # a bare TCP relay (benchmarks.relay) rather than cch
 
     @property
     def gateway(self) -> bool:
@@ -73,6 +75,8 @@ TARGETS: dict[str, Target] = {
         "pooled-ws", "cch: in-process tunnel, pooled upstream WS", "in-process", "on"
     ),
     "http-tunnel": Target("http-tunnel", "cch: HTTP tunnel, pooled upstream WS", "http", "on"),
+    # The floor of any gateway on this machine: one more process passing bytes, nothing else.
+    "tcp-relay": Target("tcp-relay", "bare TCP relay (no parsing): the floor of a 2nd process", relay=True),
     # The usage ledger's cost: the same path with the ledger off (cch with a ledger only).
     "pooled-ws-no-ledger": Target(
         "pooled-ws-no-ledger", "cch: pooled upstream WS, usage ledger off", "in-process", "on", "off"
@@ -94,7 +98,7 @@ TARGETS: dict[str, Target] = {
         cluster=True,
     ),
 }
-DEFAULT_TARGETS = ("direct", "inproc-http", "pooled-ws", "http-tunnel")
+DEFAULT_TARGETS = ("direct", "tcp-relay", "inproc-http", "pooled-ws", "http-tunnel")
 NO_REUSE_SOCKET_AGE = 1e-6  # upstream_websocket.max_socket_age: retire the socket before every turn
 
 
@@ -350,6 +354,12 @@ class Runner:
                 url, server_pid = s.external_url, s.external_pid
             elif target.gateway:
                 gateway, port = await self.gateway(f"gateway-{tag}", target, upstream_port)
+                url, server_pid = f"ws://127.0.0.1:{port}/v1/responses", gateway.pid
+            elif target.relay:
+                gateway, port = await start_relay(
+                    reactor, self.workdir, f"relay-{tag}", upstream_port=upstream_port, src=s.source
+                )
+                self.children.append(gateway)
                 url, server_pid = f"ws://127.0.0.1:{port}/v1/responses", gateway.pid
             else:
                 url, server_pid = f"ws://127.0.0.1:{upstream_port}/v1/responses", upstream.pid
