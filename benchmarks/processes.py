@@ -292,17 +292,19 @@ async def start_gateway(
     *,
     log_level: str = "info",
     profile_to: Path | None = None,
+    profiler: str = "benchmarks.profiled_gateway",
     src: Path = REPO,
 ) -> tuple[Child, int]:
     """``python -m cch.cli --config FILE`` (the ``cch`` console script, i.e. ``twistd -n cch``),
-    optionally under cProfile (``benchmarks.profiled_gateway``: SIGUSR1 writes the profile)."""
+    optionally under a profiler: cProfile (``benchmarks.profiled_gateway``) or CPU time per
+    block (``benchmarks.timed_gateway``); SIGUSR2 starts it, SIGUSR1 writes ``profile_to``."""
     config = workdir / f"{name}.toml"
     config.write_text(config_text)
     if profile_to is not None:
         argv = [
             sys.executable,
             "-m",
-            "benchmarks.profiled_gateway",
+            profiler,
             str(profile_to),
             "--config",
             str(config),

@@ -1,0 +1,123 @@
+"""The gateway (``cch.cli``) with CPU time counted per block of work, for docs/benchmarks.md.
+
+    python -m benchmarks.timed_gateway OUT.json --config FILE
+
+A sampling profiler counts a process that waits for a core (three busy processes share two)
+as busy wherever it waited, and cProfile slows small Python calls far more than system calls:
+neither says where the CPU goes. This counts it: the main thread's CPU time
+(``time.thread_time_ns``) spent inside each of a few entry points is added up, inclusive of what
+they call, and the rest of the main thread's CPU is the reactor's own (polling, dispatch,
+timers). SIGUSR2 starts counting afresh; SIGUSR1 writes ``OUT.json``: nanoseconds and calls per
+block, the main thread's CPU and the process's (other threads: the usage ledger's SQLite).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_ns: dict[str, int] = {}
+_calls: dict[str, int] = {}
+_depth = [0]
+_clock = time.thread_time_ns
+
+
+def _timed(owner: Any, attr: str, name: str, top_only: bool = False) -> None:
+    """Count the CPU time spent in ``owner.attr`` under ``name`` (once per call stack when
+    ``top_only``: a block called from itself is not counted twice)."""
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = _clock()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _ns[name] = _ns.get(name, 0) + _clock() - start
+            _calls[name] = _calls.get(name, 0) + 1
+
+    setattr(owner, attr, wrapper)
+
+
+def _install() -> None:
+    from twisted.internet import base, epollreactor, tcp
+
+    from cch import logs
+    from cch.edge import connection, protocol
+    from cch.handler import pipeline
+    from cch.upstream import exchange, ws
+    from cch.wsframes import relay_text_frames  # noqa: F401 (imported by ws)
+    from cch import writes
+    from cch.handler import metering
+    from cch.usage import ledger as ledger_mod
+
+    _timed(epollreactor.EPollReactor, "doPoll", "reactor: doPoll (incl. reads/writes below)")
+    _timed(tcp.Connection, "doRead", "socket read + its protocol (all)")
+    _timed(tcp.Connection, "doWrite", "socket write (send)")
+    _timed(base.ReactorBase, "runUntilCurrent", "timers and callLater")
+    _timed(protocol.EdgeProtocol, "consumeData", "edge: client frames in (all)")
+    _timed(connection.EdgeConnection, "text_received", "edge: a client frame handled (turn set-up)")
+    _timed(pipeline.ResponsesHandler, "handle", "handler: handle() until it waits (routing, pool, frame sent)")
+    _timed(ws._ClientProtocol, "consumeData", "upstream: frames in (all)")
+    _timed(ws.UpstreamConnection, "_message", "upstream: a frame delivered (not relayed)")
+    _timed(exchange.Exchange, "relay_frames", "upstream: relayed runs handed to the edge")
+    _timed(exchange.Exchange, "_finish", "exchange: turn completion")
+    _timed(logs._LineObserver, "__call__", "logs: events observed")
+    _timed(logs._LineObserver, "flush", "logs: lines rendered and written")
+    _timed(writes.WriteBatch, "__exit__", "write batches flushed (collect + transport.write)")
+    _timed(exchange.Exchange, "_first_event", "exchange: first event (the handler resumes until it waits)")
+    _timed(exchange.Exchange, "forward", "exchange: an event to the sink (a terminal: the turn ends)")
+    _timed(metering.TurnMeter, "sse_event", "meter: an event (incl. the edge's)")
+    _timed(metering.TurnMeter, "_terminal", "meter: the terminal's usage and transcript")
+    _timed(connection._Turn, "sse_event", "edge: an event to the client")
+    _timed(connection.EdgeConnection, "_turn_succeeded", "edge: turn succeeded (logs, next turn)")
+    _timed(ws.UpstreamConnection, "send", "upstream: the frame masked and written")
+    _timed(exchange, "event_type", "exchange: event_type (a parse for the type)")
+    _timed(ledger_mod.UsageLedger, "record", "ledger: a row queued")
+
+
+def _proc_cpu_ns(path: str) -> int:
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str]) -> None:
+    out = Path(argv[0])
+    pid = os.getpid()
+    start: dict[str, int] = {}
+
+    def reset(signum: int, frame: Any) -> None:
+        _ns.clear()
+        _calls.clear()
+        start["thread"] = _clock()
+        start["process"] = _proc_cpu_ns(f"/proc/{pid}/stat")
+        start["wall"] = time.monotonic_ns()
+
+    def dump(signum: int, frame: Any) -> None:
+        data = {
+            "blocks": {name: {"ns": ns, "calls": _calls[name]} for name, ns in _ns.items()},
+            "main_thread_ns": _clock() - start.get("thread", 0),
+            "process_ns": _proc_cpu_ns(f"/proc/{pid}/stat") - start.get("process", 0),
+            "wall_ns": time.monotonic_ns() - start.get("wall", 0),
+        }
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(out)
+
+    signal.signal(signal.SIGUSR2, reset)
+    signal.signal(signal.SIGUSR1, dump)
+    _install()
+    from cch.cli import main as cch_main
+
+    cch_main(argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
