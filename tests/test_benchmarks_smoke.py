@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ("direct", "inproc-http", "pooled-ws", "http-tunnel")
+TARGETS = ("direct", "tcp-relay", "inproc-http", "pooled-ws", "http-tunnel")
 
 
 @pytest.mark.timeout(60)
@@ -60,7 +60,7 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
             assert held["rss_kib_per_connection"] is not None, name
         assert run["idle"]["idle_rss_mib"] > 0, name
         assert run["reuse"]["reuse"]["turns"] == settings["reuse_turns"] - 1, name
-        if name != "inproc-http":  # an HTTP upstream has no socket to keep or drop
+        if name not in ("inproc-http", "tcp-relay"):  # no upstream socket to keep or drop
             assert run["reuse"]["no_reuse"]["turns"] == settings["reuse_turns"] - 1, name
 
     summary = results["summary"]
