@@ -734,30 +734,38 @@ first event +0.69 → +0.39 ms, +0.39 to +0.47 ms over those runs; see
 5. **Events nobody reads are relayed as the upstream framed them** (`cch/wsframes.py`
    `relay_text_frames`, issue 18). A server's frames are unmasked on both hops, so an upstream
    event frame is already the client's frame. While an exchange delivers to a client WebSocket,
-   the upstream read is walked frame by frame (the header, then a few `bytes.find` calls on the
-   payload: does it start `{"type":"`, is the type one somebody reads — a terminal,
-   `response.created`, an output item's start or end — could a second `"type"` key or a `\\u`
-   escape change that, is it valid UTF-8); runs of frames nobody needs to read go to the client
-   socket as one slice of the read buffer, with no decoding, parsing, re-encoding or per-event
-   call chain. Every other frame takes the old path. A named lane's events (which get their
-   `stream_id`) and a client that negotiated permessage-deflate (whose frames are compressed)
-   still take the relayed payloads without a parse.
-7. **A read that ends inside a frame no longer hands the rest to Autobahn** (`35419ee`). Reads
+   the upstream read is walked frame by frame: the header, then the payload parsed (orjson)
+   only to learn whether it is a JSON object whose type nobody reads — not a terminal,
+   `response.created` or an output item's start or end; malformed data, which the edge wraps
+   as text, and payloads nested deeper than the standard library parses take the old path.
+   Runs of frames nobody needs to read go to the client socket as one slice of the read
+   buffer, with no decoding, re-encoding or per-event call chain. A named lane's events (which
+   get their `stream_id`) and a client that negotiated permessage-deflate (whose frames are
+   compressed) still take the relayed payloads without another parse.
+6. **A read that ends inside a frame no longer hands the rest to Autobahn** (`35419ee`). Reads
    rarely end on a frame boundary under load; the fast paths stopped at the partial frame and
    let Autobahn parse it — and then every frame of the following reads, the slow way, until a
    read happened to start on a boundary. The start of a frame the fast path takes now waits in
    the buffer for the next read (a frame over the size limit still goes to Autobahn at once,
-   which refuses it from its header). With 5, 6 and 7 (`97be7c7` → this page): `pooled-ws` at
-   16 connections 0.68× → **0.76×** direct (64 connections 0.71× → 0.77×), gateway CPU per
-   1,000 events 0.76× → **0.56×** the fake upstream's; 5 and 6 alone gave 0.68× and 0.63×
-   (benchmarks-history.md). This page's machine was 1.5–1.9× slower than `97be7c7`'s: the
-   ratios are what compare.
-6. **JSON written by orjson** when installed (`pip install 'cch[fast]'`, in the image and the
+   which refuses it from its header).
+7. **JSON written by orjson** when installed (`pip install 'cch[fast]'`, in the image and the
    benchmarks; `cch/jsoncodec.py`, `cch/logs.py`): the upstream frame (8.7 → 0.3 µs for a
    2 KiB frame), the transcript's size accounting and every log line (4 → 0.4 µs); what orjson
    refuses, the standard library writes. Parsing stays with the standard library (orjson turns
    integers past 64 bits into doubles). `python -m benchmarks.turn_setup`: set-up + first event
-   72 → 62 µs per turn.
+   72 → 62 µs per turn. With 5, 6 and 7 (`97be7c7` → `35419ee`): `pooled-ws` at 16
+   connections 0.68× → 0.76× direct (64 connections 0.71× → 0.77×), gateway CPU per 1,000
+   events 0.76× → 0.56× the fake upstream's (benchmarks-history.md).
+8. **Outbound HTTP on cch's own HTTP/1.1 connection** (`cch/http11.py`, `3ded4c5`). Twisted's
+   Agent read a response head line by line through a stack of protocols and handed the body
+   on a chunk — for an SSE upstream, an event — at a time, five calls deep. The gateway's one
+   kind of request (a POST with its body in memory) is now written in one write, the head is
+   split in one pass and each read's complete chunks are joined and handed on in one call, on
+   connections kept alive per origin; framing is strict (RFC 9112) and tested byte by byte
+   (`tests/test_http11.py`: any chunking split at any point). An interleaved A/B against the
+   Agent (3 runs, 16 connections): gateway CPU per 1,000 events `inproc-http` 24.6 → 16.3 ms
+   (−34%), `http-tunnel` 42.8 → 25.6 ms (−40%, its edge posts each turn to the core over
+   HTTP); turns/s 610 → 738 and 579 → 830.
 """
 
 # The shared limits' cost as last measured (`shared_limits_section` of that run, pasted): a
