@@ -54,7 +54,9 @@ def _install() -> None:
     from cch.upstream import exchange, ws
     from cch.wsframes import relay_text_frames  # noqa: F401 (imported by ws)
     from cch import writes
-    from cch.handler import metering
+    from cch import http11, httpchannel, httpclient, tunnel, web
+    from cch.handler import continuity, metering
+    from cch.upstream import http as upstream_http
     from cch.usage import ledger as ledger_mod
 
     _timed(epollreactor.EPollReactor, "doPoll", "reactor: doPoll (incl. reads/writes below)")
@@ -80,6 +82,19 @@ def _install() -> None:
     _timed(ws.UpstreamConnection, "send", "upstream: the frame masked and written")
     _timed(exchange, "event_type", "exchange: event_type (a parse for the type)")
     _timed(ledger_mod.UsageLedger, "record", "ledger: a row queued")
+    # The HTTP upstream's path (inproc-http).
+    _timed(http11.HTTP11Connection, "dataReceived", "upstream HTTP: reads (head, body, events on)")
+    _timed(httpclient.HttpClient, "post", "upstream HTTP: the request written")
+    _timed(pipeline, "upstream_headers", "upstream HTTP: the request's headers")
+    _timed(pipeline, "dumps_bytes", "handler: a body serialised")
+    _timed(continuity, "prepare", "continuity: the body to send (a replay)")
+    _timed(pipeline, "read_body", "upstream HTTP: the body's reader set up")
+    _timed(upstream_http._Events, "feed", "upstream HTTP: SSE events decoded and delivered")
+    # The HTTP tunnel (http-tunnel): the edge POSTs each turn to the core's own listener.
+    _timed(tunnel.HttpTunnel, "run_turn", "tunnel client: the turn POSTed")
+    _timed(httpchannel.GuardedChannel, "dataReceived", "tunnel server: reads (twisted.web)")
+    _timed(web.HttpTurns, "render", "tunnel server: the request rendered (parsed, handler started)")
+    _timed(web.HttpResponseSink, "sse_event", "tunnel server: an event written as SSE")
 
 
 def _proc_cpu_ns(path: str) -> int:

@@ -84,3 +84,39 @@ def dumps_bytes(obj: Any) -> bytes:
 # refuses them); none comes from the wire, where loads makes 1e999 null.
 _fast_dumps = orjson.dumps if orjson is not None else None
 _FastEncodeError: type[Exception] = orjson.JSONEncodeError if orjson is not None else TypeError
+
+
+FAST_PARSE = orjson is not None
+"""Whether :func:`object_type` has a faster parser than :func:`loads` (orjson)."""
+
+_MAX_OPENINGS = 256
+"""Brackets in a text past which :func:`object_type` leaves it to the standard library's parser:
+orjson nests to 1,024 levels, the standard library to about Python's recursion limit, less the
+stack below it."""
+
+_fast_loads: Any = orjson.loads if orjson is not None else loads
+
+
+def object_type(text: str | bytes) -> str | None:
+    """The string ``type`` of a JSON object, by the fastest parser at hand (orjson, else
+    :func:`loads`); None when the text is not UTF-8, not JSON, not an object or has no string
+    type — or is bracketed deeply enough that only the standard library's verdict counts. For
+    anything orjson accepts its verdict is the standard library's (tests/test_relay.py); what it
+    refuses, a caller's full parse decides. Only the type: orjson makes integers past 64 bits
+    doubles, so nothing else of its parse may be used."""
+    if len(text) > _MAX_OPENINGS:
+        if isinstance(text, str):
+            openings = text.count("{") + text.count("[")
+        else:
+            openings = text.count(b"{") + text.count(b"[")
+        if openings > _MAX_OPENINGS:
+            return None
+    try:
+        value = _fast_loads(text)
+    except ValueError:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if type(value) is dict:
+        kind = value.get("type")
+        if type(kind) is str:
+            return kind
+    return None

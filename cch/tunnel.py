@@ -38,7 +38,7 @@ from cch.httpclient import BytesBody, HttpClient, error_text
 from cch.jsoncodec import dumps_bytes
 from cch.sse import SSEDecoder
 from cch.turn import RequestContext, ResponseSink, TurnRequest, TurnTransportError
-from cch.wire import turn_body
+from cch.wire import event_type, turn_body
 
 # Carries the edge's turn id to the handler, so both ends log one id; trusted like the markers.
 
@@ -213,7 +213,7 @@ def _read_back(response: IResponse, sink: ResponseSink) -> Deferred[None]:
 
     def chunk(data: bytes) -> None:
         for event in decoder.feed(data):
-            sink.sse_event(event)
+            sink.sse_event(event, event_type(event))  # typed once here: the edge forwards it as is
 
     def ended(end: BodyEnd) -> None:
         sink.unregister_producer()
@@ -222,6 +222,6 @@ def _read_back(response: IResponse, sink: ResponseSink) -> Deferred[None]:
                 "internal_response_closed", "Internal response closed before emitting a terminal response event"
             )
         for event in decoder.finish():
-            sink.sse_event(event)
+            sink.sse_event(event, event_type(event))
 
     return BodyReader(chunk, on_start=started).read(response).addCallback(ended)

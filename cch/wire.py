@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-from cch.jsoncodec import dumps, dumps_bytes, loads
+from cch.jsoncodec import FAST_PARSE, dumps, dumps_bytes, loads, object_type
 
 TERMINAL_EVENT_TYPES = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 """Events that end a turn; none of them closes the client connection."""
@@ -30,9 +30,15 @@ def event_type(data: str) -> str | None:
     Always a full parse: an event is only an event once it all parses (an upstream's garbage
     with a plausible prefix is not a terminal, and the edge forwards it as text). Whoever has
     the type passes it along with the event (``ResponseSink.sse_event(data, kind)``) so it is
-    found once per event.
+    found once per event. With orjson, its verdict answers for the events nobody reads further
+    (the deltas: most of a turn); a terminal or ``response.created``, and whatever orjson
+    refuses, get the standard library's parse, whose objects the readers use.
     """
     global _last_response
+    if FAST_PARSE:
+        kind = object_type(data)
+        if kind is not None and kind not in _RESPONSE_EVENTS:
+            return kind
     try:
         value = loads(data)
     except ValueError:
@@ -41,7 +47,7 @@ def event_type(data: str) -> str | None:
         found = value.get("type")
         if not isinstance(found, str):
             return None
-        if found in TERMINAL_EVENT_TYPES or found == "response.created":
+        if found in _RESPONSE_EVENTS:
             # Its readers ask for its response next (response_of): parsed once, not twice.
             response = value.get("response")
             _last_response = (data, response if isinstance(response, dict) else None)
@@ -50,6 +56,7 @@ def event_type(data: str) -> str | None:
 
 
 _last_response: tuple[str, dict[str, Any] | None] = ("", None)
+_RESPONSE_EVENTS = TERMINAL_EVENT_TYPES | {"response.created"}  # events whose response is read
 
 
 def response_of(data: str) -> dict[str, Any] | None:

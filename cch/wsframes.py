@@ -37,18 +37,9 @@ from autobahn.websocket.compress import (
 )
 from autobahn.websocket.xormasker import create_xor_masker
 
-from cch.jsoncodec import loads
-
-try:  # a relayed event is parsed only to know its type: the faster the better
-    from orjson import loads as _parse
-except ImportError:
-    _parse = loads  # type: ignore[assignment]
+from cch.jsoncodec import object_type
 
 _FIN_TEXT = 0x81
-_MAX_OPENINGS = 256
-"""Brackets in an event past which the relay leaves it to the standard library's parser: orjson
-nests to 1,024 levels, the standard library to about Python's recursion limit, less the stack
-below it."""
 _FIN_TEXT_COMPRESSED = 0xC1  # RSV1: the payload is compressed (RFC 7692 section 6)
 
 
@@ -190,7 +181,7 @@ def relay_text_frames(
                 break
             payload = data[start:end]
             if relay is not None and payload[:1] == b"{":
-                kind = event_kind(payload)
+                kind = object_type(payload)
                 if kind is not None and kind not in read_types:
                     if not run_count:
                         run_start = pos
@@ -220,24 +211,6 @@ def relay_text_frames(
     finally:
         if pos:
             proto.data = data[pos:]
-
-
-def event_kind(payload: bytes) -> str | None:
-    """The ``type`` of a JSON object event (a string), or None: not UTF-8, not JSON, not an
-    object, no string type. orjson when installed (its verdict is the standard library's for
-    anything it accepts; what it refuses, the caller's slower path decides), else
-    :func:`cch.jsoncodec.loads`."""
-    if len(payload) > _MAX_OPENINGS and payload.count(b"{") + payload.count(b"[") > _MAX_OPENINGS:
-        return None  # perhaps nested past what the standard library parses: its verdict decides
-    try:
-        value = _parse(payload)
-    except ValueError:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-    if type(value) is dict:
-        kind = value.get("type")
-        if type(kind) is str:
-            return kind
-    return None
 
 
 def frame_payloads(data: bytes, start: int, end: int) -> Iterator[bytes]:
