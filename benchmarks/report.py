@@ -31,6 +31,7 @@ def metrics_of(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, float
     for q in ("p50", "p95", "p99"):
         m[f"seq_ttfe_{q}_ms"] = _get(run, "sequential", "ttfe_ms", q)
         m[f"seq_turn_{q}_ms"] = _get(run, "sequential", "turn_ms", q)
+    m["seq_http_ttfe_p50_ms"] = _get(run, "sequential_http", "ttfe_ms", "p50")  # direct only
     for n in settings["connections"]:
         c = _get(run, "concurrent", str(n)) or {}
         m[f"c{n}_turns_per_s"] = c.get("turns_per_s")
@@ -203,6 +204,17 @@ def evaluate_targets(summary: dict[str, Any], settings: dict[str, Any]) -> list[
             else None
         )
         add("time to first event added, p50 (sequential)", t, added, TTFE_ADDED_MS.get(t, 0.5), False, "ms")
+        if t == "inproc-http" and value is not None and base.get("seq_http_ttfe_p50_ms") is not None:
+            # Apart from what HTTP costs the fake upstream itself (its own HTTP answer, in the
+            # same run): what the gateway adds to an HTTP upstream's first event.
+            add(
+                "time to first event added over the upstream's own HTTP answer, p50 (sequential)",
+                t,
+                value - base["seq_http_ttfe_p50_ms"],
+                TTFE_ADDED_MS.get(t, 0.5),
+                False,
+                "ms",
+            )
     for t in gateways:
         # "No worse than today": c765cdd (before issue 18), pooled-ws medians of 2 runs on the
         # machine of this page's run (docs/benchmarks-history.md).
@@ -242,6 +254,7 @@ def table_rows(settings: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ("seq_turn_p50_ms", "sequential: turn time p50 (ms)", True),
         ("seq_turn_p95_ms", "sequential: turn time p95 (ms)", True),
         ("seq_turn_p99_ms", "sequential: turn time p99 (ms)", True),
+        ("seq_http_ttfe_p50_ms", "sequential over HTTP (the fake upstream's own answer): time to first event p50 (ms)", True),
     ]
     for n in settings["connections"]:
         rows += [
@@ -1050,6 +1063,12 @@ Scenarios:
   one TCP read and the first event reaches the client only after the gateway has processed all
   of them. TTFE is therefore the path of one event plus the turn set-up; turn time includes the
   pause.
+- **sequential over HTTP** (`direct` only): the same turns POSTed to the fake upstream and
+  answered as SSE (`benchmarks/httpload.py`, on cch's own HTTP client; each turn replays its
+  conversation, as the gateway does for an HTTP upstream): the fake upstream's own HTTP answer,
+  which costs it more than a WebSocket frame. `inproc-http`'s time to first event is judged
+  against both: the `direct` WebSocket baseline (what a client sees) and this (what the
+  gateway adds to an HTTP upstream's first event).
 - **{" and ".join(str(n) for n in s["connections"])} connections**: every connection runs turns back to back for
   {s["duration"]:g} s after one warm-up turn each: turns/s, events/s, and CPU seconds of the server
   process per 1,000 forwarded events (for `direct` that is the fake upstream's own cost of

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cluster, load, procstats
+from benchmarks import cluster, httpload, load, procstats
 from benchmarks.processes import (
     REPO,
     Child,
@@ -396,6 +396,18 @@ class Runner:
                 ),
                 guarded,
             )
+            if target.name == "direct":
+                # The fake upstream's own HTTP answer: what inproc-http's upstream side costs.
+                self.say(f"  {tag}: sequential {s.seq_turns} turns over HTTP")
+                http_url = f"http://127.0.0.1:{upstream_port}/v1/responses"
+                result["sequential_http"] = await self.measured(
+                    tag,
+                    "sequential over HTTP",
+                    lambda: httpload.sequential(
+                        reactor, http_url, seq_cfg, s.seq_turns, s.warmup, s.phase_limit, pids
+                    ),
+                    guarded,
+                )
             result["concurrent"] = {}
             for n in s.connections:
                 self.say(f"  {tag}: {n} connections x {s.duration:g}s")

@@ -46,20 +46,15 @@ def _timed(owner: Any, attr: str, name: str, top_only: bool = False) -> None:
 
 
 def _install() -> None:
-    from twisted.internet import base, epollreactor, tcp
+    from twisted.internet import base, tcp
 
-    from cch import logs
+    from cch import http11, httpchannel, httpclient, logs, tunnel, web, writes
     from cch.edge import connection, protocol
-    from cch.handler import pipeline
+    from cch.handler import continuity, metering, pipeline
     from cch.upstream import exchange, ws
-    from cch.wsframes import relay_text_frames  # noqa: F401 (imported by ws)
-    from cch import writes
-    from cch import http11, httpchannel, httpclient, tunnel, web
-    from cch.handler import continuity, metering
     from cch.upstream import http as upstream_http
     from cch.usage import ledger as ledger_mod
 
-    _timed(epollreactor.EPollReactor, "doPoll", "reactor: doPoll (incl. reads/writes below)")
     _timed(tcp.Connection, "doRead", "socket read + its protocol (all)")
     _timed(tcp.Connection, "doWrite", "socket write (send)")
     _timed(base.ReactorBase, "runUntilCurrent", "timers and callLater")

@@ -63,6 +63,11 @@ def test_quick_run_reports_every_scenario(tmp_path: Path) -> None:
         if name not in ("inproc-http", "tcp-relay"):  # no upstream socket to keep or drop
             assert run["reuse"]["no_reuse"]["turns"] == settings["reuse_turns"] - 1, name
 
+    [direct] = [run for run in results["runs"] if run["target"] == "direct"]
+    over_http = direct["sequential_http"]  # the fake upstream's own HTTP answer
+    assert over_http["turns"] == settings["seq_turns"] and over_http["errors"] == 0
+    assert over_http["ttfe_ms"]["p50"] > 0
+
     summary = results["summary"]
     for name in TARGETS:
         assert summary["ratio_vs_direct"][name]["seq_ttfe_p50_ms"] is not None
@@ -261,3 +266,15 @@ def test_quick_deflate_run_shows_the_client_leg_compressed_and_the_upstream_leg_
     assert edge["client_out_bytes_per_turn"] < 0.1 * off["client_out_bytes_per_turn"]
     # Compression on the client edge leaves the upstream leg as it was.
     assert abs(edge["upstream_in_bytes_per_turn"] - off["upstream_in_bytes_per_turn"]) < 0.01 * off["upstream_in_bytes_per_turn"]
+
+
+def test_the_timed_gateway_finds_every_block_it_counts() -> None:
+    # It wraps entry points by name: a renamed one must fail here, not in a benchmark run.
+    completed = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.timed_gateway import _install, _ns; _install(); print(len(_ns))"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
