@@ -35,7 +35,7 @@ def event_type(data: str) -> str | None:
     refuses, get the standard library's parse, whose objects the readers use.
     """
     global _last_response
-    if FAST_PARSE:
+    if FAST_PARSE and not data.startswith(_RESPONSE_EVENT_OPENINGS):
         kind = object_type(data)
         if kind is not None and kind not in _RESPONSE_EVENTS:
             return kind
@@ -57,6 +57,9 @@ def event_type(data: str) -> str | None:
 
 _last_response: tuple[str, dict[str, Any] | None] = ("", None)
 _RESPONSE_EVENTS = TERMINAL_EVENT_TYPES | {"response.created"}  # events whose response is read
+# How those events open as upstreams write them: they go straight to the full parse (a hint
+# only: whatever else they start with, the verdicts agree).
+_RESPONSE_EVENT_OPENINGS = tuple(f'{{"type":"{kind}"' for kind in sorted(_RESPONSE_EVENTS))
 
 
 def response_of(data: str) -> dict[str, Any] | None:
