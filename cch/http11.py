@@ -125,12 +125,20 @@ class Response:
             raise RuntimeError("deliverBody called twice")
         self._delivered = True
         self._protocol = protocol
-        protocol.makeConnection(_BodyTransport(self))
-        pending, self._pending = self._pending, []
-        for data in pending:
-            if self._protocol is not protocol:
-                return  # the body was stopped
-            protocol.dataReceived(data)
+        try:
+            protocol.makeConnection(_BodyTransport(self))
+            pending, self._pending = self._pending, []
+            for data in pending:
+                if self._protocol is not protocol:
+                    return  # the body was stopped
+                protocol.dataReceived(data)
+        except BaseException:
+            # The reader failed before it had the body: nobody will read the rest of it, and a
+            # connection paused until deliverBody would stay paused (and open) for ever.
+            self._protocol = None
+            if self._connection is not None:
+                self._connection.abort()
+            raise
         end, self._end = self._end, None
         if end is not None:
             self._protocol = None
@@ -186,6 +194,27 @@ class _BodyTransport:
     abortConnection = stopProducing  # what twisted.web.client.readBody calls
 
 
+class _LengthChecked:
+    """A body producer's consumer: the socket, for exactly the length the request declared. A
+    producer that writes more fails the request and cuts the connection: the extra bytes would
+    be read as the start of the next request."""
+
+    def __init__(self, connection: HTTP11Connection, length: int) -> None:
+        self.connection = connection
+        self.left = length
+
+    def write(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0:
+            connection = self.connection
+            body = connection._body_producer
+            if body is not None:
+                body.stopProducing()
+                connection._body_failed(Failure(ValueError("the body is longer than its length")), body)
+            return
+        self.connection.transport.write(data)
+
+
 class HTTP11Connection(Protocol):
     """One request at a time; ``on_idle(connection)`` when it may take the next (its response
     over and kept alive), ``on_lost(connection)`` once it is gone."""
@@ -236,18 +265,28 @@ class HTTP11Connection(Protocol):
         if isinstance(body, bytes):
             transport.write(head + body)
             return waiting
-        transport.write(head)
-        self._body_producer = body
-        transport.registerProducer(body, True)
-        body.startProducing(transport).addCallbacks(
-            self._body_written, self._body_failed, errbackArgs=(body,)
-        )
+        try:
+            transport.write(head)
+            self._body_producer = body
+            consumer = _LengthChecked(self, body.length)
+            transport.registerProducer(body, True)
+            body.startProducing(consumer).addCallbacks(
+                self._body_written, self._body_failed, (body, consumer), None, (body,)
+            )
+        except BaseException:
+            self._waiting = self._body_producer = None
+            self.abort()
+            raise
         return waiting
 
-    def _body_written(self, _: object) -> None:
-        if self._body_producer is not None and self.state != _CLOSED:
-            self._body_producer = None
-            self.transport.unregisterProducer()
+    def _body_written(self, _: object, body: Any, consumer: _LengthChecked) -> None:
+        if self._body_producer is not body:
+            return  # the connection already went: the request reported that
+        if consumer.left:
+            self._body_failed(Failure(ValueError(f"the body was {consumer.left} bytes short")), body)
+            return
+        self._body_producer = None
+        self.transport.unregisterProducer()
 
     def _body_failed(self, failure: Failure, body: Any) -> None:
         if self._body_producer is not body:
@@ -272,7 +311,7 @@ class HTTP11Connection(Protocol):
             self.transport.abortConnection()
 
     def close(self) -> None:
-        """Close an idle connection (or one whose response is being read, once it is sent)."""
+        """Close the connection, idle or its response read (what is still to send goes first)."""
         if self.state != _CLOSED and not self._closing and self.transport is not None:
             self._closing = True
             self.transport.loseConnection()
@@ -280,6 +319,8 @@ class HTTP11Connection(Protocol):
     # -- reading -------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return  # cut or closing: what still comes (TLS already decrypted) is nobody's
         with write_batch:
             try:
                 if self.state == _BODY:

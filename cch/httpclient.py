@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyperlink import URL
-from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import TCPTimedOutError
 from twisted.internet.interfaces import (
@@ -99,8 +98,7 @@ class _Endpoints:
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.tls = tls
         self.connect_timeout = connect_timeout
-        # The Agent asks for an endpoint on every request, pooled connection or not; building
-        # one (IDNA host handling, TLS options) costs more than the rest of the request.
+        # Built once per origin (IDNA host handling, TLS options cost more than a request).
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -149,6 +147,7 @@ class _OriginPool(Factory):
         self._idle: list[HTTP11Connection] = []
         self._timers: dict[HTTP11Connection, IDelayedCall] = {}
         self._closing: dict[HTTP11Connection, Deferred[None]] = {}
+        self.closed = False  # after close(): no connection is kept again
 
     def buildProtocol(self, addr: Any) -> HTTP11Connection:
         return HTTP11Connection(self._idled, self._lost)
@@ -164,7 +163,7 @@ class _OriginPool(Factory):
         return self.endpoint.connect(self)
 
     def _idled(self, connection: HTTP11Connection) -> None:
-        if len(self._idle) >= self.max_idle:
+        if self.closed or len(self._idle) >= self.max_idle:
             connection.close()
             return
         self._idle.append(connection)
@@ -185,7 +184,9 @@ class _OriginPool(Factory):
             closing.callback(None)
 
     def close(self) -> Deferred[None]:
-        """Close the idle connections; fires once they are gone (busy ones finish first)."""
+        """Close the idle connections; fires once they are gone. A busy one is closed when its
+        response is over (a stopped service's turns are cancelled, which cuts theirs)."""
+        self.closed = True
         waits = []
         while self._idle:
             connection = self._idle.pop()
@@ -193,7 +194,7 @@ class _OriginPool(Factory):
             wait = self._closing[connection] = Deferred()
             waits.append(wait)
             connection.close()
-        return DeferredList(waits).addCallback(lambda _: None)
+        return _all(waits)
 
 
 @dataclass(frozen=True)
@@ -222,15 +223,20 @@ class HttpClient:
         self._reactor = reactor  # kept connections expire on it, as Twisted's pool's do
         self._endpoints = _Endpoints(reactor, policy, connect_timeout, clock)
         self._pools: dict[tuple[bytes, bytes, int], _OriginPool] = {}
+        self._closed = False
 
     def post(
         self, url: str, headers: dict[str, str], body: bytes | IBodyProducer
     ) -> Deferred[IResponse]:
         """Fires with the response once its head arrived; its body is read by the caller.
         ``body`` is bytes or an ``IBodyProducer`` of known length (:class:`BytesBody`)."""
+        if self._closed:
+            return fail(ConnectionRefusedError("the HTTP client was closed"))
         try:
             target = _target(url)
             payload = body.data if type(body) is BytesBody else body  # type: ignore[union-attr]
+            if not isinstance(payload, bytes) and not isinstance(payload.length, int):
+                raise ValueError("a request body's length must be known")
             head = request_head(
                 b"POST",
                 target.path,
@@ -252,9 +258,13 @@ class HttpClient:
         return connection.addCallback(HTTP11Connection.request, head, payload)
 
     def close(self) -> Deferred[None]:
-        """Close every idle connection; fires once they are gone."""
-        pools = list(self._pools.values())
-        return DeferredList([pool.close() for pool in pools]).addCallback(lambda _: None)
+        """Close every idle connection (fires once they are gone); nothing is sent after."""
+        self._closed = True
+        return _all([pool.close() for pool in self._pools.values()])
+
+
+def _all(waits: list[Deferred[None]]) -> Deferred[None]:
+    return gatherResults(waits).addCallback(lambda _: None)
 
 
 def error_text(exc: BaseException) -> str:
@@ -270,12 +280,13 @@ def error_text(exc: BaseException) -> str:
 @functools.lru_cache(maxsize=256)
 def _target(url: str) -> _Target:
     """Where ``url`` goes (IDNA host, percent-encoded path), as the request needs it."""
-    uri = URI.fromBytes(URL.from_text(url).to_uri().to_text().encode("ascii"))
+    raw = URL.from_text(url).to_uri().to_text().encode("ascii")
+    if any(byte <= 0x20 or byte == 0x7F for byte in raw):
+        raise ValueError(f"not a valid URL (control characters or spaces): {url!r}")
+    uri = URI.fromBytes(raw)
     if uri.scheme not in (b"http", b"https"):
         raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-    host = uri.host
-    if isIPv6Address(host.decode("ascii")):
-        host = b"[" + host + b"]"
+    host = uri.host  # an IPv6 literal keeps its brackets
     if (uri.scheme, uri.port) not in ((b"http", 80), (b"https", 443)):
         host = b"%b:%d" % (host, uri.port)
     return _Target((uri.scheme, uri.host, uri.port), uri, uri.originForm, host)

@@ -101,7 +101,7 @@ def object_type(text: str | bytes) -> str | None:
     """The string ``type`` of a JSON object, by the fastest parser at hand (orjson, else
     :func:`loads`); None when the text is not UTF-8, not JSON, not an object or has no string
     type — or is bracketed deeply enough that only the standard library's verdict counts. For
-    anything orjson accepts its verdict is the standard library's (tests/test_relay.py); what it
+    anything orjson accepts its verdict is the standard library's (tests/test_wire.py); what it
     refuses, a caller's full parse decides. Only the type: orjson makes integers past 64 bits
     doubles, so nothing else of its parse may be used."""
     if len(text) > _MAX_OPENINGS:

@@ -145,7 +145,7 @@ class HttpTunnel(Service):
         self._url = url
         self.secret = secret
         self.clock: IReactorTime = clock if clock is not None else reactor
-        self._client = HttpClient(reactor, clock=self.clock)
+        self._client = HttpClient(reactor)
 
     @property
     def url(self) -> str:

@@ -129,6 +129,7 @@ def test_each_chunk_restarts_the_idle_clock() -> None:
     clock.advance(0.1)
     assert upstream.state == "stopped"
     upstream.send(b"6789")  # in flight when the reader gave up: not read
+    upstream.drop()  # the cut connection goes
     assert chunks == [b"01", b"23", b"45"] and ends == [Idle(5)]
 
 
@@ -138,7 +139,8 @@ def test_a_body_over_the_cap_hands_on_the_first_bytes_then_stops() -> None:
     upstream.send(b"0123")
     upstream.send(b"4567")
     assert chunks == [b"0123", b"45"] and upstream.state == "stopped"
-    upstream.send(b"89")  # the body completes anyway: the cap is still why it ended
+    upstream.send(b"89")  # in flight when the reader stopped: not read
+    upstream.drop()  # the cut connection goes: the cap is still why it ended
     assert chunks == [b"0123", b"45"] and ends == [TooLarge(6)]
 
 

@@ -33,9 +33,10 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import InvalidHeaderName
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from cch.http11 import MAX_CHUNK_LINE_BYTES, BadResponse, HTTP11Connection, request_head
-from cch.httpclient import BytesBody, HttpClient, _OriginPool
+from cch.httpclient import BytesBody, HttpClient, _OriginPool, _target
 
 CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
 
@@ -453,6 +454,57 @@ def test_a_failing_body_producer_fails_the_request_and_aborts() -> None:
     assert failure.value.reasons[0].check(ValueError) and wire.transport.aborted
 
 
+class Overlong(Producer):
+    """Writes more than the length it declares: the rest would smuggle a second request."""
+
+    stopped = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.data + b"POST /admin HTTP/1.1\r\n\r\n")
+        return self.done
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def test_a_body_longer_than_its_length_is_never_sent_and_fails_the_request() -> None:
+    producer = Overlong()
+    wire = Wire(body=producer)
+    assert b"/admin" not in wire.transport.value() and wire.transport.aborted and producer.stopped
+    [failure] = wire.outcome
+    assert failure.check(RequestTransmissionFailed)
+
+
+def test_a_body_shorter_than_its_length_fails_the_request() -> None:
+    producer = Producer()
+    producer.length = 10  # declares more than the 3 bytes it writes
+    wire = Wire(body=producer)
+    producer.done.callback(None)
+    [failure] = wire.outcome
+    assert failure.check(RequestTransmissionFailed) and wire.transport.aborted
+
+
+def test_a_body_of_unknown_length_is_refused_before_anything_is_sent() -> None:
+    producer = Producer()
+    producer.length = UNKNOWN_LENGTH  # type: ignore[assignment]
+    failures: list[Failure] = []
+    HttpClient(reactor).post("http://127.0.0.1:1/x", {}, producer).addErrback(failures.append)
+    assert len(failures) == 1 and failures[0].check(ValueError)
+
+
+def test_a_reader_that_fails_to_start_leaves_no_paused_connection_behind() -> None:
+    class Broken(Body):
+        def connectionMade(self) -> None:
+            raise RuntimeError("the sink went away")
+
+    wire = Wire(deliver=False)
+    wire.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234")
+    [response] = wire.outcome
+    with pytest.raises(RuntimeError):
+        response.deliverBody(Broken())
+    assert wire.transport.aborted
+
+
 def test_a_connection_still_writing_its_request_body_is_not_offered_for_the_next() -> None:
     # The server may answer before it has read the whole request (an early 413, say).
     producer = Producer()
@@ -571,6 +623,31 @@ async def test_no_more_than_max_idle_connections_are_kept(origin: Any) -> None:
     assert len(expiry_timers()) == 2
     assert [await post(client, factory.url) for _ in range(2)] == [b"ok"] * 2
     assert factory.connections == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closed_client_keeps_no_connection_and_sends_nothing_more(origin: Any) -> None:
+    factory, client = origin
+    busy = await client.post(factory.url, {}, b"")  # its body not read yet
+    await client.close()
+    assert await read(busy) == b"ok"
+    await until(lambda: not factory.open)  # closed when its response was over, not kept
+    assert expiry_timers() == []
+    failures: list[Failure] = []
+    client.post(factory.url, {}, b"").addErrback(failures.append)
+    assert len(failures) == 1 and factory.connections == 1
+
+
+@pytest.mark.parametrize("url", ["http://ho st:1/x", "http://host\r\nX-Evil: 1/x", "http://host\x00/x"])
+def test_a_url_whose_host_has_spaces_or_control_characters_is_a_failed_deferred(url: str) -> None:
+    failures: list[Failure] = []
+    HttpClient(reactor).post(url, {}, b"").addErrback(failures.append)
+    assert len(failures) == 1
+
+
+def test_spaces_and_line_breaks_in_a_path_or_query_are_sent_percent_encoded() -> None:
+    target = _target("http://127.0.0.1:8080/a b\r\nX-Evil: 1?q=c d")
+    assert target.path == b"/a%20b%0D%0AX-Evil:%201?q=c%20d" and target.host == b"127.0.0.1:8080"
 
 
 def test_a_url_with_another_scheme_is_a_failed_deferred() -> None:

@@ -86,6 +86,7 @@ def event_texts(draw: st.DrawFn) -> str:
                 f'{{"type":"\\u0065rror","v":{body}}}',
                 "[" * 300 + "]" * 300,
                 f'{{"type":{json.dumps(kind)},"v":' + "[" * 300 + "]" * 300 + "}",
+                f'\ufeff{{"type":{json.dumps(kind)}}}',  # a byte-order mark before the object
             ]
         )
     )

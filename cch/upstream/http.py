@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -103,7 +103,7 @@ class HttpUpstream(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return DeferredList([client.close() for client in self._clients.values()]).addCallback(lambda _: None)
+        return gatherResults([client.close() for client in self._clients.values()]).addCallback(lambda _: None)
 
 
 def read_body(
