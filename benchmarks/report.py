@@ -847,72 +847,83 @@ replace this page):
 ```
 """
 
-# What the profile of f364ebd shows is left; the shares come from the table above.
+# What is left, from the runs and the CPU-per-block count (benchmarks/timed_gateway.py) of the
+# code of this page; rewrite it with the next measurement.
 REMAINING = """\
-Issue 18's targets are not all reached on this machine; here is why, and what each remaining
-cost is. Figures from this page's run and a sampling profile (py-spy, 400 Hz, 10 s of the
-16-connection phase of `pooled-ws`, ledger on, machine otherwise idle, the code of this page;
-cProfile, above, slows the per-event Python calls far more than the system calls, so its
-shares overstate them).
+Issue 18's targets are not all reached on this machine; here is what each remaining cost is.
+Two yardsticks measured in the same runs say how much of it is the machine's and how much is
+cch's: **`tcp-relay`**, a second Python process that passes bytes both ways and does nothing
+else (`benchmarks/relay.py`, `twisted.protocols.portforward`), and the fake upstream's **own
+HTTP answer** (`direct` over HTTP, `benchmarks/httpload.py`).
 
-**Why the throughput ratio follows the gateway's CPU per turn.** The three processes share 2
-cores and every turn passes through all of them: the client's frame, the gateway, the upstream,
-the gateway, the client. The 16 connections synchronise into batches (a convoy): the upstream
-answers the turns waiting on its sockets in one reactor iteration and writes their events when
-it is done; the gateway reads them, relays them and writes to the clients; the clients answer;
-the gateway forwards the next frames. Each process waits for the others much of the time: at
-16 connections the gateway was busy 41% of the time and the fake upstream 69% (the client
-13%), about 1.2 of the 2 cores. Were they fully serialised, `pooled-ws` ÷ `direct` would be
-u / (u + g), with u the upstream's CPU per turn (1.07 ms in `direct`) and g the gateway's
-(0.59 ms): 0.64×; the overlap that remains gives the measured 0.76×. Each further µs the
-gateway saves per turn moves the ratio less than one for one, and 0.85× needs g roughly
-halved again (the CPU target, 0.4× the upstream's, is g ≈ 0.43 ms per turn at 40 events).
+**Runs differ more than the targets' margins.** Two full runs of the same code (`3ded4c5` and
+this page, 40 minutes apart, nothing else running) gave: `tcp-relay` 0.98× and 0.85× direct at
+16 connections, +0.11 and +0.25 ms to the first event; `pooled-ws` 0.70× and 0.64×, +0.24 and
++0.42 ms (the first run met the 0.3 ms target, the second missed it). The 2-core virtual
+machine's own speed varies between runs (its neighbours are not visible from inside: "other
+programs" stayed under 3% of a core). Compare targets within a run, and with the relay.
 
-**Where the gateway's 0.59 ms per turn goes** (share of the sampled time; the gateway was idle
-14% of it; µs per turn are the shares of the busy time times 0.59 ms):
+**Time to first event.** `pooled-ws` adds 0.13–0.17 ms over the bare relay in both runs: the
+turn's set-up and its first event (below). `inproc-http` pays an HTTP upstream: the fake
+upstream's own answer over HTTP comes 0.19 ms later than over WebSocket in this page's run (its
+`twisted.web` request parsing and a chunk per event), which the `direct` baseline never pays;
+over that answer the gateway adds 0.67 ms here (the previous run, without this baseline,
+measured +0.56 ms over WebSocket; +1.21 ms before cch's own HTTP client, `3ded4c5`, "What made
+the hot path fast", 8). `http-tunnel` adds a second HTTP exchange inside
+the gateway for every turn: the edge POSTs the turn to its own listener over loopback
+(`twisted.web` parses the request, the core streams the events back as SSE, the edge decodes
+them), two more socket hops and an HTTP server per turn; its events cannot be relayed (the
+core's sink is an HTTP response). The in-process tunnel, the default, has none of it; the HTTP
+tunnel is for an edge and a core in different processes.
 
-| share | what | per turn, about |
-|---:|---|---:|
-| 15% | socket `send` system calls: one per client per upstream read, one per turn upstream (loopback TCP delivers to the reader inside the writer's system call) | 100 µs |
-| 5% | socket `recv` and Autobahn's read path (two reads per turn: the client's frame, the upstream's events) | 35 µs |
-| 13% | the turn's set-up: the client frame parsed (2 KiB of instructions), the turn's objects, routing, eligibility, continuity, the pool, the upstream frame written, two log events | 90 µs |
-| 6% | the first event: classified (parsed), the exchange delivered, meter and edge told | 40 µs |
-| 13% | the terminal and completion: parsed once, meter, transcript record, pool bookkeeping, the pipeline's and the edge's wrap-up, usage row, metrics, two log events | 85 µs |
-| 3% | usage rows written to SQLite (the ledger's thread, in batches) | 20 µs |
-| 4% | log lines rendered (orjson) and written in batches: four `info` lines per turn | 25 µs |
-| 20% | relaying the other 37 events: each frame's header walked, its payload parsed for its type (orjson: half of this), runs of frames sliced out whole | 140 µs (3.7 µs an event) |
-| 9% | the reactor loop, timers, Deferred machinery, everything else | 60 µs |
+**Throughput and CPU.** The bare relay costs 1.2–1.5 ms of CPU per 1,000 events (about 55 µs a
+turn: the reads, writes and reactor turns of passing the bytes on) and reaches 0.85–0.98×
+direct; cch spends about 380 µs a turn at 16 connections and reaches 0.64–0.70×. The machine
+leaves room: what is left is cch's own work per turn. Where it goes, counted in CPU time
+(`python -m benchmarks.timed_gateway`: the main thread's `thread_time` inside each block, 16
+connections, 10 s, 12,716 turns, ledger on; the counting itself adds about a tenth):
 
-What it would take, in order of size:
+| µs per turn | what |
+|---:|---|
+| 102 | **the client's frame**: Autobahn's read, the frame cut and parsed (2 KiB of instructions), the turn's objects and its `ws_request_started` line (49), then the handler until it waits (53): key, meter, routing, eligibility, continuity, the pool, the upstream frame masked and written (12) |
+| 41 | **the first event** (`response.created`): parsed in full (its response is read), the handler resumes — `upstream_attempt_started`, the transcript recorder, the exchange delivered, the idle watchdog — and the event goes through the meter to the client |
+| 113 | **three more events read in full** — an output item's start and end (the edge keeps them for `response.interrupt`) and the terminal — and the turn's completion: the meter (40, the edge's part 23), the parse for their types (18 for all four), the usage row and transcript record (9), the ledger's queue (4), the pool and the exchange (4), the edge's wrap-up with its two log lines (20), the rest the Deferred chain back through the pipeline and the tunnel |
+| 65 | **relaying the other 36 events**: each frame's header walked and its payload parsed (orjson) for its type, runs handed to the client socket as slices (1.7 µs an event) |
+| 33 | **log lines**: five events observed per turn (18) and four `info` lines rendered (orjson) and written in batches (15) |
+| 24 | **`send` system calls**: one to the client per upstream read, one upstream per turn |
+| 8 | timers (the pool's idle timer, the first-event deadline, the watchdog, batch flushes) |
+| 9 | the reactor loop itself, `recv` and everything else |
 
-- **Per-turn work is about half** (set-up, first event, completion, ledger, logs: ~260 µs). It
-  is many small steps, each already trimmed (benchmarks-history.md); a quarter of it is the
-  JSON of a 2 KiB frame and of two response objects echoing it, which orjson's parser would
-  halve — cch keeps the standard library's parser there because orjson turns integers past 64
-  bits into doubles and a gateway must not change the numbers it forwards. Fewer log lines per
-  turn (the reference's four `info` events) would save ~15 µs.
-- **Relaying is 3.7 µs an event**, half of it the parse that decides whether an event may be
-  relayed: without it the relay could not tell a terminal, or malformed data (which the edge
-  wraps as text), from a delta. A scanner cheaper than a parse that gives the same verdict on
-  every input is the next lever.
-- **System calls are a sixth**: one `send` per client per upstream read is already the minimum
-  with one connection per client; the fake upstream pays the same per turn in `direct`.
-- **The HTTP modes** (`inproc-http` and `http-tunnel` add 1.2 and 1.8 ms to the first event,
-  target 0.5 ms) pay Twisted's HTTP client per turn (`Agent.request` → connection pool →
-  `HTTP11ClientProtocol`, the response's status line, headers and a chunked-decoder call per
-  event; about 0.3 ms of set-up in an earlier cProfile, `b3de73d`), and `inproc-http` replays
-  the conversation on every turn (`store: false` on an HTTP upstream: its bodies grow along
-  each conversation). The fake upstream itself spends more per turn on HTTP than on
-  WebSocket, which the WebSocket baseline never pays. A lean HTTP/1.1 client for the one
-  streaming POST per turn is the lever; `http-tunnel` pays the client and an HTTP server
-  (`twisted.web`) once more on the edge.
-- **More cores** change the picture more than any of these: with a core per process the
-  convoy would overlap instead of alternating.
-- **RSS per idle connection** reads 0.2 KiB over `c765cdd`'s (12.3 against 12.1 KiB at 5,000,
-  2 runs of `c765cdd` on the same machine; idle RSS 62.1 against 62.9 MiB). The Python objects
-  of an upgraded idle connection are the same in both, to the byte (tracemalloc over 2,000
-  edges: 13.85 KiB each, the test transport included): the difference is the allocator's, not
-  anything kept per connection.
+What it would take, largest first (0.4× the upstream's CPU is about 200 µs a turn; 0.85×
+throughput needs about as much):
+
+- **The three fully-read events and the completion (113 µs)** and **the first event (41)**: the
+  pipeline is a chain of coroutines and Deferreds (the seams of issue 13: a turn's straight
+  path), and each resumption walks it; the response objects are parsed with the standard
+  library because orjson turns integers past 64 bits into doubles and a gateway must not
+  change the numbers it forwards. Plain callbacks on the hot path instead of coroutines, and
+  the output-item bookkeeping only for clients that use `response.interrupt`, are the levers.
+- **The client's frame (102)**: half of it is the handler's set-up, which
+  `python -m benchmarks.turn_setup` puts at 20 µs in a warm loop: the rest is the cost of
+  running it once per turn in a busy process (caches). Fewer objects per turn is the lever.
+- **Relaying (65)**: half of each event's 1.7 µs is the orjson parse that tells a delta from a
+  terminal *and* from malformed data, which the edge must wrap as text (the reference's
+  behaviour). Relaying on a prefix alone would save ~0.5 µs an event and change what a client
+  gets for a malformed event; cch keeps the parse.
+- **Log lines (33)**: the reference's four `info` events per turn; fewer or sampled lines would
+  save most of it, at the cost of the operations docs' per-turn records.
+- **More cores** change the picture more than any of these: the three processes of the
+  benchmark share two, and the gateway waits for a core as often as it works.
+
+An earlier version of this section took its shares from a sampling profiler (py-spy), which
+counts a process that waits for a core as busy wherever it waits: it put 15% of the gateway's
+time in `send` system calls. Counted in CPU time they are 6%.
+
+**RSS per idle connection** reads 0.2 KiB over `c765cdd`'s (12.3 against 12.1 KiB at 5,000,
+2 runs of `c765cdd` on the same machine; idle RSS 62.2 against 62.9 MiB: met). The Python
+objects of an upgraded idle connection are the same in both, to the byte (tracemalloc over
+2,000 edges: 13.85 KiB each, the test transport included): the difference is the allocator's,
+not anything kept per connection.
 """
 
 
