@@ -23,12 +23,11 @@ from twisted.python.failure import Failure
 from benchmarks.load import (
     TERMINAL,
     Conversation,
-    CpuWindow,
     LoadConfig,
     TurnFailed,
     TurnResult,
     event_type,
-    summary_ms,
+    one_after_another,
 )
 from cch.httpclient import HttpClient
 
@@ -92,34 +91,17 @@ async def sequential(
     pids: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """``load.sequential`` over HTTP: one kept-alive connection, ``turns`` measured turns."""
-    window = CpuWindow(pids or {})
     deadline = time.monotonic() + time_limit
     client = HttpClient(reactor)
-    conversation = Conversation(config, "seq-http")
-    ttfe: list[float] = []
-    total: list[float] = []
-    errors = 0
     try:
-        for i in range(warmup + turns):
-            if time.monotonic() > deadline:
-                break
-            if i == warmup:
-                window.start()
-            frame, item = conversation.frame(replay=True)
-            result = await turn(client, url, frame)
-            conversation.completed(result, item, keep_history=True)
-            if result.kind == b"error":
-                errors += 1
-            if i >= warmup:
-                ttfe.append(result.ttfe)
-                total.append(result.total)
-        cpu = window.stop()
+        return await one_after_another(
+            lambda frame: turn(client, url, frame),
+            Conversation(config, "seq-http"),
+            turns,
+            warmup,
+            deadline,
+            pids,
+            replay=True,
+        )
     finally:
         await client.close()
-    return {
-        **cpu,
-        "turns": len(total),
-        "errors": errors,
-        "ttfe_ms": summary_ms(ttfe),
-        "turn_ms": summary_ms(total),
-    }

@@ -354,31 +354,47 @@ async def sequential(
     pids: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """One connection, ``turns`` measured turns after ``warmup`` turns, one after the other."""
-    window = CpuWindow(pids or {})
     deadline = time.monotonic() + time_limit
     (session,) = await open_sessions(reactor, url, 1, config, deadline)
-    conversation = Conversation(config, "seq")
+    try:
+        return await one_after_another(
+            session.turn, Conversation(config, "seq"), turns, warmup, deadline, pids
+        )
+    finally:
+        await close_sessions([session])
+
+
+async def one_after_another(
+    turn: Callable[[bytes], Awaitable[TurnResult]],
+    conversation: Conversation,
+    turns: int,
+    warmup: int,
+    deadline: float,
+    pids: dict[str, int | None] | None = None,
+    *,
+    replay: bool = False,
+) -> dict[str, Any]:
+    """``turn`` each frame of ``conversation`` in order (``replay``: the whole conversation as
+    input, kept by the client); times and CPU of the measured turns."""
+    window = CpuWindow(pids or {})
     ttfe: list[float] = []
     total: list[float] = []
     events = errors = 0
-    try:
-        for i in range(warmup + turns):
-            if time.monotonic() > deadline:
-                break
-            if i == warmup:
-                window.start()
-            frame, item = conversation.frame()
-            result = await session.turn(frame)
-            conversation.completed(result, item)
-            if result.kind == b"error":
-                errors += 1
-            if i >= warmup:
-                ttfe.append(result.ttfe)
-                total.append(result.total)
-                events += result.events
-        cpu = window.stop()
-    finally:
-        await close_sessions([session])
+    for i in range(warmup + turns):
+        if time.monotonic() > deadline:
+            break
+        if i == warmup:
+            window.start()
+        frame, item = conversation.frame(replay=replay)
+        result = await turn(frame)
+        conversation.completed(result, item, keep_history=replay)
+        if result.kind == b"error":
+            errors += 1
+        if i >= warmup:
+            ttfe.append(result.ttfe)
+            total.append(result.total)
+            events += result.events
+    cpu = window.stop()
     return {
         **cpu,
         "turns": len(total),
