@@ -1,6 +1,6 @@
 """The gateway's own work per pooled upstream WebSocket turn, in memory: no sockets, no reactor.
 
-    python -m benchmarks.turn_setup [--turns N] [--repeats R] [--events E] [--profile [PHASE]]
+    python -m benchmarks.turn_setup [--turns N] [--repeats R] [--events E] [--relayed] [--profile [PHASE]]
 
 Drives :class:`cch.handler.pipeline.ResponsesHandler` as the in-process tunnel does, on a real
 :class:`cch.upstream.pool.UpstreamWSPool` whose one upstream socket is an in-memory stand-in
@@ -15,7 +15,8 @@ Each turn is timed in three phases:
 - **first event**: the upstream's first event until the handler waits for the next (classify,
   deliver, meter, the sink's call);
 - **rest**: the other events and the terminal until the turn's Deferred fired (usage row,
-  transcript, the socket idled).
+  transcript, the socket idled); with ``--relayed``, only the events a client WebSocket's turn
+  reads (output items and the terminal), as when the relay takes the others whole.
 
 A socket's bytes leave only when the read that produced them is handled (cch/writes.py), so
 set-up plus first event is what the handler adds to a turn's time to first event; the edge and
@@ -63,6 +64,7 @@ from cch.testing.fake_upstream import Recorded
 from cch.testing.scripts import codex_events
 from cch.transcript import TranscriptStore
 from cch.turn import RequestContext
+from cch.upstream.exchange import READ_EVENT_TYPES
 from cch.upstream.pool import UpstreamWSPool
 from cch.upstream.ws import CLOSED, CONNECTING, OPEN
 
@@ -230,6 +232,7 @@ def run(
     sums: dict[str, int],
     profiler: cProfile.Profile | None = None,
     profiled: str = "all",
+    relayed: bool = False,
 ) -> None:
     """``count`` turns, their phases' nanoseconds added to ``sums``; ``profiler`` sees the
     ``profiled`` phase (or all three), nothing else."""
@@ -241,6 +244,8 @@ def run(
         body, events, item = turns.next()
         ctx, sink = gateway.ctx(), CountingSink()
         first, *middle = events
+        if relayed:  # what a client WebSocket's turn reads; the relay takes the rest whole
+            middle = [(text, size) for text, size in middle if _read_type(text)]
         if profiled in ("all", "set-up"):
             on()
         t0 = clock()
@@ -267,7 +272,7 @@ def run(
             off()
         result: list[Any] = []
         d.addBoth(result.append)
-        if result != [None] or sink.events != len(events):
+        if result != [None] or sink.events != 1 + len(middle):
             raise SystemExit(f"turn {turns.count} did not complete on the socket: {result!r}")
         sums["set-up"] += t1 - t0
         sums["first event"] += t2 - t1
@@ -275,6 +280,10 @@ def run(
         turns.conversation.completed(_Result(events[-1][0]), item)
         if turns.count % 50 == 0:
             gateway.log.flush()  # what the gateway's batch timer does every 50 ms, between turns
+
+
+def _read_type(text: str) -> bool:
+    return json.loads(text)["type"] in READ_EVENT_TYPES
 
 
 def _nothing() -> None:
@@ -292,15 +301,15 @@ class _Result:
 
 
 def measure(
-    turns_per_repeat: int, repeats: int, events: int, profile: str | None
+    turns_per_repeat: int, repeats: int, events: int, profile: str | None, relayed: bool = False
 ) -> dict[str, Any]:
     gateway, turns = Gateway(), Turns(events)
-    run(gateway, turns, 50, {p: 0 for p in PHASES})  # warm-up: caches, the socket retained
+    run(gateway, turns, 50, {p: 0 for p in PHASES}, relayed=relayed)  # warm-up: caches, the socket
     per_repeat: list[dict[str, float]] = []
     for _ in range(repeats):
         gc.collect()
         sums = {p: 0 for p in PHASES}
-        run(gateway, turns, turns_per_repeat, sums)
+        run(gateway, turns, turns_per_repeat, sums, relayed=relayed)
         per_repeat.append({p: sums[p] / turns_per_repeat / 1000 for p in PHASES})
     result: dict[str, Any] = {}
     for phase in (*PHASES, "set-up + first event", "total"):
@@ -317,7 +326,7 @@ def measure(
         )
     if profile is not None:
         profiler = cProfile.Profile()
-        run(gateway, turns, turns_per_repeat, {p: 0 for p in PHASES}, profiler, profile)
+        run(gateway, turns, turns_per_repeat, {p: 0 for p in PHASES}, profiler, profile, relayed)
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
         stats.sort_stats("tottime").print_stats(30)
@@ -347,9 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=("all", "set-up", "first-event", "rest"),
         help="print a cProfile of one more repeat: one phase, or all (the default)",
     )
+    p.add_argument(
+        "--relayed",
+        action="store_true",
+        help="deliver only the events a client WebSocket's turn reads (the relay takes the rest)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
-    result = measure(args.turns, args.repeats, args.events, args.profile)
+    result = measure(args.turns, args.repeats, args.events, args.profile, args.relayed)
     profile = result.pop("profile", None)
     if args.json:
         print(json.dumps(result, indent=2))
