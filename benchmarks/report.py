@@ -880,7 +880,7 @@ tunnel is for an edge and a core in different processes.
 turn: the reads, writes and reactor turns of passing the bytes on) and reaches 0.85–0.98×
 direct; cch spends about 380 µs a turn at 16 connections and reaches 0.64–0.70×. The machine
 leaves room: what is left is cch's own work per turn. Where it goes, counted in CPU time
-(`python -m benchmarks.timed_gateway`: the main thread's `thread_time` inside each block, 16
+(`python -m benchmarks.timed_gateway run`: the main thread's `thread_time` inside each block, 16
 connections, 10 s, 12,716 turns, ledger on; the counting itself adds about a tenth):
 
 | µs per turn | what |

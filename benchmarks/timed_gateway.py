@@ -1,6 +1,11 @@
 """The gateway (``cch.cli``) with CPU time counted per block of work, for docs/benchmarks.md.
 
-    python -m benchmarks.timed_gateway OUT.json --config FILE
+    python -m benchmarks.timed_gateway run [--target pooled-ws] [--connections 16] [--seconds 10]
+    python -m benchmarks.timed_gateway run --target inproc-http --sequential 500
+
+``run`` starts a fake upstream and this gateway, puts the benchmark's load on it (16
+connections for 10 s, or turns one after another) and prints the CPU per turn of each block.
+The gateway process itself is ``python -m benchmarks.timed_gateway OUT.json --config FILE``.
 
 A sampling profiler counts a process that waits for a core (three busy processes share two)
 as busy wherever it waited, and cProfile slows small Python calls far more than system calls:
@@ -98,7 +103,82 @@ def _proc_cpu_ns(path: str) -> int:
     return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+async def _drive(reactor: Any, target_name: str, connections: int, seconds: float, sequential: int) -> None:
+    from dataclasses import replace
+
+    from benchmarks import load
+    from benchmarks.processes import start_gateway
+    from benchmarks.runner import TARGETS, Runner, Settings, make_workdir, remove_workdir
+
+    settings = Settings()
+    workdir, made = make_workdir(None)
+    runner = Runner(reactor, settings, workdir, say=lambda *_: None)
+    upstream, upstream_port = await runner.upstream("upstream")
+    out = workdir / "timed.json"
+    config = runner.gateway_config(TARGETS[target_name], upstream_port)
+    gateway, port = await start_gateway(
+        reactor, workdir, "gateway", config, profile_to=out, profiler="benchmarks.timed_gateway"
+    )
+    url = f"ws://127.0.0.1:{port}/v1/responses"
+    try:
+        if sequential:
+            cfg = replace(settings.client, first_event_gap_ms=settings.seq_gap_ms)
+            await load.sequential(reactor, url, cfg, 20, 5, 60)
+            os.kill(gateway.pid, signal.SIGUSR2)
+            result = await load.sequential(reactor, url, cfg, sequential, 0, 600)
+            os.kill(gateway.pid, signal.SIGUSR1)
+        else:
+            await load.concurrent(reactor, url, settings.client, connections, 1.0, settings.max_turns, 60, {})
+            result = await load.concurrent(
+                reactor,
+                url,
+                settings.client,
+                connections,
+                seconds,
+                settings.max_turns,
+                600,
+                {"server": gateway.pid},
+                around=(lambda: os.kill(gateway.pid, signal.SIGUSR2), lambda: os.kill(gateway.pid, signal.SIGUSR1)),
+            )
+        for _ in range(100):
+            if out.exists():
+                break
+            await load.sleep(reactor, 0.1)
+        data = json.loads(out.read_text())
+    finally:
+        await runner.stop(gateway)
+        await runner.stop(upstream)
+        if made:
+            remove_workdir(workdir)
+    turns = result["turns"]
+    mode = f"{sequential} turns one after another" if sequential else f"{connections} connections, {seconds:g} s"
+    print(f"{target_name}: {mode}, {turns} turns; CPU µs per turn (main thread's time inside each block)")
+    print(f"  process {data['process_ns'] / turns / 1e3:7.1f}   main thread {data['main_thread_ns'] / turns / 1e3:7.1f}")
+    for name, block in sorted(data["blocks"].items(), key=lambda kv: -kv[1]["ns"]):
+        print(f"  {block['ns'] / turns / 1e3:7.1f}  ({block['calls'] / turns:5.2f} calls)  {name}")
+
+
+def _run(argv: list[str]) -> None:
+    import argparse
+
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.timed_gateway run")
+    parser.add_argument("--target", default="pooled-ws", help="a cch target of the benchmark (default pooled-ws)")
+    parser.add_argument("--connections", type=int, default=16, help="concurrent connections (default 16)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load (default 10)")
+    parser.add_argument("--sequential", type=int, default=0, help="instead: this many turns one after another")
+    args = parser.parse_args(argv)
+    task.react(
+        lambda reactor: ensureDeferred(_drive(reactor, args.target, args.connections, args.seconds, args.sequential))
+    )
+
+
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["run"]:
+        _run(argv[1:])
+        return
     out = Path(argv[0])
     pid = os.getpid()
     start: dict[str, int] = {}
