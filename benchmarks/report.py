@@ -894,26 +894,32 @@ connections, 10 s, 12,716 turns, ledger on; the counting itself adds about a ten
 | 8 | timers (the pool's idle timer, the first-event deadline, the watchdog, batch flushes) |
 | 9 | the reactor loop itself, `recv` and everything else |
 
-What it would take, largest first (0.4× the upstream's CPU is about 200 µs a turn; 0.85×
-throughput needs about as much):
+What it would take (0.4× the upstream's CPU is about 200 µs a turn, 45% less; 0.85× throughput
+needs about as much). No block is a third of the whole, and every lever left is small or gives
+up behaviour the gateway promises:
 
-- **The three fully-read events and the completion (113 µs)** and **the first event (41)**: the
-  pipeline is a chain of coroutines and Deferreds (the seams of issue 13: a turn's straight
-  path), and each resumption walks it; the response objects are parsed with the standard
-  library because orjson turns integers past 64 bits into doubles and a gateway must not
-  change the numbers it forwards. Plain callbacks on the hot path instead of coroutines, and
-  the output-item bookkeeping only for clients that use `response.interrupt`, are the levers.
-- **The client's frame (102)**: half of it is the handler's set-up, which
-  `python -m benchmarks.turn_setup` puts at 20 µs in a warm loop: the rest is the cost of
-  running it once per turn in a busy process (caches). Fewer objects per turn is the lever.
-- **Relaying (65)**: half of each event's 1.7 µs is the orjson parse that tells a delta from a
-  terminal *and* from malformed data, which the edge must wrap as text (the reference's
-  behaviour). Relaying on a prefix alone would save ~0.5 µs an event and change what a client
-  gets for a malformed event; cch keeps the parse.
-- **Log lines (33)**: the reference's four `info` events per turn; fewer or sampled lines would
-  save most of it, at the cost of the operations docs' per-turn records.
-- **More cores** change the picture more than any of these: the three processes of the
-  benchmark share two, and the gateway waits for a core as often as it works.
+- **The Deferred and coroutine machinery** of the pipeline (the seams of issue 13: one straight
+  path a turn) is about a tenth of the handler's own time (`benchmarks.turn_setup --relayed
+  --profile`: 23 of 220 profiled µs a turn), about 5% of the gateway's: plain callbacks on the
+  hot path would take that, at the cost of the straight path's readability.
+- **Relaying the output items' frames too**, with the edge keeping a copy for the
+  `response.interrupt` it must answer itself: about 5%.
+- **Log lines (33 µs, 8%)**: the reference's four `info` events per turn (docs/operations.md
+  reads them); fewer, or sampled, would give up that record.
+- **Relaying on a prefix without the parse (~0.5 µs an event, 5%)**: the parse is what tells a
+  delta from malformed data, which the edge must wrap as text (the reference's behaviour).
+- **The rest** — the client frame's 2 KiB parsed with the standard library (orjson turns
+  integers past 64 bits into doubles, and a gateway must not change the numbers it forwards),
+  the usage row, the transcript, the pool — are each a few µs, already trimmed
+  (benchmarks-history.md), and cost two to three times their warm-loop figure in a busy
+  process.
+
+All of them together come to about a fifth: on this machine, with the gateway's behaviour
+kept, the throughput and CPU targets are out of reach; the time-to-first-event target for the
+default path is met in a run where the machine is as fast as the relay says it can be (+0.24
+ms) and missed in a slower one (+0.42 ms, the relay itself +0.25). More cores change the
+picture more than any lever: the three processes of the benchmark share two, and the gateway
+waits for a core as often as it works.
 
 An earlier version of this section took its shares from a sampling profiler (py-spy), which
 counts a process that waits for a core as busy wherever it waits: it put 15% of the gateway's
