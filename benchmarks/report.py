@@ -904,8 +904,8 @@ up behaviour the gateway promises:
   hot path would take that, at the cost of the straight path's readability.
 - **Relaying the output items' frames too**, with the edge keeping a copy for the
   `response.interrupt` it must answer itself: about 5%.
-- **Log lines (33 µs, 8%)**: the reference's four `info` events per turn (docs/operations.md
-  reads them); fewer, or sampled, would give up that record.
+- **Log lines (33 µs, 8%)**: the reference's `info` events per turn
+  (docs/reference-behaviour.md, "Log events"); fewer, or sampled, would give up that record.
 - **Relaying on a prefix without the parse (~0.5 µs an event, 5%)**: the parse is what tells a
   delta from malformed data, which the edge must wrap as text (the reference's behaviour).
 - **The rest** — the client frame's 2 KiB parsed with the standard library (orjson turns
