@@ -137,19 +137,26 @@ class FrameRelay(Protocol):
         server sent them (unmasked, uncompressed), ``size`` bytes of payload in all; each is a
         JSON object event of a type nobody in the gateway reads (:func:`relay_text_frames`)."""
 
+    def keep(self, payload: bytes) -> None:
+        """A copy of one event about to be relayed, of a type the relay keeps (valid UTF-8, a
+        JSON object): the edge holds a response's output items for an interrupt it may have
+        to answer itself."""
+
 
 def relay_text_frames(
     proto: Any,
     deliver: Callable[[bytes], bool | None],
     relay_of: Callable[[], FrameRelay | None],
     read_types: frozenset[str],
+    kept_types: frozenset[str] = frozenset(),
 ) -> bool:
     """:func:`take_text_frames` for a client (unmasked frames) whose events mostly go on as
     they came: runs of frames nobody needs to read are handed to the relay ``relay_of()``
     returns, header and payload, without being decoded again (a server's frames are unmasked on
     both hops, so the client gets the very bytes); every other frame's payload goes to
     ``deliver``, in order. ``relay_of`` is asked again after each delivered frame (a terminal
-    event ends the turn, and with it the relay).
+    event ends the turn, and with it the relay). A relayed frame of a type in ``kept_types``
+    is also handed to the relay's ``keep``, in order, before the run that carries it.
 
     A frame is relayed only when it is what the edge would forward byte for byte anyway: a JSON
     object (valid UTF-8, valid JSON) whose ``type`` is a string not in ``read_types``. Anything
@@ -183,6 +190,8 @@ def relay_text_frames(
             if relay is not None and payload[:1] == b"{":
                 kind = object_type(payload)
                 if kind is not None and kind not in read_types:
+                    if kind in kept_types:
+                        relay.keep(payload)
                     if not run_count:
                         run_start = pos
                     run_count += 1

@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from cch.config import LimitsConfig
 from cch.edge.connection import EdgeConnection
 from cch.turn import ResponseSink, TurnRequest, TurnTransportError
+from cch.wsframes import frame_payloads
 
 
 class Channel:
@@ -28,6 +29,12 @@ class Channel:
             frame = ("raw", text)
         self.frames.append(frame)
         self.log.append(("frame", frame))
+
+    def send_frames(self, data: bytes, start: int, end: int) -> int:
+        """Relayed frames (cch.wsframes): each payload arrives as a frame of its own."""
+        for payload in frame_payloads(data, start, end):
+            self.send_text(payload.decode("utf-8"))
+        return end - start
 
     def send_close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))

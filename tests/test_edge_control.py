@@ -39,6 +39,7 @@ from cch.testing.scripts import SSE_HEADERS, Close, Script, codex_events, hold, 
 from cch.transcript import Origin, Transcript
 from cch.upstream.exchange import NotResent, Ready
 from cch.usage.prices import PriceSheet
+from cch.wsframes import text_frame_header
 from tests.doubles import MemorySink, result_of
 
 rig = pool_rig.rig
@@ -362,46 +363,68 @@ def test_interrupt_goes_up_the_socket_carrying_the_response_byte_for_byte(parts:
     assert [f["type"] for f in channel.frames] == ["response.created"]
 
 
+SECOND = {**ITEM, "id": "msg_2"}
+ITEMS_SO_FAR = (  # a response with one item done and one open
+    {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": ITEM},
+    {"type": "response.output_item.done", "sequence_number": 2, "output_index": 0, "item": DONE_ITEM},
+    {"type": "response.output_item.added", "sequence_number": 3, "output_index": 1, "item": SECOND},
+    {"type": "response.output_text.delta", "sequence_number": 4, "item_id": "msg_2", "delta": "partial"},
+)
+STOPPED_AS_THE_API_DOES = [  # what the client gets after ITEMS_SO_FAR when cch stops the response
+    {"type": "response.interrupt.accepted", "response_id": "resp_1", "sequence_number": 5},
+    {
+        "type": "response.output_item.interrupted",
+        "response_id": "resp_1",
+        "item_id": "msg_2",
+        "output_index": 1,
+        "sequence_number": 6,
+    },
+    {
+        "type": "response.incomplete",
+        "sequence_number": 7,
+        "response": {
+            "id": "resp_1",
+            "object": "response",
+            "status": "incomplete",
+            "output": [DONE_ITEM],  # the partial item is discarded
+            "incomplete_details": {"reason": "interrupted"},
+        },
+    },
+]
+
+
 def test_an_interrupt_nothing_can_carry_stops_the_response_as_the_api_does(parts: Any) -> None:
     conn, channel, tunnel = parts
     send(conn, create())
     tunnel.turns[0].sink.register_producer(PlainProducer())
     started(tunnel)
     turn = tunnel.turns[0]
-    second = {**ITEM, "id": "msg_2"}
-    turn.events(
-        {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0, "item": ITEM},
-        {"type": "response.output_item.done", "sequence_number": 2, "output_index": 0, "item": DONE_ITEM},
-        {"type": "response.output_item.added", "sequence_number": 3, "output_index": 1, "item": second},
-        {"type": "response.output_text.delta", "sequence_number": 4, "item_id": "msg_2", "delta": "partial"},
-    )
+    turn.events(*ITEMS_SO_FAR)
     send(conn, create(input="next"))  # queued behind it
     send(conn, INTERRUPT)
     assert turn.cancelled  # the upstream request is aborted
-    assert channel.frames[5:] == [
-        {"type": "response.interrupt.accepted", "response_id": "resp_1", "sequence_number": 5},
-        {
-            "type": "response.output_item.interrupted",
-            "response_id": "resp_1",
-            "item_id": "msg_2",
-            "output_index": 1,
-            "sequence_number": 6,
-        },
-        {
-            "type": "response.incomplete",
-            "sequence_number": 7,
-            "response": {
-                "id": "resp_1",
-                "object": "response",
-                "status": "incomplete",
-                "output": [DONE_ITEM],  # the partial item is discarded
-                "incomplete_details": {"reason": "interrupted"},
-            },
-        },
-    ]
+    assert channel.frames[5:] == STOPPED_AS_THE_API_DOES
     # The lane goes on with its next frame; the connection stays open.
     assert len(tunnel.turns) == 2 and tunnel.turns[1].request.body["input"] == "next"
     assert channel.closes == []
+
+
+def test_items_that_came_relayed_answer_an_interrupt_the_socket_can_no_longer_carry(parts: Any) -> None:
+    # An upstream WebSocket's output items reach the client as relayed frames, a copy kept.
+    conn, channel, tunnel = parts
+    send(conn, create())
+    tunnel.turns[0].sink.register_producer(ControlProducer(accepts=False))  # its socket is going
+    started(tunnel)
+    relay = tunnel.turns[0].sink.frame_relay()
+    payloads = [json.dumps(event).encode() for event in ITEMS_SO_FAR]
+    for payload in payloads:
+        if b"output_item" in payload:
+            relay.keep(payload)
+    data = b"".join(text_frame_header(len(p)) + p for p in payloads)
+    relay.relay_frames(data, 0, len(data), len(payloads), sum(map(len, payloads)))
+    send(conn, INTERRUPT)
+    assert tunnel.turns[0].cancelled
+    assert channel.frames[1:5] == list(ITEMS_SO_FAR) and channel.frames[5:] == STOPPED_AS_THE_API_DOES
 
 
 def test_an_interrupt_in_a_lane_answers_in_that_lane(parts: Any) -> None:

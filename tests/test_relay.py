@@ -47,7 +47,7 @@ from cch.edge.frames import translate_sse_data
 from cch.testing import FakeUpstream
 from cch.testing.client import TERMINAL, sdk_deflate_offers
 from cch.testing.scripts import SSE_HEADERS, Delay, Event, Raw, Script
-from cch.upstream.exchange import READ_EVENT_TYPES
+from cch.upstream.exchange import KEPT_EVENT_TYPES, READ_EVENT_TYPES
 from cch.upstream.ws import OPEN, SocketClosed
 from cch.wire import event_type
 from cch.wsframes import DeflateResponseAccept, frame_payloads, text_frame_header
@@ -88,12 +88,14 @@ class RelayingConsumer:
     carrying ``"act":"close"`` closes the socket."""
 
     read_types = READ_EVENT_TYPES
+    kept_types = KEPT_EVENT_TYPES
 
     def __init__(self, upstream: Upstream, *, relay_on: bool = True, toggles: bool = False) -> None:
         self.upstream = upstream
         self.relay: RelayingConsumer | None = self if relay_on else None
         self.toggles = toggles
         self.log: list[tuple[Any, ...]] = []
+        self.kept: list[bytes] = []  # copies of relayed output items, in order
         self.closed: list[tuple[Any, ...]] = []
         self.on_relay: Callable[[], None] | None = None
 
@@ -102,6 +104,10 @@ class RelayingConsumer:
         self.log.append(("relay", bytes(data[start:end]), count, size))
         if self.on_relay is not None:
             self.on_relay()
+
+    def keep(self, payload: bytes) -> None:
+        assert self.relay is self  # only a relayed frame is kept
+        self.kept.append(bytes(payload))
 
     def ws_opened(self) -> None:
         pass
@@ -191,12 +197,6 @@ def test_plain_events_are_relayed_byte_for_byte_in_one_run_and_read_ones_deliver
         pytest.param(b'{"type":"response.incomplete","response":{}}', id="response.incomplete"),
         pytest.param(b'{"type":"error","error":{"code":"x"}}', id="error"),
         pytest.param(
-            b'{"type":"response.output_item.added","item":{"type":"message"}}', id="item-added"
-        ),
-        pytest.param(
-            b'{"type":"response.output_item.done","item":{"type":"message"}}', id="item-done"
-        ),
-        pytest.param(
             b'{"type":"response.output_text.delta","type":"response.completed"}',
             id="duplicated-type-read-last",
         ),
@@ -233,6 +233,26 @@ def test_events_someone_may_read_are_delivered_decoded_never_relayed(payload: by
         ("deliver", payload.decode("utf-8", errors="replace"), len(payload)),
         ("relay", frame(DELTA), 1, len(DELTA)),
     ]
+
+
+ITEM_ADDED = b'{"type":"response.output_item.added","item":{"id":"msg_1","type":"message"}}'
+ITEM_DONE = b'{"type":"response.output_item.done","item":{"id":"msg_1","type":"message"}}'
+
+
+def test_output_items_are_relayed_and_a_copy_of_each_kept_in_order() -> None:
+    # The edge answers some interrupts itself, from the items (cch/edge/connection.py).
+    h, consumer = relaying()
+    h.feed(frame(ITEM_ADDED) + frame(DELTA) + frame(ITEM_DONE) + frame(DELTA))
+    [(kind, chunk, count, size)] = consumer.log
+    assert kind == "relay" and count == 4 and chunk == reframed([ITEM_ADDED, DELTA, ITEM_DONE, DELTA])
+    assert consumer.kept == [ITEM_ADDED, ITEM_DONE]
+
+
+def test_an_item_that_is_not_an_event_is_delivered_not_kept() -> None:
+    broken = ITEM_ADDED[:-1]  # no closing brace: not JSON
+    h, consumer = relaying()
+    h.feed(frame(broken) + frame(DELTA))
+    assert consumer.log[0] == ("deliver", broken.decode(), len(broken)) and consumer.kept == []
 
 
 DEEP = (
@@ -580,6 +600,7 @@ class RelaySink(RecordingSink):
     def __init__(self) -> None:
         super().__init__()
         self.log: list[tuple[str, bytes]] = []
+        self.kept: list[bytes] = []
         self.offers = 0
 
     def sse_event(self, data: str, kind: str | None = None) -> None:
@@ -599,6 +620,9 @@ class RelaySink(RecordingSink):
             and size == sum(map(len, payloads))
         )
         self.log.extend(("relayed", p) for p in payloads)
+
+    def keep(self, payload: bytes) -> None:
+        self.kept.append(bytes(payload))
 
     def received(self) -> list[bytes]:
         return [payload for _, payload in self.log]
@@ -639,14 +663,10 @@ async def test_the_exchange_relays_what_nobody_reads_and_the_sink_still_reads_th
     await within(done, "the turn")
     assert sink.received() == texts(TURN)
     # The meter, the transcript, the edge: they still see these, parsed.
-    assert [event_type(t) for t in sink.texts] == [
-        "response.created",
-        "response.output_item.added",
-        None,
-        "response.output_item.done",
-        "response.completed",
-    ]
-    assert sum(1 for kind, _ in sink.log if kind == "relayed") == len(TURN) - 5
+    assert [event_type(t) for t in sink.texts] == ["response.created", None, "response.completed"]
+    assert sum(1 for kind, _ in sink.log if kind == "relayed") == len(TURN) - 3
+    # The output items went by whole, and the sink kept a copy of each (for an interrupt).
+    assert sink.kept == [t.encode() for t in TURN if "output_item" in t]
     assert exchange.relay is None and exchange.finished  # the relay ended with the turn
     # The socket went back to the pool; its next turn is served as usual.
     again = await ask(pool, fake.ws_url)

@@ -37,6 +37,7 @@ from cch.wsframes import masked_text_frame, text_frame_header
 class Consumer:
     relay = None  # no relay: every frame is delivered (relayed frames: tests/test_relay.py)
     read_types: frozenset[str] = frozenset()
+    kept_types: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self.opened = 0

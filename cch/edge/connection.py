@@ -146,7 +146,9 @@ class _Turn:
         self.first_event_at: float | None = None
         self.frames = 0
         self.bytes = 0
-        self.items: list[str] = []  # output_item.added/done events, unparsed (for an interrupt)
+        # output_item.added/done events, unparsed (for an interrupt): text, or the bytes of a
+        # relayed frame
+        self.items: list[str | bytes] = []
 
     # ResponseSink
     def sse_started(self, status: int, headers: dict[str, str]) -> None:
@@ -193,6 +195,10 @@ class _Turn:
             return
         self.frames += count
         self.bytes += size
+
+    def keep(self, payload: bytes) -> None:
+        if not self.dead:
+            self.items.append(payload)
 
     def json_body(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         if self.dead:

@@ -50,10 +50,13 @@ from cch.wsframes import FrameRelay
 
 log = Logger()
 
-READ_EVENT_TYPES = frozenset((*TERMINAL_EVENT_TYPES, "response.created", ITEM_ADDED, ITEM_DONE))
-"""The events a turn's readers look at (the exchange, the usage meter, the edge, which keeps
-the output items for an interrupt it must answer itself): every other event may reach the
-client as the upstream framed it (:meth:`Exchange.relay_frames`)."""
+READ_EVENT_TYPES = frozenset((*TERMINAL_EVENT_TYPES, "response.created"))
+"""The events a turn's readers look at (the exchange, the usage meter, the transcript): every
+other event may reach the client as the upstream framed it (:meth:`Exchange.relay_frames`)."""
+
+KEPT_EVENT_TYPES = frozenset((ITEM_ADDED, ITEM_DONE))
+"""Relayed events the edge keeps a copy of: a response's output items, for an interrupt it must
+answer itself (:meth:`Exchange.keep`)."""
 
 UPGRADE_CACHEABLE = frozenset({400, 404, 405, 426, 501})
 """Upgrade refusals that say "this endpoint has no WebSocket": remembered for a while."""
@@ -128,6 +131,7 @@ class Exchange:
     """
 
     read_types = READ_EVENT_TYPES
+    kept_types = KEPT_EVENT_TYPES
 
     def __init__(self, owner: ExchangeOwner, conn: UpstreamConnection, frame: str | bytes, *, reused: bool) -> None:
         self.owner = owner
@@ -327,6 +331,12 @@ class Exchange:
         if self.watchdog is not None:
             self.watchdog.poke()
         sink_relay.relay_frames(data, start, end, count, size)
+
+    def keep(self, payload: bytes) -> None:
+        """A relayed event the sink's relay keeps a copy of (cch.wsframes.FrameRelay)."""
+        sink_relay = self._sink_relay
+        if sink_relay is not None and not self.finished:
+            sink_relay.keep(payload)
 
     def forward(self, text: str, kind: str | None = None) -> None:
         """One upstream event to the sink; ``kind`` is its type when already known."""

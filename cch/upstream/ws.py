@@ -88,6 +88,9 @@ class SocketConsumer(Protocol):
     read_types: frozenset[str]
     """The event types the consumer reads: never relayed."""
 
+    kept_types: frozenset[str]
+    """Relayed event types whose copy the relay keeps (:meth:`FrameRelay.keep`)."""
+
     def ws_opened(self) -> None: ...
 
     def ws_message(self, text: str, size: int) -> None: ...
@@ -118,7 +121,9 @@ class _ClientProtocol(ClientProtocol):
         if self.state == self.STATE_OPEN and self.current_frame is None and not self.inside_message:
             owner = self.owner
             consumer = owner.consumer
-            if consumer is not None and relay_text_frames(self, owner._message, owner.relay, consumer.read_types):
+            if consumer is not None and relay_text_frames(
+                self, owner._message, owner.relay, consumer.read_types, consumer.kept_types
+            ):
                 return  # the rest is the start of a frame this path takes when the next read completes it
         super().consumeData()
 
