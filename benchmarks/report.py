@@ -903,7 +903,8 @@ up behaviour the gateway promises:
   --profile`: 23 of 220 profiled µs a turn), about 5% of the gateway's: plain callbacks on the
   hot path would take that, at the cost of the straight path's readability.
 - **Relaying the output items' frames too**, with the edge keeping a copy for the
-  `response.interrupt` it must answer itself: about 5%.
+  `response.interrupt` it must answer itself: done after the count above (`cch/wsframes.py`
+  `keep`): −4% of the gateway's CPU per 1,000 events in an interleaved A/B (5 runs).
 - **Log lines (33 µs, 8%)**: the reference's `info` events per turn
   (docs/reference-behaviour.md, "Log events"); fewer, or sampled, would give up that record.
 - **Relaying on a prefix without the parse (~0.5 µs an event, 5%)**: the parse is what tells a
@@ -914,7 +915,7 @@ up behaviour the gateway promises:
   (benchmarks-history.md), and cost two to three times their warm-loop figure in a busy
   process.
 
-All of them together come to about a fifth: on this machine, with the gateway's behaviour
+All of them together come to about a fifth (the items' 4% of it now taken): on this machine, with the gateway's behaviour
 kept, the throughput and CPU targets are out of reach; the time-to-first-event target for the
 default path is met in a run where the machine is as fast as the relay says it can be (+0.24
 ms) and missed in a slower one (+0.42 ms, the relay itself +0.25). More cores change the
