@@ -748,9 +748,10 @@ first event +0.69 → +0.39 ms, +0.39 to +0.47 ms over those runs; see
    `relay_text_frames`, issue 18). A server's frames are unmasked on both hops, so an upstream
    event frame is already the client's frame. While an exchange delivers to a client WebSocket,
    the upstream read is walked frame by frame: the header, then the payload parsed (orjson)
-   only to learn whether it is a JSON object whose type nobody reads — not a terminal,
-   `response.created` or an output item's start or end; malformed data, which the edge wraps
-   as text, and payloads nested deeper than the standard library parses take the old path.
+   only to learn whether it is a JSON object whose type nobody reads — not a terminal or
+   `response.created` (an output item's start or end is relayed too, the edge keeping a copy
+   for an interrupt it may have to answer itself); malformed data, which the edge wraps as
+   text, and payloads nested deeper than the standard library parses take the old path.
    Runs of frames nobody needs to read go to the client socket as one slice of the read
    buffer, with no decoding, re-encoding or per-event call chain. A named lane's events (which
    get their `stream_id`) and a client that negotiated permessage-deflate (whose frames are
