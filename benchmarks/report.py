@@ -857,20 +857,21 @@ cch's: **`tcp-relay`**, a second Python process that passes bytes both ways and 
 else (`benchmarks/relay.py`, `twisted.protocols.portforward`), and the fake upstream's **own
 HTTP answer** (`direct` over HTTP, `benchmarks/httpload.py`).
 
-**Runs differ more than the targets' margins.** Two full runs of the same code (`3ded4c5` and
-this page, 40 minutes apart, nothing else running) gave: `tcp-relay` 0.98× and 0.85× direct at
-16 connections, +0.11 and +0.25 ms to the first event; `pooled-ws` 0.70× and 0.64×, +0.24 and
-+0.42 ms (the first run met the 0.3 ms target, the second missed it). The 2-core virtual
-machine's own speed varies between runs (its neighbours are not visible from inside: "other
-programs" stayed under 3% of a core). Compare targets within a run, and with the relay.
+**Runs differ more than the targets' margins.** Three full runs of this session (`3ded4c5`,
+`05cdb96`, and this page's, after the output items' relay; an hour apart, nothing else
+running) gave: `tcp-relay` 0.98×, 0.85× and 0.86× direct at 16 connections, +0.11, +0.25 and
++0.16 ms to the first event; `pooled-ws` 0.70×, 0.64× and 0.66×, +0.24, +0.42 and +0.37 ms (the
+first run met the 0.3 ms target, the others missed it). The 2-core virtual machine's own speed
+varies between runs (its neighbours are not visible from inside: "other programs" stayed under
+3% of a core). Compare targets within a run, and with the relay.
 
-**Time to first event.** `pooled-ws` adds 0.13–0.17 ms over the bare relay in both runs: the
-turn's set-up and its first event (below). `inproc-http` pays an HTTP upstream: the fake
-upstream's own answer over HTTP comes 0.19 ms later than over WebSocket in this page's run (its
-`twisted.web` request parsing and a chunk per event), which the `direct` baseline never pays;
-over that answer the gateway adds 0.67 ms here (the previous run, without this baseline,
-measured +0.56 ms over WebSocket; +1.21 ms before cch's own HTTP client, `3ded4c5`, "What made
-the hot path fast", 8). `http-tunnel` adds a second HTTP exchange inside
+**Time to first event.** `pooled-ws` adds 0.13–0.21 ms over the bare relay in the three runs:
+the turn's set-up and its first event (below). `inproc-http` pays an HTTP upstream: the fake
+upstream's own answer over HTTP comes 0.19–0.23 ms later than over WebSocket (its `twisted.web`
+request parsing and a chunk per event), which the `direct` baseline never pays; over that
+answer the gateway adds 0.58 ms in this page's run and 0.67 ms in the previous one (the first,
+without this baseline, measured +0.56 ms over WebSocket; +1.21 ms before cch's own HTTP
+client, `3ded4c5`, "What made the hot path fast", 8). `http-tunnel` adds a second HTTP exchange inside
 the gateway for every turn: the edge POSTs the turn to its own listener over loopback
 (`twisted.web` parses the request, the core streams the events back as SSE, the edge decodes
 them), two more socket hops and an HTTP server per turn; its events cannot be relayed (the
@@ -879,10 +880,11 @@ tunnel is for an edge and a core in different processes.
 
 **Throughput and CPU.** The bare relay costs 1.2–1.5 ms of CPU per 1,000 events (about 55 µs a
 turn: the reads, writes and reactor turns of passing the bytes on) and reaches 0.85–0.98×
-direct; cch spends about 380 µs a turn at 16 connections and reaches 0.64–0.70×. The machine
+direct; cch spends about 350–380 µs a turn at 16 connections and reaches 0.64–0.70×. The machine
 leaves room: what is left is cch's own work per turn. Where it goes, counted in CPU time
 (`python -m benchmarks.timed_gateway run`: the main thread's `thread_time` inside each block, 16
-connections, 10 s, 12,716 turns, ledger on; the counting itself adds about a tenth):
+connections, 10 s, 12,716 turns, ledger on, before the output items' relay; the counting
+itself adds about a tenth):
 
 | µs per turn | what |
 |---:|---|
