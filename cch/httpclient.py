@@ -229,21 +229,15 @@ class HttpClient:
         self, url: str, headers: dict[str, str], body: bytes | IBodyProducer
     ) -> Deferred[IResponse]:
         """Fires with the response once its head arrived; its body is read by the caller.
-        ``body`` is bytes or an ``IBodyProducer`` of known length (:class:`BytesBody`)."""
+        ``body`` is bytes, or an ``IBodyProducer`` of known length (a :class:`BytesBody`)."""
         if self._closed:
             return fail(ConnectionRefusedError("the HTTP client was closed"))
         try:
             target = _target(url)
-            payload = body.data if type(body) is BytesBody else body  # type: ignore[union-attr]
-            if not isinstance(payload, bytes) and not isinstance(payload.length, int):
+            length = len(body) if isinstance(body, bytes) else body.length
+            if not isinstance(length, int):
                 raise ValueError("a request body's length must be known")
-            head = request_head(
-                b"POST",
-                target.path,
-                target.host,
-                headers,
-                len(payload) if isinstance(payload, bytes) else payload.length,
-            )
+            head = request_head(b"POST", target.path, target.host, headers, length)
             pool = self._pools.get(target.origin)
             if pool is None:
                 endpoint = self._endpoints.endpointForURI(target.uri)
@@ -252,10 +246,10 @@ class HttpClient:
                 )
             connection = pool.connection()
             if isinstance(connection, HTTP11Connection):
-                return connection.request(head, payload)
+                return connection.request(head, body)
         except Exception:
             return fail()
-        return connection.addCallback(HTTP11Connection.request, head, payload)
+        return connection.addCallback(HTTP11Connection.request, head, body)
 
     def close(self) -> Deferred[None]:
         """Close every idle connection (fires once they are gone); nothing is sent after."""
